@@ -1,0 +1,158 @@
+"""`convserve`: run the server, or call one (classify, models, health)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from service import __version__
+from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convserve", description="Serve and call classic vision models.")
+    parser.add_argument("--version", action="version", version=f"convserve {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server (settings also from CONVSERVE_* env)")
+    serve.add_argument("--model-repository", type=Path, help="model folder (default: models)")
+    serve.add_argument("--host", help="bind address (default: 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, help="gRPC port (default: 8001)")
+    serve.add_argument("--metrics-port", type=int, help="Prometheus port (default: 8002; -1: off)")
+    serve.add_argument("--providers", help="comma-separated onnxruntime providers (default: CUDA, then CPU)")
+    serve.add_argument("--require-gpu", action="store_true", default=None, help="fail readiness without CUDA")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
+    serve.add_argument("--log-format", choices=["json", "text"], help="default: json")
+
+    def client_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--target", default=DEFAULT_TARGET, help=f"server address (default: {DEFAULT_TARGET})"
+        )
+        sub.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT_SECONDS,
+            help="deadline in seconds (default: %(default)s)",
+        )
+
+    classify = commands.add_parser("classify", help="classify image files")
+    classify.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or BMP files")
+    classify.add_argument("--model", default="lenet5", help="model name (default: lenet5)")
+    classify.add_argument("--model-version", default="", help="model version (default: newest ready)")
+    classify.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
+    classify.add_argument("--json", action="store_true", help="one JSON object per image")
+    client_flags(classify)
+
+    models = commands.add_parser("models", help="list the server's models")
+    models.add_argument("--json", action="store_true", help="JSON output")
+    client_flags(models)
+
+    health = commands.add_parser("health", help="exit 0 when the server (or one model) is SERVING")
+    health.add_argument("--service", default="", help="health entry: '' (ready), 'liveness' or a model name")
+    client_flags(health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    try:
+        with VisionClient(args.target, timeout=args.timeout) as client:
+            return {"classify": _classify, "models": _models, "health": _health}[args.command](client, args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.logs import configure_logging
+    from service.server import ConvserveServer
+    from service.settings import Settings
+
+    overrides = {
+        "model_repository": args.model_repository,
+        "host": args.host,
+        "grpc_port": args.grpc_port,
+        "metrics_port": args.metrics_port,
+        "providers": args.providers.split(",") if args.providers else None,
+        "require_gpu": args.require_gpu,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def run() -> None:
+        server = ConvserveServer(settings)
+        await server.start()
+        await server.wait_for_termination()
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _classify(client: VisionClient, args: argparse.Namespace) -> int:
+    response = client.classify(args.images, model=args.model, version=args.model_version, top_k=args.top_k)
+    for path, result in zip(args.images, response.results, strict=True):
+        predictions = [
+            {"label": p.label, "index": p.index, "score": round(p.score, 6)} for p in result.predictions
+        ]
+        if args.json:
+            record = {"image": str(path), "model": response.model, "version": response.version}
+            print(json.dumps({**record, "predictions": predictions}))
+        else:
+            ranked = ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
+            print(f"{path}: {predictions[0]['label']}    [{ranked}]")
+    return 0
+
+
+def _models(client: VisionClient, args: argparse.Namespace) -> int:
+    response = client.list_models()
+    if args.json:
+        as_dict = json_format.MessageToDict(
+            response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        )
+        print(json.dumps(as_dict["models"], indent=2))
+        return 0
+    if not response.models:
+        print("no models")
+    for model in response.models:
+        spec = model.input
+        shape = f"{spec.channels}x{spec.height}x{spec.width} {spec.color_mode}"
+        print(f"{model.name}  kind={model.kind or '?'}  input={shape}")
+        for v in model.versions:
+            state = _state_name(v.state)
+            detail = v.provider if state == "READY" else v.reason
+            print(f"  version {v.version or '-'}: {state}  {detail}")
+    return 0
+
+
+def _health(client: VisionClient, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def _state_name(state: int) -> str:
+    from service._proto.convserve.v1 import vision_pb2 as pb
+
+    return pb.ModelState.Name(state).removeprefix("MODEL_STATE_")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

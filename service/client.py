@@ -1,0 +1,143 @@
+"""Python clients for the Vision API, synchronous and asyncio, each with a default deadline.
+
+with VisionClient("127.0.0.1:8001") as client:
+    response = client.classify([Path("digit.png")], model="lenet5", top_k=3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto.convserve.v1 import vision_pb2 as pb
+from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "127.0.0.1:8001"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+
+#: An image as a caller has it: a file path, encoded bytes, a uint8 array (H, W[, C]) or a proto.
+ImageLike = Path | str | bytes | np.ndarray | pb.Image
+
+
+def to_image(image: ImageLike) -> pb.Image:
+    """Wrap a path, encoded bytes or a uint8 array as a request image."""
+    if isinstance(image, pb.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        return pb.Image(encoded=Path(image).read_bytes())
+    if isinstance(image, bytes):
+        return pb.Image(encoded=image)
+    array = np.ascontiguousarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"a raw image must be uint8 (H, W) or (H, W, C), got {array.dtype} {array.shape}")
+    height, width = array.shape[:2]
+    channels = 1 if array.ndim == 2 else array.shape[2]
+    return pb.Image(raw=pb.RawImage(data=array.tobytes(), height=height, width=width, channels=channels))
+
+
+def classify_request(
+    images: Sequence[ImageLike], model: str, version: str = "", top_k: int | None = None
+) -> pb.ClassifyRequest:
+    request = pb.ClassifyRequest(model=model, version=version, images=[to_image(i) for i in images])
+    if top_k is not None:
+        request.top_k = top_k
+    return request
+
+
+def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class VisionClient:
+    """Blocking client. Errors arrive as grpc.RpcError with the server's status code and message."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._vision = pb_grpc.VisionStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def classify(
+        self,
+        images: Sequence[ImageLike],
+        model: str = "lenet5",
+        version: str = "",
+        top_k: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.ClassifyResponse:
+        request = classify_request(images, model, version, top_k)
+        return self._vision.Classify(request, timeout=timeout or self.timeout)
+
+    def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
+        return self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The status name of a health entry: "SERVING", "NOT_SERVING", ..."""
+        response = self._health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> VisionClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncVisionClient:
+    """asyncio client with the same calls as VisionClient."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._vision = pb_grpc.VisionStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def classify(
+        self,
+        images: Sequence[ImageLike],
+        model: str = "lenet5",
+        version: str = "",
+        top_k: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.ClassifyResponse:
+        request = classify_request(images, model, version, top_k)
+        return await self._vision.Classify(request, timeout=timeout or self.timeout)
+
+    async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
+        return await self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = await self._health.Check(request, timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncVisionClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,69 @@
+"""Turn request images (encoded bytes or raw arrays) into numpy uint8 arrays, or say what is wrong."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import InvalidArgument
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP")
+RAW_CHANNELS = (1, 3, 4)
+
+
+def decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode PNG/JPEG/BMP bytes to (H, W) grey or (H, W, 3) RGB uint8.
+
+    The size in the header is checked before any pixel is decoded, so a small file that
+    claims a huge image costs nothing. Transparent images are put on white, as on paper.
+    """
+    if not data:
+        raise InvalidArgument("image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InvalidArgument(
+            f"image bytes are not a {', '.join(ACCEPTED_FORMATS)} image (or are corrupt)"
+        ) from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidArgument(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidArgument(f"image bytes are truncated or corrupt ({image.format}: {exc})") from None
+    return np.asarray(_to_l_or_rgb(image))
+
+
+def _to_l_or_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(paper, rgba).convert("RGB")
+    if image.mode in ("1", "I", "I;16", "F"):
+        return image.convert("L")
+    return image.convert("RGB")
+
+
+def decode_raw(data: bytes, height: int, width: int, channels: int, max_pixels: int) -> np.ndarray:
+    """Check a raw uint8 (height, width, channels) buffer against its shape and wrap it, no copy."""
+    if height <= 0 or width <= 0:
+        raise InvalidArgument(f"raw image has a zero size ({height}x{width}); height and width must be > 0")
+    if channels not in RAW_CHANNELS:
+        raise InvalidArgument(f"raw image has {channels} channels; expected one of {RAW_CHANNELS}")
+    if height * width > max_pixels:
+        raise InvalidArgument(f"raw image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+    expected = height * width * channels
+    if len(data) != expected:
+        raise InvalidArgument(
+            f"raw image data is {len(data)} bytes but {height}x{width}x{channels} uint8 needs {expected}"
+        )
+    array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
+    return array[:, :, 0] if channels == 1 else array

@@ -1,0 +1,125 @@
+"""One interceptor for every unary RPC: request id, the error table, access log, request metrics.
+
+The servicer fills in the model and version it used (`current_call()`), so the log line and the
+metrics carry them without the servicer knowing about either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from service import metrics
+from service.errors import status_for
+
+log = logging.getLogger("convserve.access")
+
+REQUEST_ID_KEY = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Probes and tooling: no access log line at INFO and no request metrics.
+_QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+@dataclass
+class CallInfo:
+    request_id: str
+    method: str
+    model: str = ""
+    version: str = ""
+    images: int = 0
+
+
+_current: ContextVar[CallInfo | None] = ContextVar("convserve_call", default=None)
+
+
+def current_call() -> CallInfo:
+    """The running RPC's record; a throwaway one outside an RPC (e.g. in unit tests)."""
+    call = _current.get()
+    return call if call is not None else CallInfo(request_id="", method="")
+
+
+class ServingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        quiet = details.method.startswith(_QUIET_PREFIXES)
+        wrapped = _wrap_unary(handler.unary_unary, details.method, _request_id(details), quiet)
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _request_id(details: grpc.HandlerCallDetails) -> str:
+    for key, value in details.invocation_metadata or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str, quiet: bool) -> Callable:
+    method = full_method.rsplit("/", 1)[-1]
+
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = CallInfo(request_id=request_id, method=method)
+        token = _current.set(call)
+        start = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        trailing = ((REQUEST_ID_KEY, request_id),)
+        context.set_trailing_metadata(trailing)
+        try:
+            return await behavior(request, context)
+        except asyncio.CancelledError:
+            code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+            raise
+        except grpc.aio.AbortError:
+            code, message = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+            raise
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code is grpc.StatusCode.INTERNAL:
+                log.exception(
+                    "unhandled error in %s", full_method, extra={"fields": {"request_id": request_id}}
+                )
+            await context.abort(code, message, trailing_metadata=trailing)
+        finally:
+            elapsed = time.perf_counter() - start
+            _current.reset(token)
+            if not quiet:
+                _record(call, full_method, code, message, elapsed)
+
+    return wrapped
+
+
+def _record(call: CallInfo, full_method: str, code: grpc.StatusCode, message: str, elapsed: float) -> None:
+    metrics.REQUESTS.labels(call.model, call.version, call.method, code.name).inc()
+    metrics.REQUEST_DURATION.labels(call.model, call.version, call.method).observe(elapsed)
+    fields = {
+        "request_id": call.request_id,
+        "method": full_method,
+        "model": call.model,
+        "version": call.version,
+        "images": call.images,
+        "code": code.name,
+        "duration_ms": round(elapsed * 1000, 3),
+    }
+    if message and code is not grpc.StatusCode.INTERNAL:
+        fields["error"] = message
+    log.log(
+        logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO, "rpc", extra={"fields": fields}
+    )

@@ -1,0 +1,118 @@
+"""The model manifest (`models/<name>/config.yaml`): written by the trainer, read by the server.
+
+One schema for both sides, so what the server does to an image is exactly what the trainer
+recorded about its training data.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_FILE = "config.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    """The tensor the ONNX graph takes: uint8 images, (N, C, H, W)."""
+
+    name: str = "image"
+    channels: Literal[1, 3]
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    color_mode: Literal["L", "RGB"]
+
+    @model_validator(mode="after")
+    def _channels_match_mode(self) -> InputSpec:
+        expected = 1 if self.color_mode == "L" else 3
+        if self.channels != expected:
+            raise ValueError(f"color_mode {self.color_mode} needs {expected} channel(s), not {self.channels}")
+        return self
+
+
+class DigitAdaptation(_Strict):
+    """How a real image of a digit is brought to the training distribution.
+
+    The training digits are bright ink on a dark background, drawn on a `canvas` x `canvas`
+    binary bitmap with a thick pen (about `ink_fraction` of the canvas is ink, whatever the
+    digit), block-averaged down to `source_size` x `source_size` with `levels` grey levels,
+    then resized to the model input. Real images (dark ink on paper, any size, any pen) are
+    inverted when needed, their strokes thickened or thinned to the same ink fraction, and
+    sent along the same path.
+    """
+
+    kind: Literal["digits"] = "digits"
+    canvas: int = Field(default=32, gt=0)
+    source_size: int = Field(default=8, gt=0)
+    levels: int = Field(default=17, ge=2)
+    ink_fraction: float = Field(default=0.3, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _canvas_divides(self) -> DigitAdaptation:
+        if self.canvas % self.source_size:
+            raise ValueError("canvas must be a multiple of source_size")
+        return self
+
+
+class ResizeAdaptation(_Strict):
+    """Plain images: convert the colour mode and resize to the model input."""
+
+    kind: Literal["resize"] = "resize"
+
+
+class VersionPolicy(_Strict):
+    """Which versions are served: the newest `latest` ones."""
+
+    latest: int = Field(default=1, gt=0)
+
+
+class Provenance(_Strict):
+    """Where a published version came from, so a result can be reproduced."""
+
+    seed: int
+    data: str
+    created: str
+    git_revision: str
+    torch_version: str = ""
+    trainer: str = ""
+
+
+class Manifest(_Strict):
+    """Everything the server needs to know about a model besides its ONNX files."""
+
+    name: str
+    kind: Literal["classifier"]
+    description: str = ""
+    input: InputSpec
+    output_name: str = "logits"
+    adaptation: DigitAdaptation | ResizeAdaptation = Field(discriminator="kind")
+    labels: list[str] = Field(min_length=1)
+    version_policy: VersionPolicy = VersionPolicy()
+    metrics: dict[str, float] = {}
+    provenance: Provenance | None = None
+
+
+def load_manifest(model_dir: Path) -> Manifest:
+    """Read and validate `<model_dir>/config.yaml`."""
+    with open(model_dir / CONFIG_FILE, encoding="utf-8") as f:
+        return Manifest.model_validate(yaml.safe_load(f))
+
+
+def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
+    """Write the manifest atomically: a reader sees the old file or the new one, never half."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".config-", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    target = model_dir / CONFIG_FILE
+    os.replace(tmp, target)
+    return target

@@ -1,0 +1,16 @@
+"""Pre- and post-processing per model kind; they see arrays with a batch axis, nothing of gRPC."""
+
+from __future__ import annotations
+
+from service.manifest import Manifest
+from service.pipelines.classifier import ClassifierPipeline
+from service.runtime import ModelSession
+
+Pipeline = ClassifierPipeline
+
+
+def build_pipeline(manifest: Manifest, session: ModelSession) -> Pipeline:
+    """The pipeline for a manifest's kind."""
+    if manifest.kind == "classifier":
+        return ClassifierPipeline(manifest, session)
+    raise ValueError(f"no pipeline for model kind {manifest.kind!r}")

@@ -1,0 +1,70 @@
+"""Classifier pipeline: images -> the model's input distribution -> logits -> ranked predictions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service import imaging
+from service.manifest import DigitAdaptation, Manifest
+from service.runtime import ModelLoadError, ModelSession
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+class ClassifierPipeline:
+    """Turns decoded images into a uint8 (N, C, H, W) batch and logits into top-k predictions."""
+
+    def __init__(self, manifest: Manifest, session: ModelSession) -> None:
+        self.manifest = manifest
+        self.session = session
+        spec = manifest.input
+        if spec.name not in session.input_names:
+            raise ModelLoadError(f"the ONNX graph has no input {spec.name!r} (it has {session.input_names})")
+        if manifest.output_name not in session.output_names:
+            raise ModelLoadError(f"the ONNX graph has no output {manifest.output_name!r}")
+        self._output_index = session.output_names.index(manifest.output_name)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """One decoded image -> (C, H, W) uint8 in the training distribution."""
+        spec = self.manifest.input
+        image = imaging.to_color_mode(image, spec.color_mode)
+        if isinstance(self.manifest.adaptation, DigitAdaptation):
+            image = imaging.adapt_digit(image, self.manifest.adaptation, spec.height, spec.width)
+        else:
+            image = imaging.resize(image, spec.height, spec.width)
+        return image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """Logits for a (N, C, H, W) batch; blocking."""
+        outputs = self.session.run({self.manifest.input.name: batch})
+        return outputs[self._output_index]
+
+    def rank(self, logits: np.ndarray, top_k: int) -> list[list[Prediction]]:
+        """Softmax and the top_k classes per row, best first."""
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(shifted)
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, probs.shape[1])
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        labels = self.manifest.labels
+        return [
+            [Prediction(labels[i], int(i), float(row[i])) for i in idx]
+            for row, idx in zip(probs, order, strict=True)
+        ]
+
+    def warmup(self) -> None:
+        """One run at batch 1 so the first request does not pay for lazy initialisation."""
+        spec = self.manifest.input
+        logits = self.infer(np.zeros((1, spec.channels, spec.height, spec.width), dtype=np.uint8))
+        if logits.shape != (1, len(self.manifest.labels)):
+            raise ModelLoadError(
+                f"the model answers logits of shape {logits.shape} for one image, "
+                f"but the manifest lists {len(self.manifest.labels)} labels"
+            )

@@ -1,0 +1,77 @@
+"""onnxruntime sessions: provider choice, detection of the provider really obtained, warm-up.
+
+onnxruntime-gpu asked for CUDA on a machine without it falls back to the CPU with only a log
+line; `session.get_providers()` is the truth, so that is what we record and report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelLoadError(Exception):
+    """A model version could not be brought to READY; the message is its reason."""
+
+
+@cache
+def onnxruntime() -> ModuleType:
+    """Import onnxruntime once, saying which extra to install when it is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelLoadError(
+            "onnxruntime is not installed: pip install 'convserve[gpu]' (NVIDIA GPU, falls back to CPU) "
+            "or 'convserve[cpu]' (CPU only)"
+        ) from exc
+    if CUDA in ort.get_available_providers() and importlib.util.find_spec("nvidia") is not None:
+        # CUDA and cuDNN came from pip (the `cuda` extra): load them before the first session.
+        ort.preload_dlls()
+    return ort
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    providers: tuple[str, ...]
+    require_gpu: bool = False
+    intra_op_threads: int = 0
+
+
+class ModelSession:
+    """One onnxruntime session and the facts about it that the server reports."""
+
+    def __init__(self, path: Path, options: SessionOptions) -> None:
+        ort = onnxruntime()
+        available = set(ort.get_available_providers())
+        providers = [p for p in options.providers if p in available]
+        if not providers:
+            raise ModelLoadError(f"none of the providers {list(options.providers)} is available here")
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.log_severity_level = 3  # our own log says which provider was obtained
+        try:
+            self._session = ort.InferenceSession(str(path), session_options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
+        self.provider = self._session.get_providers()[0]
+        if providers[0] != self.provider:
+            log.warning("asked for %s, got %s for %s", providers[0], self.provider, path)
+        if options.require_gpu and self.provider != CUDA:
+            raise ModelLoadError(f"require_gpu is set but {path.name} runs on {self.provider}")
+        self.input_names = [i.name for i in self._session.get_inputs()]
+        self.output_names = [o.name for o in self._session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run the graph; blocking, so callers run it off the event loop."""
+        return self._session.run(self.output_names, feeds)

@@ -1,0 +1,155 @@
+"""Builds and runs the gRPC server: servicers, health, reflection, metrics port, graceful stop.
+
+Health entries (grpc.health.v1):
+- "" (readiness): SERVING once every model present at start is loaded or marked failed;
+- "<model>": SERVING while at least one version of that model is ready;
+- "liveness": SERVING while the process answers at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from service import metrics
+from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
+from service.interceptors import ServingInterceptor
+from service.repository import ModelRepository, ModelVersion, VersionState
+from service.runtime import SessionOptions
+from service.servicers.vision import VisionServicer
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LIVENESS = "liveness"
+OVERALL = ""
+
+
+class ConvserveServer:
+    """The whole server; `await start()`, then `await wait_for_termination()` or `await stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(
+            settings.model_repository,
+            SessionOptions(
+                providers=tuple(settings.providers),
+                require_gpu=settings.require_gpu,
+                intra_op_threads=settings.intra_op_threads,
+            ),
+            warmup=settings.warmup,
+        )
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server = None
+        self._poller: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._ready_series: dict[tuple[str, str], str] = {}
+
+    async def start(self) -> None:
+        """Bind the ports, answer liveness at once, load the models, then report ready."""
+        settings = self.settings
+        self._start_metrics()
+        server = grpc.aio.server(
+            interceptors=[ServingInterceptor()],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+            ],
+        )
+        vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.repository, settings), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [
+                vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        address = f"{settings.host}:{settings.grpc_port}"
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address} (is another server using the port?)") from exc
+        self.repository.add_listener(self._on_version_change)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(OVERALL, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s:%d", settings.host, self.grpc_port)
+        await self.repository.refresh()
+        await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready: %d model(s) in %s", len(self.repository.entries()), settings.model_repository)
+        if settings.repository_poll_seconds > 0:
+            self._poller = asyncio.create_task(self._poll(settings.repository_poll_seconds))
+
+    async def wait_for_termination(self) -> None:
+        """Serve until SIGTERM or SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining for up to %.1f s", self.settings.shutdown_grace_seconds)
+        await self.stop()
+
+    async def stop(self) -> None:
+        """NOT_SERVING first (so load balancers stop sending), then finish in-flight work, then close."""
+        await self.health.enter_graceful_shutdown()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace_seconds)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        log.info("stopped")
+
+    def _start_metrics(self) -> None:
+        if self.settings.metrics_port < 0:
+            return
+        try:
+            server, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        except OSError as exc:
+            raise OSError(f"cannot listen on metrics port {self.settings.metrics_port}: {exc}") from exc
+        self._metrics_server = server
+        self.metrics_port = server.server_port
+        log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+
+    async def _poll(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await self.repository.refresh()
+            except Exception:
+                log.exception("repository refresh failed; will retry")
+
+    def _on_version_change(self, version: ModelVersion) -> None:
+        """Keep the readiness gauge and the model's health entry in step with its versions."""
+        key = (version.model, version.version)
+        previous = self._ready_series.get(key)
+        if previous is not None and previous != version.provider:
+            metrics.MODEL_READY.remove(version.model, version.version, previous)
+        self._ready_series[key] = version.provider
+        ready = version.state is VersionState.READY
+        metrics.MODEL_READY.labels(version.model, version.version, version.provider).set(1 if ready else 0)
+        serving = self.repository.has_ready_version(version.model)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.get_running_loop().create_task(self.health.set(version.model, status))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

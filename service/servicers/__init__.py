@@ -1,0 +1,1 @@
+"""gRPC servicers: translate protos to pipeline calls and back, nothing more."""

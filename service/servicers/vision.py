@@ -1,0 +1,122 @@
+"""`convserve.v1.Vision`: the task API."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from service import codecs, metrics
+from service._proto.convserve.v1 import vision_pb2 as pb
+from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument
+from service.interceptors import current_call
+from service.pipelines import Pipeline
+from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
+from service.settings import Settings
+
+_STATES = {
+    VersionState.LOADING: pb.MODEL_STATE_LOADING,
+    VersionState.READY: pb.MODEL_STATE_READY,
+    VersionState.FAILED: pb.MODEL_STATE_FAILED,
+    VersionState.UNLOADED: pb.MODEL_STATE_UNLOADED,
+}
+
+
+class VisionServicer(pb_grpc.VisionServicer):
+    def __init__(self, repository: ModelRepository, settings: Settings) -> None:
+        self._repository = repository
+        self._settings = settings
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        top_k = request.top_k if request.HasField("top_k") else self._settings.default_top_k
+        if top_k <= 0:
+            raise InvalidArgument(f"top_k must be > 0, got {top_k}")
+        if not request.model:
+            raise InvalidArgument("model is required, e.g. 'lenet5'")
+        if not request.images:
+            raise InvalidArgument("no images in the request")
+        served = self._resolve(request.model, request.version)
+        call = current_call()
+        call.images = len(request.images)
+        pipeline = served.pipeline
+        assert pipeline is not None
+        batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
+        logits, seconds = await asyncio.to_thread(_timed_infer, pipeline, batch)
+        metrics.INFERENCE_DURATION.labels(served.model, served.version).observe(seconds)
+        metrics.IMAGES.labels(served.model, served.version).inc(len(batch))
+        ranked = pipeline.rank(logits, top_k)
+        return pb.ClassifyResponse(
+            model=served.model,
+            version=served.version,
+            results=[
+                pb.Classification(
+                    predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score) for p in row]
+                )
+                for row in ranked
+            ],
+        )
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[_model_info(entry) for entry in self._repository.entries()])
+
+    def _resolve(self, model: str, version: str) -> ModelVersion:
+        served = self._repository.get(model, version)
+        call = current_call()
+        call.model, call.version = served.model, served.version
+        return served
+
+    def _prepare_batch(self, pipeline: Pipeline, images: Sequence[pb.Image]) -> np.ndarray:
+        """Decode and pre-process every image; blocking (PIL), so it runs off the event loop."""
+        return np.stack([pipeline.prepare(self._decode(image, i)) for i, image in enumerate(images)])
+
+    def _decode(self, image: pb.Image, index: int) -> np.ndarray:
+        limit = self._settings.max_image_pixels
+        try:
+            which = image.WhichOneof("data")
+            if which == "encoded":
+                return codecs.decode_encoded(image.encoded, limit)
+            if which == "raw":
+                raw = image.raw
+                return codecs.decode_raw(raw.data, raw.height, raw.width, raw.channels, limit)
+            raise InvalidArgument("image has neither encoded bytes nor a raw array")
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"image {index}: {exc}") from None
+
+
+def _timed_infer(pipeline: Pipeline, batch: np.ndarray) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    logits = pipeline.infer(batch)
+    return logits, time.perf_counter() - start
+
+
+def _model_info(entry: ModelEntry) -> pb.ModelInfo:
+    versions = [
+        pb.ModelVersion(version=v.version, state=_STATES[v.state], reason=v.reason, provider=v.provider)
+        for v in entry.newest_first()
+    ]
+    manifest = entry.manifest
+    if manifest is None:
+        versions = versions or [pb.ModelVersion(state=pb.MODEL_STATE_FAILED, reason=entry.error)]
+        return pb.ModelInfo(name=entry.name, versions=versions)
+    spec = manifest.input
+    return pb.ModelInfo(
+        name=entry.name,
+        kind=manifest.kind,
+        versions=versions,
+        input=pb.InputSpec(
+            name=spec.name,
+            height=spec.height,
+            width=spec.width,
+            channels=spec.channels,
+            color_mode=spec.color_mode,
+        ),
+        labels=manifest.labels,
+    )

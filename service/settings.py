@@ -1,0 +1,62 @@
+"""Server settings: one class, read from CONVSERVE_* environment variables, overridden by CLI flags.
+
+Nothing here runs at import time; `Settings()` reads the environment when it is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the server, with its default. Env: CONVSERVE_<FIELD>, e.g. CONVSERVE_GRPC_PORT."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVSERVE_", extra="forbid")
+
+    model_repository: Path = Field(
+        default=Path("models"), description="Folder with one sub-folder per model (config.yaml + versions)."
+    )
+    host: str = Field(default="0.0.0.0", description="Address the gRPC and metrics servers bind to.")
+    grpc_port: int = Field(
+        default=8001, ge=0, le=65535, description="gRPC port (KServe convention: 8001); 0 picks a free one."
+    )
+    metrics_port: int = Field(
+        default=8002, ge=-1, le=65535, description="Prometheus /metrics port (8002); -1 turns it off."
+    )
+    providers: list[str] = Field(
+        default=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        description="onnxruntime execution providers, in order of preference.",
+    )
+    require_gpu: bool = Field(
+        default=False,
+        description="Fail a model's readiness instead of running it on the CPU when CUDA is not active.",
+    )
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="onnxruntime intra-op threads per session; 0 lets onnxruntime choose."
+    )
+    warmup: bool = Field(default=True, description="Run one batch through each model before it is ready.")
+    repository_poll_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How often to look for models and versions that arrive later; 0 turns polling off.",
+    )
+    default_top_k: int = Field(default=3, gt=0, description="Classify's top_k when a request sets none.")
+    max_image_pixels: int = Field(
+        default=16_000_000,
+        gt=0,
+        description="Largest image (width x height) accepted, checked before decoding.",
+    )
+    max_message_bytes: int = Field(
+        default=64 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent."
+    )
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line (for log pipelines); text: for people."
+    )
