@@ -24,15 +24,17 @@ def decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
         raise InvalidArgument("image is empty")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit follows
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
+        raise InvalidArgument(f"image claims more pixels than the limit of {max_pixels} pixels") from None
+    except UnidentifiedImageError:
         raise InvalidArgument(
             f"image bytes are not a {', '.join(ACCEPTED_FORMATS)} image (or are corrupt)"
         ) from None
     width, height = image.size
     if width * height > max_pixels:
-        raise InvalidArgument(f"image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+        raise InvalidArgument(f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
     try:
         image.load()
     except (OSError, SyntaxError, ValueError) as exc:
@@ -59,7 +61,7 @@ def decode_raw(data: bytes, height: int, width: int, channels: int, max_pixels: 
     if channels not in RAW_CHANNELS:
         raise InvalidArgument(f"raw image has {channels} channels; expected one of {RAW_CHANNELS}")
     if height * width > max_pixels:
-        raise InvalidArgument(f"raw image is {width}x{height} pixels; the limit is {max_pixels} pixels")
+        raise InvalidArgument(f"raw image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
     expected = height * width * channels
     if len(data) != expected:
         raise InvalidArgument(

@@ -113,6 +113,7 @@ def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".config-", suffix=".yaml")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a server running as another user must read it
     target = model_dir / CONFIG_FILE
     os.replace(tmp, target)
     return target

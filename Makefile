@@ -1,0 +1,85 @@
+# convserve: `make serve` and `make test` are all a newcomer needs; both set up .venv themselves.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODELS ?= models
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+
+# onnxruntime comes from exactly one extra: `gpu` (onnxruntime-gpu, runs on the CPU when there is
+# no GPU) on Linux x86_64, `cpu` elsewhere. Choose with `make ORT=cpu ...`; EXTRAS=cuda adds
+# CUDA and cuDNN from pip for machines without a system CUDA.
+ifeq ($(shell uname -sm),Linux x86_64)
+ORT ?= gpu
+else
+ORT ?= cpu
+endif
+ifeq ($(ORT),gpu)
+OTHER_ORT := onnxruntime
+else
+OTHER_ORT := onnxruntime-gpu
+endif
+EXTRAS ?=
+comma := ,
+ALL_EXTRAS := $(ORT),train,dev$(if $(EXTRAS),$(comma)$(EXTRAS))
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
+
+# Models `make serve` trains before serving (fast), and models it trains in the background while
+# the first ones are already served (the server picks them up when they are published).
+FOREGROUND_MODELS ?= lenet5
+BACKGROUND_MODELS ?=
+
+.PHONY: help install serve test models protos lint format clean
+
+help:
+	@echo "make serve    set up, train the default models if missing, serve on gRPC $(GRPC_PORT) / metrics $(METRICS_PORT)"
+	@echo "make test     set up and run the whole test suite"
+	@echo "make models   train and publish the default models at full quality (a new version each time)"
+	@echo "make protos   regenerate service/_proto from protos/"
+	@echo "make lint     ruff check and format check"
+	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@# onnxruntime and onnxruntime-gpu install the same module: never both.
+	@if $(BIN)/python -m pip show --quiet $(OTHER_ORT) >/dev/null 2>&1; then \
+		$(BIN)/python -m pip uninstall --yes onnxruntime onnxruntime-gpu; fi
+	$(BIN)/python -m pip install --quiet -e '.[$(ALL_EXTRAS)]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/convserve-train all --missing --only $(FOREGROUND_MODELS) --repository $(MODELS)
+	@if [ -n "$(strip $(BACKGROUND_MODELS))" ]; then \
+		mkdir -p runs; \
+		echo "training $(BACKGROUND_MODELS) in the background (log: runs/background.log)"; \
+		$(BIN)/convserve-train all --missing --no-progress --only $(BACKGROUND_MODELS) \
+			--repository $(MODELS) > runs/background.log 2>&1 & \
+	fi
+	$(BIN)/convserve serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+models: install
+	$(BIN)/convserve-train all --repository $(MODELS)
+
+test: install
+	$(BIN)/python -m pytest
+
+protos: install
+	$(BIN)/python tools/gen_protos.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

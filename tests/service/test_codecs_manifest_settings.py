@@ -1,0 +1,103 @@
+"""Decoding, the manifest schema, settings and the error table, without a server."""
+
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from service import codecs
+from service.errors import INTERNAL_MESSAGE, InvalidArgument, ModelNotFound, ModelNotReady, status_for
+from service.manifest import InputSpec, Manifest, load_manifest, write_manifest
+from service.settings import Settings
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_decode_modes() -> None:
+    assert codecs.decode_encoded(_encode(Image.new("L", (5, 4), 9), "PNG"), 100).shape == (4, 5)
+    assert codecs.decode_encoded(_encode(Image.new("RGB", (5, 4)), "BMP"), 100).shape == (4, 5, 3)
+    assert codecs.decode_encoded(_encode(Image.new("P", (5, 4)), "PNG"), 100).shape == (4, 5, 3)
+    assert codecs.decode_encoded(_encode(Image.new("1", (5, 4)), "PNG"), 100).shape == (4, 5)
+
+
+def test_formats_other_than_png_jpeg_bmp_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="not a PNG, JPEG, BMP"):
+        codecs.decode_encoded(_encode(Image.new("L", (5, 4)), "GIF"), 100)
+
+
+def test_pixel_limit() -> None:
+    with pytest.raises(InvalidArgument, match="over the limit of 19 pixels"):
+        codecs.decode_encoded(_encode(Image.new("L", (5, 4)), "PNG"), 19)
+    with pytest.raises(InvalidArgument, match="over the limit of 19 pixels"):
+        codecs.decode_raw(b"\x00" * 20, 4, 5, 1, 19)
+
+
+def test_raw_is_wrapped_without_copy() -> None:
+    data = bytes(range(24))
+    array = codecs.decode_raw(data, 2, 4, 3, 100)
+    assert array.shape == (2, 4, 3)
+    assert array[1, 3, 2] == 23
+    assert not array.flags.owndata
+
+
+def test_error_table() -> None:
+    assert status_for(InvalidArgument("x")) == (grpc.StatusCode.INVALID_ARGUMENT, "x")
+    assert status_for(ModelNotFound("y")) == (grpc.StatusCode.NOT_FOUND, "y")
+    assert status_for(ModelNotReady("z")) == (grpc.StatusCode.UNAVAILABLE, "z")
+    assert status_for(KeyError("secret path /etc")) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+
+
+def test_manifest_round_trip_and_validation(tmp_path) -> None:
+    manifest = Manifest(
+        name="m",
+        kind="classifier",
+        input=InputSpec(channels=3, height=8, width=8, color_mode="RGB"),
+        adaptation={"kind": "resize"},
+        labels=["a", "b"],
+    )
+    write_manifest(tmp_path, manifest)
+    assert load_manifest(tmp_path) == manifest
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+    with pytest.raises(ValidationError, match="needs 1 channel"):
+        InputSpec(channels=3, height=8, width=8, color_mode="L")
+    with pytest.raises(ValidationError):
+        Manifest.model_validate({**manifest.model_dump(), "surprise": 1})
+
+
+def test_settings_from_env_and_overrides(monkeypatch) -> None:
+    monkeypatch.setenv("CONVSERVE_GRPC_PORT", "9001")
+    monkeypatch.setenv("CONVSERVE_PROVIDERS", '["CPUExecutionProvider"]')
+    settings = Settings()
+    assert settings.grpc_port == 9001
+    assert settings.providers == ["CPUExecutionProvider"]
+    assert settings.metrics_port == 8002
+    assert Settings(grpc_port=7001).grpc_port == 7001
+    monkeypatch.setenv("CONVSERVE_GRPC_PORT", "not-a-port")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_softmax_top_k_ranking() -> None:
+    from service.pipelines.classifier import ClassifierPipeline
+
+    pipeline = ClassifierPipeline.__new__(ClassifierPipeline)
+    pipeline.manifest = Manifest(
+        name="m",
+        kind="classifier",
+        input=InputSpec(channels=1, height=8, width=8, color_mode="L"),
+        adaptation={"kind": "resize"},
+        labels=["a", "b", "c"],
+    )
+    ranked = pipeline.rank(np.array([[0.0, 2.0, 1.0], [1000.0, 0.0, 0.0]]), top_k=2)
+    assert [p.label for p in ranked[0]] == ["b", "c"]
+    assert ranked[1][0].score == pytest.approx(1.0)
+    assert ranked[0][0].score == pytest.approx(np.exp(2) / (1 + np.exp(1) + np.exp(2)))

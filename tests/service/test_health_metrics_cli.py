@@ -1,0 +1,130 @@
+"""Health, ListModels, Prometheus metrics and the `convserve` CLI against a running server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.request
+
+import grpc
+import onnxruntime
+import pytest
+from drawing import draw_digit, png_bytes
+
+from service.client import VisionClient
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_health_entries(client: VisionClient) -> None:
+    assert client.health("") == "SERVING"
+    assert client.health("liveness") == "SERVING"
+    assert client.health("lenet5") == "SERVING"
+    with pytest.raises(grpc.RpcError) as info:
+        client.health("no-such-model")
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_list_models_reports_the_provider_really_in_use(client: VisionClient, trained_lenet) -> None:
+    """The provider reported is the one onnxruntime really gives (here: the CPU fallback without a GPU)."""
+    session = onnxruntime.InferenceSession(
+        str(trained_lenet / "lenet5" / "1" / "model.onnx"),
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    (model,) = client.list_models().models
+    assert (model.name, model.kind) == ("lenet5", "classifier")
+    (version,) = model.versions
+    assert version.version == "1"
+    assert version.reason == ""
+    assert version.provider == session.get_providers()[0]
+    assert (model.input.height, model.input.width, model.input.channels) == (32, 32, 1)
+    assert list(model.labels) == [str(d) for d in range(10)]
+
+
+def test_metrics_count_requests_by_model_version_method_and_code(server, client: VisionClient) -> None:
+    client.classify([png_bytes(draw_digit("1"))])
+    with pytest.raises(grpc.RpcError):
+        client.classify([b"junk"])
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
+    }
+    ok = 'convserve_requests_total{code="OK",method="Classify",model="lenet5",version="1"}'
+    bad = 'convserve_requests_total{code="INVALID_ARGUMENT",method="Classify",model="lenet5",version="1"}'
+    assert samples[ok] >= 1
+    assert samples[bad] >= 1
+    assert (
+        samples['convserve_request_duration_seconds_count{method="Classify",model="lenet5",version="1"}'] >= 2
+    )
+    assert samples['convserve_images_total{model="lenet5",version="1"}'] >= 1
+    ready = [k for k, v in samples.items() if k.startswith("convserve_model_ready{") and v == 1]
+    (series,) = ready
+    assert 'model="lenet5"' in series
+    assert 'version="1"' in series
+    (provider,) = [v.provider for v in client.list_models().models[0].versions]
+    assert f'provider="{provider}"' in series
+
+
+def test_access_log_is_json_with_request_id(server, client: VisionClient) -> None:
+    client.classify([png_bytes(draw_digit("0"))])
+    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    rpcs = [e for e in lines if e.get("message") == "rpc" and e.get("method", "").endswith("/Classify")]
+    assert rpcs
+    entry = rpcs[-1]
+    assert len(entry["request_id"]) == 32
+    assert entry["model"] == "lenet5"
+    assert entry["code"] == "OK"
+    assert entry["duration_ms"] > 0
+
+
+def test_cli_classify_json(server, tmp_path) -> None:
+    path = tmp_path / "digit.png"
+    draw_digit("9", size=300, pen=20).save(path)
+    result = _cli("classify", str(path), "--json", "--target", server.target)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["image"] == str(path)
+    assert (record["model"], record["version"]) == ("lenet5", "1")
+    assert record["predictions"][0]["label"] == "9"
+    assert set(record["predictions"][0]) == {"label", "index", "score"}
+    assert len(record["predictions"]) == 3
+
+
+def test_cli_classify_text_and_errors(server, tmp_path) -> None:
+    path = tmp_path / "digit.png"
+    draw_digit("4").save(path)
+    result = _cli("classify", str(path), "--target", server.target)
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"{path}: 4")
+    missing = _cli("classify", str(path), "--model", "nope", "--target", server.target)
+    assert missing.returncode == 1
+    assert "NOT_FOUND" in missing.stderr
+
+
+def test_cli_models_and_health(server) -> None:
+    models = _cli("models", "--json", "--target", server.target)
+    assert models.returncode == 0, models.stderr
+    (entry,) = json.loads(models.stdout)
+    assert entry["name"] == "lenet5"
+    assert entry["versions"][0]["state"] == "MODEL_STATE_READY"
+    health = _cli("health", "--target", server.target)
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+
+
+def test_cli_health_fails_when_nothing_listens() -> None:
+    from conftest import free_port
+
+    result = _cli("health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "1")
+    assert result.returncode == 1
+
+
+def test_cli_version() -> None:
+    from service import __version__
+
+    result = _cli("--version")
+    assert result.stdout.strip() == f"convserve {__version__}"

@@ -1,0 +1,115 @@
+"""`convserve-train`: one subcommand per model family, plus `all` for the default set.
+
+Each family's trainer owns its flags (`add_arguments`) and its entry point (`run_from_args`);
+this module only routes to them, so adding a family (gan, scenes-resnet, captioner) is one
+entry in TRAINERS and, if it belongs to the default set, one in DEFAULT_MODELS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.manifest import CONFIG_FILE
+from training import train_classifier
+from training.export import published_versions
+
+
+@dataclass(frozen=True)
+class Trainer:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run_from_args: Callable[[argparse.Namespace], int]
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """A model `all` trains: its repository name and how to train and publish it."""
+
+    name: str
+    train: Callable[..., dict]  # (seed, run_dir, repository, quick, progress) -> metrics
+
+
+TRAINERS: dict[str, Trainer] = {
+    "classifier": Trainer(
+        help="LeNet-5 on scikit-learn's digits",
+        add_arguments=train_classifier.add_arguments,
+        run_from_args=train_classifier.run_from_args,
+    ),
+}
+
+DEFAULT_MODELS: list[DefaultModel] = [
+    DefaultModel(name=train_classifier.MODEL_NAME, train=train_classifier.run),
+]
+
+
+def has_published_version(repository: Path, name: str) -> bool:
+    """True when `<repository>/<name>` has a manifest and at least one integer version directory."""
+    model_dir = repository / name
+    return (model_dir / CONFIG_FILE).is_file() and bool(published_versions(model_dir))
+
+
+def run_all(args: argparse.Namespace) -> int:
+    """Train and publish every default model (or those named by --only); with --missing, only unpublished ones."""
+    known = [model.name for model in DEFAULT_MODELS]
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        print(f"convserve-train all: unknown model(s) {', '.join(unknown)}; default models: {', '.join(known)}", file=sys.stderr)
+        return 2
+    for model in DEFAULT_MODELS:
+        if args.only and model.name not in args.only:
+            continue
+        if args.missing and has_published_version(args.repository, model.name):
+            print(f"{model.name}: already published in {args.repository}, skipped")
+            continue
+        model.train(
+            seed=args.seed,
+            run_dir=args.runs / model.name,
+            repository=args.repository,
+            quick=args.quick,
+            progress=not args.no_progress,
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convserve-train", description="Train, export and publish models.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, trainer in TRAINERS.items():
+        sub = commands.add_parser(name, help=trainer.help, description=trainer.help)
+        trainer.add_arguments(sub)
+        sub.set_defaults(handler=trainer.run_from_args)
+
+    every = commands.add_parser(
+        "all", help="every default model", description="Train and publish every default model."
+    )
+    every.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("models"),
+        help="model repository to publish into (default: models)",
+    )
+    every.add_argument(
+        "--runs", type=Path, default=Path("runs"), help="parent of the run directories (default: runs)"
+    )
+    every.add_argument("--missing", action="store_true", help="skip models already published (default: off)")
+    every.add_argument(
+        "--only", nargs="+", metavar="MODEL", help="train only these default models, e.g. lenet5 (default: all)"
+    )
+    every.add_argument("--quick", action="store_true", help="a few epochs only, for tests (default: off)")
+    every.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    every.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: off)")
+    every.set_defaults(handler=run_all)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

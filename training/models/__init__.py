@@ -1,0 +1,1 @@
+"""Plain nn.Modules, each with a config dataclass that checkpoints store."""
