@@ -50,3 +50,24 @@ def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def photo_like(digit: str, seed: int = 0, size: int = 360) -> Image.Image:
+    """A phone-photo-like picture of a digit on paper: uneven light, a tint, grey pencil, blur, noise."""
+    import numpy as np
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(seed)
+    pencil = draw_digit(digit, size=size, pen=size // 18).filter(ImageFilter.GaussianBlur(2))
+    ink = (240 - np.asarray(pencil, np.float32)) / 215  # 0 on paper, 1 on ink
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    light = 170 + 70 * (0.6 * xx + 0.4 * (1 - yy))  # brighter towards one corner
+    grey = light * (1 - 0.65 * ink) + rng.normal(0, 6, (size, size))
+    rgb = np.stack([grey * 1.0, grey * 0.96, grey * 0.88], axis=-1)  # warm indoor light
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def jpeg_bytes(image: Image.Image, quality: int = 80) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()

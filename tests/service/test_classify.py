@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from drawing import draw_digit, png_bytes
+from drawing import draw_digit, jpeg_bytes, photo_like, png_bytes
 from PIL import Image
 
 from service.client import VisionClient
@@ -109,3 +110,17 @@ def test_transparent_png_is_read_as_ink_on_paper(client: VisionClient) -> None:
     buffer = io.BytesIO()
     Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
     assert client.classify([buffer.getvalue()], top_k=1).results[0].predictions[0].label == "7"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_photo_like_jpegs(client: VisionClient, seed: int) -> None:
+    """Photos of digits on paper: uneven light, tinted, pencil grey, blurred, noisy, JPEG."""
+    images = [jpeg_bytes(photo_like(d, seed=seed)) for d in "0123456789"]
+    predicted = "".join(r.predictions[0].label for r in client.classify(images, top_k=1).results)
+    assert predicted == "0123456789"
+
+
+def test_example_images_in_the_readme(client: VisionClient) -> None:
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    response = client.classify([examples / "digit-7.jpg", examples / "digit-3.jpg"], top_k=1)
+    assert [r.predictions[0].label for r in response.results] == ["7", "3"]
