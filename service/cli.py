@@ -77,8 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from service.logs import configure_logging
+    from service.runtime import ModelLoadError, onnxruntime
     from service.server import ConvserveServer
     from service.settings import Settings
+
+    try:
+        onnxruntime()
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
     overrides = {
         "model_repository": args.model_repository,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from pydantic import ValidationError
 
 from service.errors import ModelNotFound, ModelNotReady
@@ -90,7 +91,7 @@ class ModelRepository:
             known = ", ".join(sorted(self._entries)) or "none"
             raise ModelNotFound(f"model {name!r} not found (models: {known})")
         if entry.manifest is None:
-            raise ModelNotReady(f"model {name!r} has an invalid {CONFIG_FILE}: {entry.error}")
+            raise ModelNotReady(f"model {name!r} cannot be served: {entry.error}")
         if version:
             found = entry.versions.get(version)
             if found is None:
@@ -115,13 +116,21 @@ class ModelRepository:
 
     async def _refresh_model(self, name: str) -> None:
         model_dir = self.root / name
-        entry = self._entries.get(name)
-        if entry is None or entry.manifest is None:
-            entry = self._read_entry(name, model_dir)
-            self._entries[name] = entry
-            if entry.manifest is None:
+        entry = self._entries.setdefault(name, ModelEntry(name=name, manifest=None))
+        on_disk = _version_names(model_dir)
+        newest_is_new = bool(on_disk) and on_disk[0] not in entry.versions
+        if entry.manifest is None or newest_is_new:
+            # config.yaml describes the newest version: read it again whenever one arrives.
+            manifest, error = self._read_manifest(name, model_dir)
+            if manifest is None:
+                if entry.error != error:
+                    log.error("model %s: %s", name, error)
+                entry.error = error
+                if entry.manifest is not None:  # keep serving what is loaded; the new version fails
+                    self._fail_new_versions(entry, on_disk, error)
                 return
-        wanted = _version_names(model_dir)[: entry.manifest.version_policy.latest]
+            entry.manifest, entry.error = manifest, ""
+        wanted = on_disk[: entry.manifest.version_policy.latest]
         for version in wanted:
             if version not in entry.versions:
                 await self._load(entry, version)
@@ -131,16 +140,24 @@ class ModelRepository:
                 self._set_state(old, VersionState.UNLOADED, "superseded by a newer version")
                 old.pipeline = None
 
-    def _read_entry(self, name: str, model_dir: Path) -> ModelEntry:
+    @staticmethod
+    def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:
+        """The model's manifest, or None and why it cannot be used."""
         try:
             manifest = load_manifest(model_dir)
-        except (OSError, ValidationError, ValueError) as exc:
-            log.error("model %s: invalid %s: %s", name, CONFIG_FILE, exc)
-            return ModelEntry(name=name, manifest=None, error=_one_line(exc))
+        except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
+            return None, f"invalid {CONFIG_FILE}: {_one_line(exc)}"
         if manifest.name != name:
-            error = f"{CONFIG_FILE} names the model {manifest.name!r} but its folder is {name!r}"
-            return ModelEntry(name=name, manifest=None, error=error)
-        return ModelEntry(name=name, manifest=manifest)
+            return None, f"{CONFIG_FILE} names the model {manifest.name!r} but its folder is {name!r}"
+        return manifest, ""
+
+    def _fail_new_versions(self, entry: ModelEntry, on_disk: list[str], error: str) -> None:
+        for version in on_disk:
+            if version in entry.versions:
+                break
+            failed = ModelVersion(model=entry.name, version=version, path=self.root / entry.name / version)
+            entry.versions[version] = failed
+            self._set_state(failed, VersionState.FAILED, error)
 
     async def _load(self, entry: ModelEntry, version: str) -> None:
         assert entry.manifest is not None

@@ -53,11 +53,14 @@ def has_published_version(repository: Path, name: str) -> bool:
 
 
 def run_all(args: argparse.Namespace) -> int:
-    """Train and publish every default model (or those named by --only); with --missing, only unpublished ones."""
+    """Train and publish the default models (or those named by --only); --missing skips published ones."""
     known = [model.name for model in DEFAULT_MODELS]
     unknown = sorted(set(args.only or ()) - set(known))
     if unknown:
-        print(f"convserve-train all: unknown model(s) {', '.join(unknown)}; default models: {', '.join(known)}", file=sys.stderr)
+        print(
+            f"convserve-train all: unknown model(s) {', '.join(unknown)}; default models: {', '.join(known)}",
+            file=sys.stderr,
+        )
         return 2
     for model in DEFAULT_MODELS:
         if args.only and model.name not in args.only:
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     every.add_argument("--missing", action="store_true", help="skip models already published (default: off)")
     every.add_argument(
-        "--only", nargs="+", metavar="MODEL", help="train only these default models, e.g. lenet5 (default: all)"
+        "--only", nargs="+", metavar="MODEL", help="only these default models, e.g. lenet5 (default: all)"
     )
     every.add_argument("--quick", action="store_true", help="a few epochs only, for tests (default: off)")
     every.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

@@ -148,3 +148,34 @@ def test_busy_port_is_an_error_not_a_silent_second_server(model_repository, tmp_
         assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
     finally:
         first.stop()
+
+
+def test_new_version_with_a_broken_config_fails_alone(model_repository, tmp_path) -> None:
+    """A bad config.yaml arriving with a new version fails that version; the loaded one keeps serving."""
+    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_REPOSITORY_POLL_SECONDS": "0.2"})
+    try:
+        with VisionClient(server.target) as client:
+            config = model_repository / "lenet5" / "config.yaml"
+            config.write_text(config.read_text().replace("kind: classifier", "kind: teapot"))
+            shutil.copytree(model_repository / "lenet5" / "1", model_repository / "lenet5" / ".incoming")
+            (model_repository / "lenet5" / ".incoming").rename(model_repository / "lenet5" / "2")
+            _wait_for(lambda: "2" in _versions(client))
+            state, reason = _versions(client)["2"]
+            assert state == "MODEL_STATE_FAILED"
+            assert "invalid config.yaml" in reason
+            assert client.classify([png_bytes(draw_digit("5"))]).version == "1"
+            assert client.health("lenet5") == "SERVING"
+    finally:
+        server.stop()
+
+
+def test_serve_without_onnxruntime_says_which_extra_to_install(model_repository) -> None:
+    block_import = "import sys; sys.modules['onnxruntime'] = None"  # `import onnxruntime` now fails
+    code = f"{block_import}; from service.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "serve", "--model-repository", str(model_repository)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "convserve[gpu]" in result.stderr
+    assert "convserve[cpu]" in result.stderr
