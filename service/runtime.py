@@ -35,6 +35,9 @@ def onnxruntime() -> ModuleType:
             "onnxruntime is not installed: pip install 'convserve[gpu]' (NVIDIA GPU, falls back to CPU) "
             "or 'convserve[cpu]' (CPU only)"
         ) from exc
+    # onnxruntime prints its own coloured lines to stderr, e.g. why CUDA could not be used; keep
+    # them out of the structured log unless debugging.
+    ort.set_default_logger_severity(2 if log.isEnabledFor(logging.DEBUG) else 4)
     if CUDA in ort.get_available_providers() and importlib.util.find_spec("nvidia") is not None:
         # CUDA and cuDNN came from pip (the `cuda` extra): load them before the first session.
         ort.preload_dlls()
@@ -59,14 +62,18 @@ class ModelSession:
             raise ModelLoadError(f"none of the providers {list(options.providers)} is available here")
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
-        session_options.log_severity_level = 3  # our own log says which provider was obtained
         try:
             self._session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
         self.provider = self._session.get_providers()[0]
         if providers[0] != self.provider:
-            log.warning("asked for %s, got %s for %s", providers[0], self.provider, path)
+            log.warning(
+                "asked for %s, got %s for %s (--log-level DEBUG shows onnxruntime's reason)",
+                providers[0],
+                self.provider,
+                path,
+            )
         if options.require_gpu and self.provider != CUDA:
             raise ModelLoadError(f"require_gpu is set but {path.name} runs on {self.provider}")
         self.input_names = [i.name for i in self._session.get_inputs()]
