@@ -26,10 +26,20 @@ class ModelNotReady(ConvserveError):
     """The model exists but cannot answer now (loading, failed, unloaded)."""
 
 
+class QueueFull(ConvserveError):
+    """The model's queue has no room for the request; retry later (with backoff)."""
+
+
+class DeadlineExceeded(ConvserveError):
+    """The request's deadline passed before its work could start."""
+
+
 STATUS_CODES: dict[type[ConvserveError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"

@@ -108,6 +108,8 @@ def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str,
 
 def _record(call: CallInfo, full_method: str, code: grpc.StatusCode, message: str, elapsed: float) -> None:
     metrics.REQUESTS.labels(call.model, call.version, call.method, code.name).inc()
+    if code is not grpc.StatusCode.OK:
+        metrics.FAILURES.labels(call.model, call.version, code.name.lower()).inc()
     metrics.REQUEST_DURATION.labels(call.model, call.version, call.method).observe(elapsed)
     fields = {
         "request_id": call.request_id,

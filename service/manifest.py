@@ -69,9 +69,36 @@ class ResizeAdaptation(_Strict):
 
 
 class VersionPolicy(_Strict):
-    """Which versions are served: the newest `latest` ones."""
+    """Which versions are served: the newest `latest` (default 1), `all`, or `specific` ones."""
 
-    latest: int = Field(default=1, gt=0)
+    latest: int | None = Field(default=None, gt=0)
+    all: bool = False
+    specific: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> VersionPolicy:
+        chosen = [self.latest is not None, self.all, self.specific is not None]
+        if sum(chosen) > 1:
+            raise ValueError("choose one of latest, all, specific")
+        return self
+
+    def select(self, versions: list[str]) -> list[str]:
+        """The versions to serve among those on disk (newest first in, newest first out)."""
+        if self.all:
+            return list(versions)
+        if self.specific is not None:
+            wanted = {str(v) for v in self.specific}
+            return [v for v in versions if v in wanted]
+        return versions[: self.latest or 1]
+
+
+class Batching(_Strict):
+    """Per-model dynamic batching; unset fields take the server-wide defaults (settings)."""
+
+    max_batch_size: int | None = Field(default=None, ge=0)  # rows per run; 1: off; 0: no batch axis
+    max_queue_delay: float | None = Field(default=None, ge=0)  # seconds to wait for a fuller batch
+    max_queue_size: int | None = Field(default=None, gt=0)  # rows waiting before requests are refused
+    instances: int | None = Field(default=None, gt=0)  # concurrent onnxruntime runs
 
 
 class Provenance(_Strict):
@@ -86,18 +113,31 @@ class Provenance(_Strict):
 
 
 class Manifest(_Strict):
-    """Everything the server needs to know about a model besides its ONNX files."""
+    """Everything the server needs to know about a model besides its ONNX files.
 
-    name: str
-    kind: Literal["classifier"]
+    kind `classifier` serves Classify and needs input, adaptation and labels; kind `tensor` is a
+    plain ONNX model reachable through KServe v2 only, and needs nothing but its name.
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["classifier", "tensor"]
     description: str = ""
-    input: InputSpec
+    input: InputSpec | None = None
     output_name: str = "logits"
-    adaptation: DigitAdaptation | ResizeAdaptation = Field(discriminator="kind")
-    labels: list[str] = Field(min_length=1)
+    adaptation: DigitAdaptation | ResizeAdaptation | None = Field(default=None, discriminator="kind")
+    labels: list[str] | None = None
     version_policy: VersionPolicy = VersionPolicy()
+    batching: Batching = Batching()
     metrics: dict[str, float] = {}
     provenance: Provenance | None = None
+
+    @model_validator(mode="after")
+    def _classifier_is_complete(self) -> Manifest:
+        if self.kind == "classifier":
+            missing = [f for f in ("input", "adaptation", "labels") if not getattr(self, f)]
+            if missing:
+                raise ValueError(f"a classifier needs {', '.join(missing)}")
+        return self
 
 
 def load_manifest(model_dir: Path) -> Manifest:

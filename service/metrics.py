@@ -1,16 +1,31 @@
-"""Every Prometheus metric of the server, defined once (names `convserve_*`, durations in seconds)."""
+"""Every Prometheus metric of the server, defined once (names `convserve_*`, durations in seconds).
+
+Label values stay bounded: `model` and `version` are names of models the server has (or
+"unknown" for requests naming none it has), never a string a client made up.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-#: Buckets from 0.5 ms to 10 s: covers a LeNet on a CPU and a captioner's beam search.
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Buckets from 0.1 ms to 10 s: covers a LeNet on a CPU and a captioner's beam search.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+UNKNOWN_MODEL = "unknown"
 
 REQUESTS = Counter(
     "convserve_requests",
     "RPCs answered, by model, version, method and gRPC status code.",
     ["model", "version", "method", "code"],
+)
+FAILURES = Counter(
+    "convserve_request_failures",
+    "RPCs that failed, by reason (the lower-case gRPC status: queue full is resource_exhausted).",
+    ["model", "version", "reason"],
 )
 REQUEST_DURATION = Histogram(
     "convserve_request_duration_seconds",
@@ -18,19 +33,64 @@ REQUEST_DURATION = Histogram(
     ["model", "version", "method"],
     buckets=LATENCY_BUCKETS,
 )
-INFERENCE_DURATION = Histogram(
-    "convserve_inference_duration_seconds",
+QUEUE_DURATION = Histogram(
+    "convserve_queue_duration_seconds",
+    "Time a request waited in the batcher's queue before its first rows ran.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE_INPUT_DURATION = Histogram(
+    "convserve_compute_input_duration_seconds",
+    "Time to turn a request into input arrays (decode, pre-process, tensor checks).",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+COMPUTE_INFER_DURATION = Histogram(
+    "convserve_compute_infer_duration_seconds",
     "Time onnxruntime spent on one run (one batch).",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
-IMAGES = Counter(
-    "convserve_images",
-    "Images processed, by model and version.",
+COMPUTE_OUTPUT_DURATION = Histogram(
+    "convserve_compute_output_duration_seconds",
+    "Time to turn output arrays into a response (softmax, top-k, encoding).",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "convserve_batch_size",
+    "Rows (images) per onnxruntime run.",
+    ["model", "version"],
+    buckets=BATCH_BUCKETS,
+)
+INFERENCES = Counter(
+    "convserve_inferences",
+    "Rows (images) inferred; divided by executions it gives the mean batch size.",
+    ["model", "version"],
+)
+EXECUTIONS = Counter(
+    "convserve_executions",
+    "onnxruntime runs.",
+    ["model", "version"],
+)
+PENDING = Gauge(
+    "convserve_pending_requests",
+    "Requests waiting in the queue or running.",
     ["model", "version"],
 )
 MODEL_READY = Gauge(
     "convserve_model_ready",
     "1 when the model version is loaded and serving, else 0; `provider` is the execution provider it got.",
     ["model", "version", "provider"],
+)
+MODEL_LOAD_DURATION = Histogram(
+    "convserve_model_load_duration_seconds",
+    "Time to load and warm up a model version.",
+    ["model"],
+    buckets=LOAD_BUCKETS,
+)
+MODEL_LOAD_FAILURES = Counter(
+    "convserve_model_load_failures",
+    "Model versions that failed to load.",
+    ["model"],
 )

@@ -2,8 +2,10 @@
 
 Layout: `<root>/<model>/config.yaml` and `<root>/<model>/<version>/model.onnx`, versions being
 positive integers. Folders starting with "." are work in progress (the trainer publishes a
-version by renaming a hidden folder) and are ignored. Models and versions that appear later
-are picked up by `refresh()`, which the server calls periodically.
+version by renaming a hidden folder) and are ignored. `refresh()` (called periodically by the
+server) loads versions that appear and retires superseded ones: a new version loads and warms
+up before it takes traffic; the old one then drains its queue and is unloaded. A version that
+fails to load is reported and the versions already serving keep serving.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from service import metrics
+from service.batching import BatchingOptions, DynamicBatcher, QueueReport, RunReport
 from service.errors import ModelNotFound, ModelNotReady
 from service.manifest import CONFIG_FILE, Manifest, load_manifest
 from service.pipelines import Pipeline, build_pipeline
@@ -26,6 +31,8 @@ from service.runtime import ModelLoadError, ModelSession, SessionOptions
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+#: How long a retired version may take to finish the requests it already accepted.
+DRAIN_SECONDS = 30.0
 
 
 class VersionState(enum.Enum):
@@ -45,7 +52,10 @@ class ModelVersion:
     state: VersionState = VersionState.LOADING
     reason: str = ""
     provider: str = ""
-    pipeline: Pipeline | None = None
+    manifest: Manifest | None = None
+    session: ModelSession | None = None
+    pipeline: Pipeline | None = None  # None for kind `tensor`
+    batcher: DynamicBatcher | None = None
 
 
 @dataclass
@@ -53,6 +63,7 @@ class ModelEntry:
     name: str
     manifest: Manifest | None
     error: str = ""
+    unloaded_by_request: bool = False
     versions: dict[str, ModelVersion] = field(default_factory=dict)
 
     def newest_first(self) -> list[ModelVersion]:
@@ -65,13 +76,17 @@ StateListener = Callable[[ModelVersion], None]
 class ModelRepository:
     """Scans the repository folder and loads the versions each model's policy asks for."""
 
-    def __init__(self, root: Path, options: SessionOptions, warmup: bool = True) -> None:
+    def __init__(
+        self, root: Path, options: SessionOptions, batching: BatchingOptions, warmup: bool = True
+    ) -> None:
         self.root = root
         self.options = options
+        self.batching = batching
         self.warmup = warmup
         self._entries: dict[str, ModelEntry] = {}
         self._listeners: list[StateListener] = []
-        self._refresh_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with a version each time its state changes (health, metrics)."""
@@ -96,7 +111,7 @@ class ModelRepository:
             found = entry.versions.get(version)
             if found is None:
                 served = ", ".join(v.version for v in entry.newest_first()) or "none"
-                raise ModelNotFound(f"model {name!r} has no version {version!r} (served: {served})")
+                raise ModelNotFound(f"model {name!r} has no version {version!r} (known: {served})")
             if found.state is not VersionState.READY:
                 raise ModelNotReady(_not_ready_message(found))
             return found
@@ -109,10 +124,54 @@ class ModelRepository:
         raise ModelNotReady(f"model {name!r} has no version yet")
 
     async def refresh(self) -> None:
-        """Bring the served set in line with the disk: load new versions, unload superseded ones."""
-        async with self._refresh_lock:
+        """Bring the served set in line with the disk, except models unloaded by request."""
+        async with self._lock:
             for name in _model_names(self.root):
-                await self._refresh_model(name)
+                entry = self._entries.get(name)
+                if entry is None or not entry.unloaded_by_request:
+                    await self._refresh_model(name)
+
+    async def load(self, name: str) -> None:
+        """Load (or reload) a model by request: re-read its config, retry failed versions."""
+        if not _is_plain_name(name) or not (self.root / name / CONFIG_FILE).is_file():
+            raise ModelNotFound(f"model {name!r} not found in the repository")
+        async with self._lock:
+            entry = self._entries.get(name)
+            if entry is not None:
+                entry.unloaded_by_request = False
+                entry.manifest = None  # read config.yaml again
+                for version in list(entry.versions.values()):
+                    if version.state in (VersionState.FAILED, VersionState.UNLOADED):
+                        del entry.versions[version.version]
+            await self._refresh_model(name)
+        if not self.has_ready_version(name):
+            raise ModelNotReady(f"model {name!r} did not load: {self._reason(name)}")
+
+    async def unload(self, name: str) -> None:
+        """Unload every version of a model by request; polling leaves it unloaded until `load`."""
+        async with self._lock:
+            entry = self._entries.get(name)
+            if entry is None:
+                raise ModelNotFound(f"model {name!r} not found")
+            entry.unloaded_by_request = True
+            for version in entry.versions.values():
+                if version.state is VersionState.READY:
+                    self._retire(version, "unloaded by request")
+        await self.wait_retired()
+
+    async def wait_retired(self) -> None:
+        """Wait until retired versions have drained and released their sessions."""
+        if self._retiring:
+            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain and release every version (server shutdown)."""
+        async with self._lock:
+            for entry in self._entries.values():
+                for version in entry.versions.values():
+                    if version.state is VersionState.READY:
+                        self._retire(version, "server stopping")
+        await self.wait_retired()
 
     async def _refresh_model(self, name: str) -> None:
         model_dir = self.root / name
@@ -121,7 +180,7 @@ class ModelRepository:
         newest_is_new = bool(on_disk) and on_disk[0] not in entry.versions
         if entry.manifest is None or newest_is_new:
             # config.yaml describes the newest version: read it again whenever one arrives.
-            manifest, error = self._read_manifest(name, model_dir)
+            manifest, error = _read_manifest(name, model_dir)
             if manifest is None:
                 if entry.error != error:
                     log.error("model %s: %s", name, error)
@@ -130,26 +189,14 @@ class ModelRepository:
                     self._fail_new_versions(entry, on_disk, error)
                 return
             entry.manifest, entry.error = manifest, ""
-        wanted = on_disk[: entry.manifest.version_policy.latest]
+        wanted = entry.manifest.version_policy.select(on_disk)
         for version in wanted:
             if version not in entry.versions:
-                await self._load(entry, version)
+                await self._load(entry, entry.manifest, version)
         ready = [v for v in entry.newest_first() if v.state is VersionState.READY]
         for old in ready:
-            if old.version not in wanted and any(int(v.version) > int(old.version) for v in ready):
-                self._set_state(old, VersionState.UNLOADED, "superseded by a newer version")
-                old.pipeline = None
-
-    @staticmethod
-    def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:
-        """The model's manifest, or None and why it cannot be used."""
-        try:
-            manifest = load_manifest(model_dir)
-        except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
-            return None, f"invalid {CONFIG_FILE}: {_one_line(exc)}"
-        if manifest.name != name:
-            return None, f"{CONFIG_FILE} names the model {manifest.name!r} but its folder is {name!r}"
-        return manifest, ""
+            if old.version not in wanted and any(v.version in wanted for v in ready):
+                self._retire(old, "superseded by a newer version")
 
     def _fail_new_versions(self, entry: ModelEntry, on_disk: list[str], error: str) -> None:
         for version in on_disk:
@@ -157,32 +204,97 @@ class ModelRepository:
                 break
             failed = ModelVersion(model=entry.name, version=version, path=self.root / entry.name / version)
             entry.versions[version] = failed
+            metrics.MODEL_LOAD_FAILURES.labels(entry.name).inc()
             self._set_state(failed, VersionState.FAILED, error)
 
-    async def _load(self, entry: ModelEntry, version: str) -> None:
-        assert entry.manifest is not None
-        loading = ModelVersion(model=entry.name, version=version, path=self.root / entry.name / version)
+    async def _load(self, entry: ModelEntry, manifest: Manifest, version: str) -> None:
+        loading = ModelVersion(
+            model=entry.name, version=version, path=self.root / entry.name / version, manifest=manifest
+        )
         entry.versions[version] = loading
         self._notify(loading)
+        started = time.perf_counter()
         try:
-            pipeline = await asyncio.to_thread(self._build, entry.manifest, loading.path)
+            session, pipeline = await asyncio.to_thread(self._build, manifest, loading.path)
         except ModelLoadError as exc:
             log.error("model %s version %s failed to load: %s", entry.name, version, exc)
+            metrics.MODEL_LOAD_FAILURES.labels(entry.name).inc()
             self._set_state(loading, VersionState.FAILED, str(exc))
             return
-        loading.pipeline = pipeline
-        loading.provider = pipeline.session.provider
+        metrics.MODEL_LOAD_DURATION.labels(entry.name).observe(time.perf_counter() - started)
+        loading.session, loading.pipeline = session, pipeline
+        loading.batcher = self._batcher(manifest, session, entry.name, version)
+        loading.provider = session.provider
         log.info("model %s version %s ready on %s", entry.name, version, loading.provider)
         self._set_state(loading, VersionState.READY, "")
 
-    def _build(self, manifest: Manifest, version_dir: Path) -> Pipeline:
+    def _build(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline | None]:
         model_file = version_dir / MODEL_FILE
         if not model_file.is_file():
             raise ModelLoadError(f"{model_file.name} is missing in version folder {version_dir.name}")
-        pipeline = build_pipeline(manifest, ModelSession(model_file, self.options))
+        session = ModelSession(model_file, self.options)
+        pipeline = build_pipeline(manifest, session)
         if self.warmup:
-            pipeline.warmup()
-        return pipeline
+            session.warmup()
+            if pipeline is not None:
+                pipeline.warmup()
+        return session, pipeline
+
+    def _batcher(self, manifest: Manifest, session: ModelSession, model: str, version: str) -> DynamicBatcher:
+        """Server defaults, overridden by the model's config; no batch axis means no merging."""
+        chosen = manifest.batching
+        defaults = self.batching
+        options = BatchingOptions(
+            max_batch_size=defaults.max_batch_size
+            if chosen.max_batch_size is None
+            else chosen.max_batch_size,
+            max_queue_delay=defaults.max_queue_delay
+            if chosen.max_queue_delay is None
+            else chosen.max_queue_delay,
+            max_queue_size=chosen.max_queue_size or defaults.max_queue_size,
+            instances=chosen.instances or defaults.instances,
+        )
+        if not session.batchable:
+            options = BatchingOptions(0, 0.0, options.max_queue_size, options.instances)
+        infer = metrics.COMPUTE_INFER_DURATION.labels(model, version)
+        batch_size = metrics.BATCH_SIZE.labels(model, version)
+        inferences = metrics.INFERENCES.labels(model, version)
+        executions = metrics.EXECUTIONS.labels(model, version)
+        queue = metrics.QUEUE_DURATION.labels(model, version)
+
+        def on_run(report: RunReport) -> None:
+            infer.observe(report.seconds)
+            batch_size.observe(report.rows)
+            inferences.inc(report.rows)
+            executions.inc()
+
+        def on_dequeue(report: QueueReport) -> None:
+            queue.observe(report.seconds)
+
+        return DynamicBatcher(session.run, options, on_run=on_run, on_dequeue=on_dequeue)
+
+    def _retire(self, version: ModelVersion, reason: str) -> None:
+        """Stop new traffic at once; drain and release in the background."""
+        self._set_state(version, VersionState.UNLOADED, reason)
+        batcher = version.batcher
+        version.batcher = version.pipeline = version.session = None
+
+        async def drain() -> None:
+            if batcher is not None:
+                await batcher.drain(DRAIN_SECONDS)
+
+        task = asyncio.get_running_loop().create_task(drain())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _reason(self, name: str) -> str:
+        entry = self._entries.get(name)
+        if entry is None:
+            return "unknown model"
+        if entry.error:
+            return entry.error
+        reasons = [f"version {v.version}: {v.reason}" for v in entry.newest_first() if v.reason]
+        return "; ".join(reasons) or "no version on disk"
 
     def _set_state(self, version: ModelVersion, state: VersionState, reason: str) -> None:
         version.state = state
@@ -192,6 +304,22 @@ class ModelRepository:
     def _notify(self, version: ModelVersion) -> None:
         for listener in self._listeners:
             listener(version)
+
+
+def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:
+    """The model's manifest, or None and why it cannot be used."""
+    try:
+        manifest = load_manifest(model_dir)
+    except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
+        return None, f"invalid {CONFIG_FILE}: {_one_line(exc)}"
+    if manifest.name != name:
+        return None, f"{CONFIG_FILE} names the model {manifest.name!r} but its folder is {name!r}"
+    return manifest, ""
+
+
+def _is_plain_name(name: str) -> bool:
+    """A model name is one plain path component: no separators, no dots in front, no tricks."""
+    return bool(name) and name == Path(name).name and not name.startswith(".") and "\\" not in name
 
 
 def _model_names(root: Path) -> list[str]:

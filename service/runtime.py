@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -42,6 +43,35 @@ def onnxruntime() -> ModuleType:
         # CUDA and cuDNN came from pip (the `cuda` extra): load them before the first session.
         ort.preload_dlls()
     return ort
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: name, numpy dtype, shape with -1 for free dimensions."""
+
+    name: str
+    onnx_type: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+#: onnxruntime's type names for the numpy dtypes we serve.
+ONNX_DTYPES: dict[str, np.dtype] = {
+    f"tensor({name})": np.dtype(dtype)
+    for name, dtype in [
+        ("bool", "bool"), ("uint8", "uint8"), ("uint16", "uint16"), ("uint32", "uint32"),
+        ("uint64", "uint64"), ("int8", "int8"), ("int16", "int16"), ("int32", "int32"), ("int64", "int64"),
+        ("float16", "float16"), ("float", "float32"), ("double", "float64"), ("string", "object"),
+    ]
+}  # fmt: skip
+
+
+def _tensor_spec(node: Any) -> TensorSpec:
+    """From onnxruntime's NodeArg: symbolic or unknown dimensions become -1."""
+    if node.type not in ONNX_DTYPES:
+        raise ModelLoadError(f"tensor {node.name!r} has type {node.type}, which is not served")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, node.type, ONNX_DTYPES[node.type], shape)
 
 
 @dataclass(frozen=True)
@@ -76,8 +106,19 @@ class ModelSession:
             )
         if options.require_gpu and self.provider != CUDA:
             raise ModelLoadError(f"require_gpu is set but {path.name} runs on {self.provider}")
-        self.input_names = [i.name for i in self._session.get_inputs()]
-        self.output_names = [o.name for o in self._session.get_outputs()]
+        self.inputs = [_tensor_spec(i) for i in self._session.get_inputs()]
+        self.outputs = [_tensor_spec(o) for o in self._session.get_outputs()]
+        self.input_names = [t.name for t in self.inputs]
+        self.output_names = [t.name for t in self.outputs]
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a free leading (batch) dimension."""
+        return all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
+
+    def warmup(self) -> None:
+        """One run on zeros (free dimensions set to 1), so the first request pays no lazy set-up."""
+        self.run({t.name: np.zeros([1 if d == -1 else d for d in t.shape], t.dtype) for t in self.inputs})
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run the graph; blocking, so callers run it off the event loop."""

@@ -20,6 +20,7 @@ from prometheus_client import start_http_server
 
 from service import metrics
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
+from service.batching import BatchingOptions
 from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.runtime import SessionOptions
@@ -43,6 +44,12 @@ class ConvserveServer:
                 providers=tuple(settings.providers),
                 require_gpu=settings.require_gpu,
                 intra_op_threads=settings.intra_op_threads,
+            ),
+            BatchingOptions(
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay=settings.max_queue_delay,
+                max_queue_size=settings.max_queue_size,
+                instances=settings.instances,
             ),
             warmup=settings.warmup,
         )
@@ -113,6 +120,7 @@ class ConvserveServer:
                 await self._poller
         if self._server is not None:
             await self._server.stop(self.settings.shutdown_grace_seconds)
+        await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

@@ -44,6 +44,20 @@ class Settings(BaseSettings):
         ge=0,
         description="How often to look for models and versions that arrive later; 0 turns polling off.",
     )
+    max_batch_size: int = Field(
+        default=64,
+        ge=0,
+        description="Default rows per onnxruntime run (1: batching off); config.yaml may override.",
+    )
+    max_queue_delay: float = Field(
+        default=0.0,
+        ge=0,
+        description="Default seconds a run waits for a fuller batch; config.yaml may override.",
+    )
+    max_queue_size: int = Field(
+        default=1024, gt=0, description="Default rows queued per model before RESOURCE_EXHAUSTED."
+    )
+    instances: int = Field(default=1, gt=0, description="Default concurrent onnxruntime runs per model.")
     default_top_k: int = Field(default=3, gt=0, description="Classify's top_k when a request sets none.")
     max_image_pixels: int = Field(
         default=16_000_000,

@@ -9,8 +9,8 @@ from service.runtime import ModelSession
 Pipeline = ClassifierPipeline
 
 
-def build_pipeline(manifest: Manifest, session: ModelSession) -> Pipeline:
-    """The pipeline for a manifest's kind."""
+def build_pipeline(manifest: Manifest, session: ModelSession) -> Pipeline | None:
+    """The task pipeline for a manifest's kind; None for `tensor` models (KServe v2 only)."""
     if manifest.kind == "classifier":
         return ClassifierPipeline(manifest, session)
-    raise ValueError(f"no pipeline for model kind {manifest.kind!r}")
+    return None

@@ -22,9 +22,11 @@ class ClassifierPipeline:
     """Turns decoded images into a uint8 (N, C, H, W) batch and logits into top-k predictions."""
 
     def __init__(self, manifest: Manifest, session: ModelSession) -> None:
+        assert manifest.input is not None and manifest.labels, "the manifest validator requires them"
         self.manifest = manifest
         self.session = session
-        spec = manifest.input
+        self.spec = spec = manifest.input
+        self.labels = manifest.labels
         if spec.name not in session.input_names:
             raise ModelLoadError(f"the ONNX graph has no input {spec.name!r} (it has {session.input_names})")
         if manifest.output_name not in session.output_names:
@@ -33,7 +35,7 @@ class ClassifierPipeline:
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One decoded image -> (C, H, W) uint8 in the training distribution."""
-        spec = self.manifest.input
+        spec = self.spec
         image = imaging.to_color_mode(image, spec.color_mode)
         if isinstance(self.manifest.adaptation, DigitAdaptation):
             image = imaging.adapt_digit(image, self.manifest.adaptation, spec.height, spec.width)
@@ -41,9 +43,12 @@ class ClassifierPipeline:
             image = imaging.resize(image, spec.height, spec.width)
         return image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
 
-    def infer(self, batch: np.ndarray) -> np.ndarray:
-        """Logits for a (N, C, H, W) batch; blocking."""
-        outputs = self.session.run({self.manifest.input.name: batch})
+    def feeds(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph inputs for a (N, C, H, W) batch."""
+        return {self.spec.name: batch}
+
+    def logits(self, outputs: list[np.ndarray]) -> np.ndarray:
+        """The logits among the graph outputs."""
         return outputs[self._output_index]
 
     def rank(self, logits: np.ndarray, top_k: int) -> list[list[Prediction]]:
@@ -53,7 +58,7 @@ class ClassifierPipeline:
         probs /= probs.sum(axis=1, keepdims=True)
         k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        labels = self.manifest.labels
+        labels = self.labels
         return [
             [Prediction(labels[i], int(i), float(row[i])) for i in idx]
             for row, idx in zip(probs, order, strict=True)
@@ -61,10 +66,11 @@ class ClassifierPipeline:
 
     def warmup(self) -> None:
         """One run at batch 1 so the first request does not pay for lazy initialisation."""
-        spec = self.manifest.input
-        logits = self.infer(np.zeros((1, spec.channels, spec.height, spec.width), dtype=np.uint8))
-        if logits.shape != (1, len(self.manifest.labels)):
+        spec = self.spec
+        batch = np.zeros((1, spec.channels, spec.height, spec.width), dtype=np.uint8)
+        logits = self.logits(self.session.run(self.feeds(batch)))
+        if logits.shape != (1, len(self.labels)):
             raise ModelLoadError(
                 f"the model answers logits of shape {logits.shape} for one image, "
-                f"but the manifest lists {len(self.manifest.labels)} labels"
+                f"but the manifest lists {len(self.labels)} labels"
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 import grpc
@@ -15,7 +14,8 @@ from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.interceptors import current_call
 from service.pipelines import Pipeline
-from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
+from service.repository import ModelEntry, ModelRepository, VersionState
+from service.servicers.common import deadline_of, resolve
 from service.settings import Settings
 
 _STATES = {
@@ -41,37 +41,33 @@ class VisionServicer(pb_grpc.VisionServicer):
             raise InvalidArgument("model is required, e.g. 'lenet5'")
         if not request.images:
             raise InvalidArgument("no images in the request")
-        served = self._resolve(request.model, request.version)
-        call = current_call()
-        call.images = len(request.images)
-        pipeline = served.pipeline
-        assert pipeline is not None
-        batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
-        logits, seconds = await asyncio.to_thread(_timed_infer, pipeline, batch)
-        metrics.INFERENCE_DURATION.labels(served.model, served.version).observe(seconds)
-        metrics.IMAGES.labels(served.model, served.version).inc(len(batch))
-        ranked = pipeline.rank(logits, top_k)
-        return pb.ClassifyResponse(
-            model=served.model,
-            version=served.version,
-            results=[
-                pb.Classification(
-                    predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score) for p in row]
-                )
-                for row in ranked
-            ],
-        )
+        served = resolve(self._repository, request.model, request.version)
+        pipeline, batcher = served.pipeline, served.batcher
+        if pipeline is None or batcher is None:
+            raise InvalidArgument(f"model {served.model!r} is not a classifier; call it through KServe v2")
+        current_call().images = len(request.images)
+        labels = (served.model, served.version)
+        with metrics.COMPUTE_INPUT_DURATION.labels(*labels).time():
+            batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
+        with metrics.PENDING.labels(*labels).track_inprogress():
+            outputs = await batcher.submit(pipeline.feeds(batch), deadline_of(context))
+        with metrics.COMPUTE_OUTPUT_DURATION.labels(*labels).time():
+            ranked = pipeline.rank(pipeline.logits(outputs), top_k)
+            return pb.ClassifyResponse(
+                model=served.model,
+                version=served.version,
+                results=[
+                    pb.Classification(
+                        predictions=[pb.Prediction(label=p.label, index=p.index, score=p.score) for p in row]
+                    )
+                    for row in ranked
+                ],
+            )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[_model_info(entry) for entry in self._repository.entries()])
-
-    def _resolve(self, model: str, version: str) -> ModelVersion:
-        served = self._repository.get(model, version)
-        call = current_call()
-        call.model, call.version = served.model, served.version
-        return served
 
     def _prepare_batch(self, pipeline: Pipeline, images: Sequence[pb.Image]) -> np.ndarray:
         """Decode and pre-process every image; blocking (PIL), so it runs off the event loop."""
@@ -91,12 +87,6 @@ class VisionServicer(pb_grpc.VisionServicer):
             raise InvalidArgument(f"image {index}: {exc}") from None
 
 
-def _timed_infer(pipeline: Pipeline, batch: np.ndarray) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    logits = pipeline.infer(batch)
-    return logits, time.perf_counter() - start
-
-
 def _model_info(entry: ModelEntry) -> pb.ModelInfo:
     versions = [
         pb.ModelVersion(version=v.version, state=_STATES[v.state], reason=v.reason, provider=v.provider)
@@ -111,12 +101,14 @@ def _model_info(entry: ModelEntry) -> pb.ModelInfo:
         name=entry.name,
         kind=manifest.kind,
         versions=versions,
-        input=pb.InputSpec(
+        input=None
+        if spec is None
+        else pb.InputSpec(
             name=spec.name,
             height=spec.height,
             width=spec.width,
             channels=spec.channels,
             color_mode=spec.color_mode,
         ),
-        labels=manifest.labels,
+        labels=manifest.labels or [],
     )

@@ -97,6 +97,7 @@ def test_softmax_top_k_ranking() -> None:
         adaptation={"kind": "resize"},
         labels=["a", "b", "c"],
     )
+    pipeline.labels = pipeline.manifest.labels
     ranked = pipeline.rank(np.array([[0.0, 2.0, 1.0], [1000.0, 0.0, 0.0]]), top_k=2)
     assert [p.label for p in ranked[0]] == ["b", "c"]
     assert ranked[1][0].score == pytest.approx(1.0)

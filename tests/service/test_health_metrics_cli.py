@@ -61,13 +61,31 @@ def test_metrics_count_requests_by_model_version_method_and_code(server, client:
     assert (
         samples['convserve_request_duration_seconds_count{method="Classify",model="lenet5",version="1"}'] >= 2
     )
-    assert samples['convserve_images_total{model="lenet5",version="1"}'] >= 1
+    labels = '{model="lenet5",version="1"}'
+    assert samples[f"convserve_inferences_total{labels}"] >= samples[f"convserve_executions_total{labels}"] >= 1
+    assert samples[f"convserve_batch_size_count{labels}"] == samples[f"convserve_executions_total{labels}"]
+    assert samples[f"convserve_queue_duration_seconds_count{labels}"] >= 1
+    assert samples[f"convserve_compute_input_duration_seconds_count{labels}"] >= 1
+    assert samples[f"convserve_compute_output_duration_seconds_count{labels}"] >= 1
+    assert samples[f"convserve_pending_requests{labels}"] == 0
+    assert samples['convserve_request_failures_total{model="lenet5",reason="invalid_argument",version="1"}'] >= 1
+    assert samples['convserve_model_load_duration_seconds_count{model="lenet5"}'] == 1
     ready = [k for k, v in samples.items() if k.startswith("convserve_model_ready{") and v == 1]
     (series,) = ready
     assert 'model="lenet5"' in series
     assert 'version="1"' in series
     (provider,) = [v.provider for v in client.list_models().models[0].versions]
     assert f'provider="{provider}"' in series
+
+
+def test_unknown_models_are_counted_under_one_label(server, client: VisionClient) -> None:
+    """Label values stay bounded: made-up model names never become series."""
+    for name in ("made-up-1", "made-up-2"):
+        with pytest.raises(grpc.RpcError):
+            client.classify([png_bytes(draw_digit("1"))], model=name)
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert "made-up" not in text
+    assert 'convserve_requests_total{code="NOT_FOUND",method="Classify",model="unknown",version=""}' in text
 
 
 def test_access_log_is_json_with_request_id(server, client: VisionClient) -> None:

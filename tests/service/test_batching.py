@@ -1,0 +1,206 @@
+"""The dynamic batcher on its own: merging, splitting, order, queue limits, deadlines, cancellation, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import BatchingOptions, DynamicBatcher, RunReport
+from service.errors import DeadlineExceeded, QueueFull
+
+
+class Model:
+    """A blocking 'model' (doubles its input) that records every run and can be held or made to fail."""
+
+    def __init__(self, seconds: float = 0.0, poison: int | None = None) -> None:
+        self.seconds = seconds
+        self.poison = poison
+        self.runs: list[np.ndarray] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.gate.wait(10)
+        x = feeds["x"]
+        self.runs.append(x.copy())
+        time.sleep(self.seconds)
+        if self.poison is not None and (x == self.poison).any():
+            raise RuntimeError("poisoned batch")
+        return [x * 2, x.sum(axis=1)]
+
+
+def rows(*values: int) -> dict[str, np.ndarray]:
+    return {"x": np.array([[v, v] for v in values], dtype=np.int64)}
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_answers() -> None:
+    model = Model(seconds=0.02)
+    reports: list[RunReport] = []
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=8), on_run=reports.append)
+        results = await asyncio.gather(*(batcher.submit(rows(i)) for i in range(20)))
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    for i, (doubled, summed) in enumerate(results):
+        np.testing.assert_array_equal(doubled, [[2 * i, 2 * i]])
+        np.testing.assert_array_equal(summed, [2 * i])
+    assert len(model.runs) < 20
+    assert max(len(run) for run in model.runs) <= 8
+    assert sum(r.rows for r in reports) == 20
+
+
+def test_a_large_request_is_split_across_runs_and_reassembled_in_order() -> None:
+    model = Model()
+
+    async def main() -> list[np.ndarray]:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=4))
+        result = await batcher.submit(rows(*range(10)))
+        await batcher.close()
+        return result
+
+    doubled, _ = asyncio.run(main())
+    np.testing.assert_array_equal(doubled[:, 0], np.arange(10) * 2)
+    assert [len(run) for run in model.runs] == [4, 4, 2]
+
+
+def test_batching_off_is_one_row_per_run() -> None:
+    model = Model()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1))
+        await asyncio.gather(*(batcher.submit(rows(i, i)) for i in range(5)))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert [len(run) for run in model.runs] == [1] * 10
+
+
+def test_full_queue_refuses_at_once() -> None:
+    model = Model()
+    model.gate.clear()  # the first run blocks until released
+
+    async def main() -> float:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=2, max_queue_size=4))
+        first = asyncio.create_task(batcher.submit(rows(0, 0)))  # taken by the (blocked) run
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(batcher.submit(rows(1, 1, 1)))
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(QueueFull, match="3 of 4 rows waiting, this request has 2"):
+            await batcher.submit(rows(2, 2))
+        refused_after = time.perf_counter() - started
+        model.gate.set()
+        await asyncio.gather(first, queued)
+        await batcher.close()
+        return refused_after
+
+    assert asyncio.run(main()) < 0.01
+
+
+def test_expired_request_is_dropped_before_it_runs() -> None:
+    model = Model(seconds=0.1)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1))
+        busy = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(7), deadline=loop.time() + 0.02)
+        await busy
+        await batcher.close()
+
+    asyncio.run(main())
+    assert all((run != 7).all() for run in model.runs)
+
+
+def test_cancelled_request_leaves_the_queue_and_never_runs() -> None:
+    model = Model()
+    model.gate.clear()
+
+    async def main() -> int:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1))
+        busy = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        doomed = asyncio.create_task(batcher.submit(rows(7, 7, 7)))
+        await asyncio.sleep(0.01)
+        pending_before = batcher.pending_rows
+        doomed.cancel()
+        await asyncio.sleep(0.01)
+        pending_after = batcher.pending_rows
+        model.gate.set()
+        await busy
+        await asyncio.sleep(0.05)
+        await batcher.close()
+        return pending_before - pending_after
+
+    assert asyncio.run(main()) == 3
+    assert all((run != 7).all() for run in model.runs)
+
+
+def test_an_error_fails_only_the_requests_of_that_run() -> None:
+    model = Model(seconds=0.02, poison=13)
+
+    async def main() -> list[object]:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=2))
+        first = asyncio.create_task(batcher.submit(rows(1)))  # runs alone while the rest queue
+        await asyncio.sleep(0.005)
+        tasks = [batcher.submit(rows(v)) for v in (13, 2, 3, 4)]  # runs: [13, 2] then [3, 4]
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [isinstance(r, RuntimeError) for r in results] == [False, True, True, False, False]
+    np.testing.assert_array_equal(results[3][0], [[6, 6]])
+
+
+def test_queue_delay_gathers_requests_that_arrive_apart() -> None:
+    model = Model()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=8, max_queue_delay=0.2))
+
+        async def later(i: int) -> list[np.ndarray]:
+            await asyncio.sleep(0.01 * i)
+            return await batcher.submit(rows(i))
+
+        await asyncio.gather(*(later(i) for i in range(4)))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert [len(run) for run in model.runs] == [4]
+
+
+def test_instances_run_concurrently() -> None:
+    model = Model(seconds=0.1)
+
+    async def main() -> float:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1, instances=4))
+        started = time.perf_counter()
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(4)))
+        await batcher.close()
+        return time.perf_counter() - started
+
+    assert asyncio.run(main()) < 0.3  # four 0.1 s runs side by side, not one after another
+
+
+def test_models_without_a_batch_axis_run_each_request_as_it_is() -> None:
+    model = Model()
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=0))
+        results = await asyncio.gather(batcher.submit(rows(1, 2, 3)), batcher.submit(rows(4)))
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert [len(run) for run in model.runs] == [3, 1]
+    np.testing.assert_array_equal(results[0][0][:, 0], [2, 4, 6])
