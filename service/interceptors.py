@@ -20,6 +20,7 @@ import grpc
 
 from service import metrics
 from service.errors import status_for
+from service.statistics import VersionStatistics
 
 log = logging.getLogger("convserve.access")
 
@@ -36,6 +37,7 @@ class CallInfo:
     model: str = ""
     version: str = ""
     images: int = 0
+    stats: VersionStatistics | None = None  # of the version that answered, once known
 
 
 _current: ContextVar[CallInfo | None] = ContextVar("convserve_call", default=None)
@@ -108,6 +110,8 @@ def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str,
 
 def _record(call: CallInfo, full_method: str, code: grpc.StatusCode, message: str, elapsed: float) -> None:
     metrics.REQUESTS.labels(call.model, call.version, call.method, code.name).inc()
+    if call.stats is not None:
+        call.stats.answered(code is grpc.StatusCode.OK, elapsed)
     if code is not grpc.StatusCode.OK:
         metrics.FAILURES.labels(call.model, call.version, code.name.lower()).inc()
     metrics.REQUEST_DURATION.labels(call.model, call.version, call.method).observe(elapsed)

@@ -22,11 +22,12 @@ import yaml
 from pydantic import ValidationError
 
 from service import metrics
-from service.batching import BatchingOptions, DynamicBatcher, QueueReport, RunReport
+from service.batching import BatchingOptions, DynamicBatcher
 from service.errors import ModelNotFound, ModelNotReady
 from service.manifest import CONFIG_FILE, Manifest, load_manifest
 from service.pipelines import Pipeline, build_pipeline
 from service.runtime import ModelLoadError, ModelSession, SessionOptions
+from service.statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class ModelVersion:
     session: ModelSession | None = None
     pipeline: Pipeline | None = None  # None for kind `tensor`
     batcher: DynamicBatcher | None = None
+    stats: VersionStatistics | None = None
 
 
 @dataclass
@@ -223,7 +225,8 @@ class ModelRepository:
             return
         metrics.MODEL_LOAD_DURATION.labels(entry.name).observe(time.perf_counter() - started)
         loading.session, loading.pipeline = session, pipeline
-        loading.batcher = self._batcher(manifest, session, entry.name, version)
+        loading.stats = VersionStatistics(entry.name, version)
+        loading.batcher = self._batcher(manifest, session, loading.stats)
         loading.provider = session.provider
         log.info("model %s version %s ready on %s", entry.name, version, loading.provider)
         self._set_state(loading, VersionState.READY, "")
@@ -240,7 +243,7 @@ class ModelRepository:
                 pipeline.warmup()
         return session, pipeline
 
-    def _batcher(self, manifest: Manifest, session: ModelSession, model: str, version: str) -> DynamicBatcher:
+    def _batcher(self, manifest: Manifest, session: ModelSession, stats: VersionStatistics) -> DynamicBatcher:
         """Server defaults, overridden by the model's config; no batch axis means no merging."""
         chosen = manifest.batching
         defaults = self.batching
@@ -256,22 +259,12 @@ class ModelRepository:
         )
         if not session.batchable:
             options = BatchingOptions(0, 0.0, options.max_queue_size, options.instances)
-        infer = metrics.COMPUTE_INFER_DURATION.labels(model, version)
-        batch_size = metrics.BATCH_SIZE.labels(model, version)
-        inferences = metrics.INFERENCES.labels(model, version)
-        executions = metrics.EXECUTIONS.labels(model, version)
-        queue = metrics.QUEUE_DURATION.labels(model, version)
-
-        def on_run(report: RunReport) -> None:
-            infer.observe(report.seconds)
-            batch_size.observe(report.rows)
-            inferences.inc(report.rows)
-            executions.inc()
-
-        def on_dequeue(report: QueueReport) -> None:
-            queue.observe(report.seconds)
-
-        return DynamicBatcher(session.run, options, on_run=on_run, on_dequeue=on_dequeue)
+        return DynamicBatcher(
+            session.run,
+            options,
+            on_run=lambda report: stats.ran(report.rows, report.seconds),
+            on_dequeue=lambda report: stats.queued(report.seconds),
+        )
 
     def _retire(self, version: ModelVersion, reason: str) -> None:
         """Stop new traffic at once; drain and release in the background."""

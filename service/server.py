@@ -20,10 +20,13 @@ from prometheus_client import start_http_server
 
 from service import metrics
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.batching import BatchingOptions
 from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.runtime import SessionOptions
+from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer
 from service.settings import Settings
 
@@ -61,6 +64,7 @@ class ConvserveServer:
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._ready_series: dict[tuple[str, str], str] = {}
+        self._ready = False  # KServe ServerReady, in step with the overall health entry
 
     async def start(self) -> None:
         """Bind the ports, answer liveness at once, load the models, then report ready."""
@@ -75,10 +79,14 @@ class ConvserveServer:
             ],
         )
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.repository, settings), server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
+            KServeServicer(self.repository, is_ready=lambda: self._ready), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
                 vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name,
+                kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
@@ -97,6 +105,7 @@ class ConvserveServer:
         log.info("gRPC listening on %s:%d", settings.host, self.grpc_port)
         await self.repository.refresh()
         await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+        self._ready = True
         log.info("ready: %d model(s) in %s", len(self.repository.entries()), settings.model_repository)
         if settings.repository_poll_seconds > 0:
             self._poller = asyncio.create_task(self._poll(settings.repository_poll_seconds))
@@ -113,6 +122,7 @@ class ConvserveServer:
 
     async def stop(self) -> None:
         """NOT_SERVING first (so load balancers stop sending), then finish in-flight work, then close."""
+        self._ready = False
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
             self._poller.cancel()

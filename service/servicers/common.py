@@ -21,6 +21,7 @@ def resolve(repository: ModelRepository, model: str, version: str) -> ModelVersi
         call.model = UNKNOWN_MODEL
         raise
     call.model, call.version = served.model, served.version
+    call.stats = served.stats
     return served
 
 

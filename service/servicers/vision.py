@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from service import codecs, metrics
+from service import codecs
 from service._proto.convserve.v1 import vision_pb2 as pb
 from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
@@ -46,12 +46,13 @@ class VisionServicer(pb_grpc.VisionServicer):
         if pipeline is None or batcher is None:
             raise InvalidArgument(f"model {served.model!r} is not a classifier; call it through KServe v2")
         current_call().images = len(request.images)
-        labels = (served.model, served.version)
-        with metrics.COMPUTE_INPUT_DURATION.labels(*labels).time():
+        stats = served.stats
+        assert stats is not None
+        with stats.input_stage():
             batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
-        with metrics.PENDING.labels(*labels).track_inprogress():
+        with stats.pending.track_inprogress():
             outputs = await batcher.submit(pipeline.feeds(batch), deadline_of(context))
-        with metrics.COMPUTE_OUTPUT_DURATION.labels(*labels).time():
+        with stats.output_stage():
             ranked = pipeline.rank(pipeline.logits(outputs), top_k)
             return pb.ClassifyResponse(
                 model=served.model,

@@ -1,4 +1,4 @@
-"""The dynamic batcher on its own: merging, splitting, order, queue limits, deadlines, cancellation, faults."""
+"""The dynamic batcher alone: merging, splitting, order, queue limits, deadlines, cancellation, faults."""
 
 from __future__ import annotations
 

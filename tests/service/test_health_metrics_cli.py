@@ -62,13 +62,15 @@ def test_metrics_count_requests_by_model_version_method_and_code(server, client:
         samples['convserve_request_duration_seconds_count{method="Classify",model="lenet5",version="1"}'] >= 2
     )
     labels = '{model="lenet5",version="1"}'
-    assert samples[f"convserve_inferences_total{labels}"] >= samples[f"convserve_executions_total{labels}"] >= 1
-    assert samples[f"convserve_batch_size_count{labels}"] == samples[f"convserve_executions_total{labels}"]
+    executions = samples[f"convserve_executions_total{labels}"]
+    assert samples[f"convserve_inferences_total{labels}"] >= executions >= 1
+    assert samples[f"convserve_batch_size_count{labels}"] == executions
     assert samples[f"convserve_queue_duration_seconds_count{labels}"] >= 1
     assert samples[f"convserve_compute_input_duration_seconds_count{labels}"] >= 1
     assert samples[f"convserve_compute_output_duration_seconds_count{labels}"] >= 1
     assert samples[f"convserve_pending_requests{labels}"] == 0
-    assert samples['convserve_request_failures_total{model="lenet5",reason="invalid_argument",version="1"}'] >= 1
+    failures = 'convserve_request_failures_total{model="lenet5",reason="invalid_argument",version="1"}'
+    assert samples[failures] >= 1
     assert samples['convserve_model_load_duration_seconds_count{model="lenet5"}'] == 1
     ready = [k for k, v in samples.items() if k.startswith("convserve_model_ready{") and v == 1]
     (series,) = ready

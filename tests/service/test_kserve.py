@@ -1,0 +1,194 @@
+"""KServe v2 over gRPC: tritonclient unmodified, raw and typed tensors, errors, streaming, the repository."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from conftest import start_server
+from drawing import draw_digit, png_bytes
+from onnx import TensorProto, helper
+
+from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.client import VisionClient
+from training.data.digits import load_digit_splits
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def stub(server):
+    with grpc.insecure_channel(server.target) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _image_request(images: np.ndarray, **fields: object) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="lenet5", **fields)
+    request.inputs.add(name="image", datatype="UINT8", shape=images.shape)
+    request.raw_input_contents.append(images.tobytes())
+    return request
+
+
+def _logits(response: pb.ModelInferResponse) -> np.ndarray:
+    (output,) = response.outputs
+    assert (output.name, output.datatype) == ("logits", "FP32")
+    return np.frombuffer(response.raw_output_contents[0], np.float32).reshape(output.shape)
+
+
+def test_tritonclient_unmodified(server, tmp_path) -> None:
+    """Live/ready, metadata, config, infer with raw inputs: same classes as Classify."""
+    test = load_digit_splits().test
+    images = np.ascontiguousarray(test.images[:16])
+    np.save(tmp_path / "images.npy", images)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "tritonclient_calls.py"), server.target, str(tmp_path / "images.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert (seen["live"], seen["ready"], seen["model_ready"], seen["unknown_ready"]) == (True, True, True, False)
+    assert seen["server"]["name"] == "convserve"
+    assert seen["metadata"]["inputs"] == [{"name": "image", "datatype": "UINT8", "shape": ["-1", "1", "32", "32"]}]
+    assert seen["config"]["max_batch_size"] == 64
+    assert seen["config"]["input"][0]["dims"] == ["1", "32", "32"]
+    assert seen["logits_shape"] == [16, 10]
+    assert seen["id"] == "triton-1"
+    with VisionClient(server.target) as client:
+        classify = client.classify(list(test.native[:16]), top_k=1)
+    assert seen["classes"] == [r.predictions[0].index for r in classify.results]
+    (stats,) = seen["statistics"]["model_stats"]
+    assert int(stats["inference_count"]) >= 16
+    assert {"name": "lenet5", "version": "1", "state": "READY"}.items() <= seen["index"]["models"][0].items()
+
+
+def test_typed_contents_and_raw_give_the_same_logits(stub) -> None:
+    images = load_digit_splits().test.images[:3]
+    raw = _logits(stub.ModelInfer(_image_request(images)))
+    typed_request = pb.ModelInferRequest(model_name="lenet5", id="abc")
+    tensor = typed_request.inputs.add(name="image", datatype="UINT8", shape=images.shape)
+    tensor.contents.uint_contents.extend(images.ravel().tolist())
+    response = stub.ModelInfer(typed_request)
+    assert response.id == "abc"
+    assert (response.model_name, response.model_version) == ("lenet5", "1")
+    np.testing.assert_array_equal(_logits(response), raw)
+
+
+@pytest.mark.parametrize(
+    "shape, datatype, data, expected",
+    [
+        ([1, 1, 32, 32], "UINT8", b"\x00" * 1000, "needs 1024 bytes, got 1000"),
+        ([1, 1, 28, 28], "UINT8", b"\x00" * 784, "expected shape [-1, 1, 32, 32] (-1: any), got [1, 1, 28, 28]"),
+        ([1, 1, 32, 32], "FP32", b"\x00" * 4096, "expected datatype UINT8, got FP32"),
+        ([1_000_000_000, 1, 32, 32], "UINT8", b"\x00" * 16, "elements allowed"),
+        ([-1, 1, 32, 32], "UINT8", b"\x00" * 16, "negative dimension"),
+        ([1, 1, 32, 32], "NOPE", b"\x00" * 1024, "NOPE"),
+    ],
+)
+def test_tensor_mismatches_name_the_input(stub, shape, datatype, data, expected) -> None:
+    request = pb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="image", datatype=datatype, shape=shape)
+    request.raw_input_contents.append(data)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert expected in info.value.details()
+    assert "image" in info.value.details() or datatype == "NOPE"
+
+
+def test_unknown_input_and_model(stub) -> None:
+    request = pb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="picture", datatype="UINT8", shape=[1])
+    request.raw_input_contents.append(b"\x00")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown input(s) ['picture']; the model takes ['image']" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_image_request(np.zeros((1, 1, 32, 32), np.uint8), model_version="7"))
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_stream_answers_in_order_and_reports_errors_in_band(stub) -> None:
+    good = _image_request(np.zeros((1, 1, 32, 32), np.uint8), id="first")
+    bad = pb.ModelInferRequest(model_name="nope", id="second")
+    last = _image_request(np.zeros((2, 1, 32, 32), np.uint8), id="third")
+    responses = list(stub.ModelStreamInfer(iter([good, bad, last])))
+    assert [r.infer_response.id for r in responses] == ["first", "", "third"]
+    assert "model 'nope' not found" in responses[1].error_message
+    assert responses[2].infer_response.outputs[0].shape == [2, 10]
+
+
+def _adder_onnx(path: Path, batch_axis: bool) -> None:
+    """A plain ONNX model, y = a + b, with a free batch axis or a fixed shape."""
+    first = "batch" if batch_axis else 2
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [first, 3])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [first, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [first, 3])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "adder", [a, b], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("batch_axis", [True, False])
+def test_plain_onnx_model_with_a_minimal_config(model_repository, tmp_path, batch_axis) -> None:
+    _adder_onnx(model_repository / "adder" / "1" / "model.onnx", batch_axis)
+    (model_repository / "adder" / "config.yaml").write_text("name: adder\nkind: tensor\n")
+    server = start_server(model_repository, tmp_path / "log")
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="adder")
+            for name, value in (("a", 1.5), ("b", 2.0)):
+                request.inputs.add(name=name, datatype="FP32", shape=[2, 3])
+                request.raw_input_contents.append(np.full((2, 3), value, np.float32).tobytes())
+            response = kserve.ModelInfer(request)
+            np.testing.assert_array_equal(np.frombuffer(response.raw_output_contents[0], np.float32), [3.5] * 6)
+            config = kserve.ModelConfig(pb.ModelConfigRequest(name="adder")).config
+            assert config.max_batch_size == (64 if batch_axis else 0)
+            assert list(config.input[0].dims) == ([3] if batch_axis else [2, 3])
+        with VisionClient(server.target) as client, pytest.raises(grpc.RpcError) as info:
+            client.classify([png_bytes(draw_digit("1"))], model="adder")
+        assert "not a classifier" in info.value.details()
+    finally:
+        server.stop()
+
+
+def test_repository_unload_and_load(model_repository, tmp_path) -> None:
+    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_REPOSITORY_POLL_SECONDS": "0.2"})
+    try:
+        with grpc.insecure_channel(server.target) as channel, VisionClient(server.target) as client:
+            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+            kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="lenet5"))
+            assert not kserve.ModelReady(pb.ModelReadyRequest(name="lenet5")).ready
+            assert client.health("lenet5") == "NOT_SERVING"
+            (entry,) = kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models
+            assert (entry.state, entry.reason) == ("UNAVAILABLE", "unloaded by request")
+            import time
+
+            time.sleep(0.6)  # polling must not bring it back
+            assert not kserve.ModelReady(pb.ModelReadyRequest(name="lenet5")).ready
+            kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="lenet5"))
+            assert kserve.ModelReady(pb.ModelReadyRequest(name="lenet5")).ready
+            assert client.classify([png_bytes(draw_digit("8"))], top_k=1).results[0].predictions[0].label == "8"
+            for name in ("../lenet5", "nope", ".hidden"):
+                with pytest.raises(grpc.RpcError) as info:
+                    kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name))
+                assert info.value.code() is grpc.StatusCode.NOT_FOUND
+            override = pb.RepositoryModelLoadRequest(model_name="lenet5")
+            override.parameters["config"].string_param = "{}"
+            with pytest.raises(grpc.RpcError) as info:
+                kserve.RepositoryModelLoad(override)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop()
