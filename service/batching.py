@@ -94,7 +94,6 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix="onnxruntime")
         self._workers: list[asyncio.Task[None]] = []
-        self._inflight = 0  # submitted and not yet answered
 
     @property
     def pending_rows(self) -> int:
@@ -104,13 +103,6 @@ class DynamicBatcher:
     def start(self) -> None:
         if not self._workers:
             self._workers = [asyncio.create_task(self._work()) for _ in range(self.options.instances)]
-
-    async def drain(self, timeout: float) -> None:
-        """Let accepted requests finish (up to `timeout` seconds), then close."""
-        deadline = time.monotonic() + timeout
-        while self._inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        await self.close()
 
     async def close(self) -> None:
         """Stop the workers; requests still queued fail as if the model were unloaded."""
@@ -137,13 +129,11 @@ class DynamicBatcher:
         request = _Request(feeds, rows, deadline, loop.time(), loop.create_future())
         self._queue.append(request)
         self._pending_rows += rows
-        self._inflight += 1
         self._arrived.set()
         self.start()
         try:
             return await request.future
         finally:
-            self._inflight -= 1
             if not request.future.done():  # we were cancelled: leave the queue, run nothing more
                 request.future.cancel()
             self._forget(request)

@@ -14,7 +14,8 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,16 @@ class ModelVersion:
     pipeline: Pipeline | None = None  # None for kind `tensor`
     batcher: DynamicBatcher | None = None
     stats: VersionStatistics | None = None
+    active: int = 0  # requests that chose this version and have not answered yet
+
+    @contextmanager
+    def in_use(self) -> Iterator[ModelVersion]:
+        """Hold the version for one request: retiring waits for it before releasing the session."""
+        self.active += 1
+        try:
+            yield self
+        finally:
+            self.active -= 1
 
 
 @dataclass
@@ -267,14 +278,17 @@ class ModelRepository:
         )
 
     def _retire(self, version: ModelVersion, reason: str) -> None:
-        """Stop new traffic at once; drain and release in the background."""
+        """Stop new traffic at once; let accepted requests finish; then release the session."""
         self._set_state(version, VersionState.UNLOADED, reason)
-        batcher = version.batcher
-        version.batcher = version.pipeline = version.session = None
 
         async def drain() -> None:
+            deadline = time.monotonic() + DRAIN_SECONDS
+            while version.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            batcher = version.batcher
+            version.batcher = version.pipeline = version.session = None
             if batcher is not None:
-                await batcher.drain(DRAIN_SECONDS)
+                await batcher.close()
 
         task = asyncio.get_running_loop().create_task(drain())
         self._retiring.add(task)

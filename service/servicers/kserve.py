@@ -155,6 +155,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
         served = resolve(self._repository, request.model_name, request.model_version)
+        with served.in_use():
+            return await self._infer_on(served, request, deadline)
+
+    async def _infer_on(
+        self, served: ModelVersion, request: pb.ModelInferRequest, deadline: float | None
+    ) -> pb.ModelInferResponse:
         session, batcher, stats = _session(served), served.batcher, served.stats
         assert batcher is not None and stats is not None, "a READY version has a batcher and statistics"
         with stats.input_stage():

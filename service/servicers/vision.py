@@ -14,7 +14,7 @@ from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.interceptors import current_call
 from service.pipelines import Pipeline
-from service.repository import ModelEntry, ModelRepository, VersionState
+from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
 from service.servicers.common import deadline_of, resolve
 from service.settings import Settings
 
@@ -42,6 +42,12 @@ class VisionServicer(pb_grpc.VisionServicer):
         if not request.images:
             raise InvalidArgument("no images in the request")
         served = resolve(self._repository, request.model, request.version)
+        with served.in_use():
+            return await self._classify(served, request, top_k, deadline_of(context))
+
+    async def _classify(
+        self, served: ModelVersion, request: pb.ClassifyRequest, top_k: int, deadline: float | None
+    ) -> pb.ClassifyResponse:
         pipeline, batcher = served.pipeline, served.batcher
         if pipeline is None or batcher is None:
             raise InvalidArgument(f"model {served.model!r} is not a classifier; call it through KServe v2")
@@ -51,7 +57,7 @@ class VisionServicer(pb_grpc.VisionServicer):
         with stats.input_stage():
             batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
         with stats.pending.track_inprogress():
-            outputs = await batcher.submit(pipeline.feeds(batch), deadline_of(context))
+            outputs = await batcher.submit(pipeline.feeds(batch), deadline)
         with stats.output_stage():
             ranked = pipeline.rank(pipeline.logits(outputs), top_k)
             return pb.ClassifyResponse(
