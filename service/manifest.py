@@ -72,12 +72,12 @@ class VersionPolicy(_Strict):
     """Which versions are served: the newest `latest` (default 1), `all`, or `specific` ones."""
 
     latest: int | None = Field(default=None, gt=0)
-    all: bool = False
+    all: bool | None = None
     specific: list[int] | None = None
 
     @model_validator(mode="after")
     def _one_policy(self) -> VersionPolicy:
-        chosen = [self.latest is not None, self.all, self.specific is not None]
+        chosen = [self.latest is not None, bool(self.all), self.specific is not None]
         if sum(chosen) > 1:
             raise ValueError("choose one of latest, all, specific")
         return self
@@ -149,7 +149,9 @@ def load_manifest(model_dir: Path) -> Manifest:
 def write_manifest(model_dir: Path, manifest: Manifest) -> Path:
     """Write the manifest atomically: a reader sees the old file or the new one, never half."""
     model_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(manifest.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    data = manifest.model_dump(mode="json", exclude_none=True)
+    data = {key: value for key, value in data.items() if value != {}}  # e.g. batching: server defaults
+    text = yaml.safe_dump(data, sort_keys=False)
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".config-", suffix=".yaml")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)

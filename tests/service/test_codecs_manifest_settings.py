@@ -102,3 +102,15 @@ def test_softmax_top_k_ranking() -> None:
     assert [p.label for p in ranked[0]] == ["b", "c"]
     assert ranked[1][0].score == pytest.approx(1.0)
     assert ranked[0][0].score == pytest.approx(np.exp(2) / (1 + np.exp(1) + np.exp(2)))
+
+
+def test_version_policies() -> None:
+    from service.manifest import VersionPolicy
+
+    on_disk = ["5", "3", "2", "1"]  # newest first, as the repository lists them
+    assert VersionPolicy().select(on_disk) == ["5"]
+    assert VersionPolicy(latest=2).select(on_disk) == ["5", "3"]
+    assert VersionPolicy(all=True).select(on_disk) == on_disk
+    assert VersionPolicy(specific=[1, 3, 9]).select(on_disk) == ["3", "1"]
+    with pytest.raises(ValidationError, match="choose one"):
+        VersionPolicy(latest=1, all=True)

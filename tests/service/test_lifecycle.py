@@ -10,6 +10,7 @@ import time
 import grpc
 import onnxruntime
 import pytest
+import yaml
 from conftest import free_port, start_server, wait_until_serving
 from drawing import draw_digit, png_bytes
 
@@ -179,3 +180,25 @@ def test_serve_without_onnxruntime_says_which_extra_to_install(model_repository)
     assert result.returncode == 1
     assert "convserve[gpu]" in result.stderr
     assert "convserve[cpu]" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "policy, served",
+    [("{all: true}", {"1", "2"}), ("{specific: [1]}", {"1"}), ("{latest: 1}", {"2"})],
+)
+def test_version_policy_decides_what_is_served(model_repository, tmp_path, policy, served) -> None:
+    model_dir = model_repository / "lenet5"
+    shutil.copytree(model_dir / "1", model_dir / "2")
+    config = model_dir / "config.yaml"
+    manifest = yaml.safe_load(config.read_text())
+    manifest["version_policy"] = yaml.safe_load(policy)
+    config.write_text(yaml.safe_dump(manifest))
+    server = start_server(model_repository, tmp_path / "log")
+    try:
+        with VisionClient(server.target) as client:
+            ready = {v for v, (state, _) in _versions(client).items() if state == "MODEL_STATE_READY"}
+            assert ready == served
+            for version in served:
+                assert client.classify([png_bytes(draw_digit("2"))], version=version).version == version
+    finally:
+        server.stop()
