@@ -32,12 +32,13 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 FOREGROUND_MODELS ?= lenet5
 BACKGROUND_MODELS ?=
 
-.PHONY: help install serve test models protos lint format clean
+.PHONY: help install serve test models bench protos lint format clean
 
 help:
 	@echo "make serve    set up, train the default models if missing, serve on gRPC $(GRPC_PORT) / metrics $(METRICS_PORT)"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make models   train and publish the default models at full quality (a new version each time)"
+	@echo "make bench    batching off / on / in-process onnxruntime, one interleaved run (bench-results/)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff check and format check"
 	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
@@ -69,6 +70,12 @@ models: install
 
 test: install
 	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/convserve-train all --missing --only $(FOREGROUND_MODELS) --repository $(MODELS)
+	@mkdir -p bench-results
+	$(BIN)/convserve bench --compare --model-repository $(MODELS) \
+		--json bench-results/compare.json --markdown bench-results/compare.md
 
 protos: install
 	$(BIN)/python tools/gen_protos.py
