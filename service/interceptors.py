@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -39,6 +39,8 @@ class CallInfo:
     images: int = 0
     stats: VersionStatistics | None = None  # of the version that answered, once known
 
+
+T = TypeVar("T")
 
 _current: ContextVar[CallInfo | None] = ContextVar("convserve_call", default=None)
 
@@ -106,6 +108,28 @@ def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str,
                 _record(call, full_method, code, message, elapsed)
 
     return wrapped
+
+
+async def observe_message(full_method: str, request_id: str, work: Callable[[], Awaitable[T]]) -> T:
+    """One message of a streaming RPC, logged and counted like a unary call; errors propagate."""
+    if not _VALID_REQUEST_ID.match(request_id):
+        request_id = uuid.uuid4().hex
+    call = CallInfo(request_id=request_id, method=full_method.rsplit("/", 1)[-1])
+    token = _current.set(call)
+    start = time.perf_counter()
+    code, message = grpc.StatusCode.OK, ""
+    try:
+        return await work()
+    except Exception as exc:
+        code, message = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception(
+                "unhandled error in %s", full_method, extra={"fields": {"request_id": call.request_id}}
+            )
+        raise
+    finally:
+        _current.reset(token)
+        _record(call, full_method, code, message, time.perf_counter() - start)
 
 
 def _record(call: CallInfo, full_method: str, code: grpc.StatusCode, message: str, elapsed: float) -> None:

@@ -16,7 +16,7 @@ from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as config_pb
 from service.errors import ConvserveError, InvalidArgument, ModelNotFound, status_for
-from service.interceptors import current_call
+from service.interceptors import current_call, observe_message
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.runtime import CUDA, ModelSession, TensorSpec
 from service.servicers.common import deadline_of, resolve
@@ -86,9 +86,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Answers in request order; an error answers that request only and the stream goes on."""
+        method = "/inference.GRPCInferenceService/ModelStreamInfer"
         async for request in request_iterator:
             try:
-                response = await self._infer(request, deadline_of(context))
+                response = await observe_message(
+                    method, request.id, lambda request=request: self._infer(request, deadline_of(context))
+                )
             except Exception as exc:  # reported in-band, as the protocol says; the stream stays open
                 _code, message = status_for(exc)
                 yield pb.ModelStreamInferResponse(error_message=message)

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
+import pytest
 from conftest import start_server
 from drawing import draw_digit, png_bytes
 
@@ -145,3 +146,42 @@ def test_memory_stays_flat_across_load_unload_cycles(model_repository, tmp_path)
     finally:
         server.stop()
     assert grown < 10, f"RSS grew {grown:.1f} MB over 40 load/unload cycles"
+
+
+def _metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")]
+    return sum(values)
+
+
+def test_expired_requests_never_run(model_repository, tmp_path):
+    """A deadline shorter than the batch window: DEADLINE_EXCEEDED, and its rows never reach onnxruntime."""
+    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_MAX_QUEUE_DELAY": "0.5"})
+    inferences = 'convserve_inferences_total{model="lenet5",version="1"}'
+    try:
+        with VisionClient(server.target) as client:
+            before = _metric(server, inferences)
+            with pytest.raises(grpc.RpcError) as info:
+                client.classify([DIGIT] * 5, timeout=0.1)
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.8)  # past the batch window: had the rows stayed queued, they would have run now
+            assert _metric(server, inferences) == before
+            assert client.classify([DIGIT], top_k=1).results[0].predictions[0].label == "6"
+            assert _metric(server, inferences) == before + 1
+    finally:
+        server.stop()
+
+
+def test_stream_messages_are_counted_like_calls(server):
+    with grpc.insecure_channel(server.target) as channel:
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+        counted = 'convserve_requests_total{code="OK",method="ModelStreamInfer",model="lenet5",version="1"}'
+        before = _metric(server, counted)
+        request = pb.ModelInferRequest(model_name="lenet5", id="s1")
+        request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 32, 32])
+        request.raw_input_contents.append(bytes(1024))
+        assert [r.infer_response.id for r in kserve.ModelStreamInfer(iter([request, request]))] == [
+            "s1",
+            "s1",
+        ]
+    assert _metric(server, counted) == before + 2
