@@ -15,6 +15,7 @@ blocking function in a thread pool. `max_batch_size: 1` is "batching off" on the
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
 
+log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
 RunFunction = Callable[[Feeds], Sequence[np.ndarray]]
 
@@ -57,6 +59,7 @@ class QueueReport:
 class _Request:
     feeds: Feeds
     rows: int
+    signature: tuple[tuple[str, str, tuple[int, ...]], ...]  # only equal signatures share a run
     deadline: float | None  # loop.time() based
     enqueued: float
     future: asyncio.Future[list[np.ndarray]]
@@ -94,6 +97,8 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix="onnxruntime")
         self._workers: list[asyncio.Task[None]] = []
+        self._running: set[_Request] = set()  # requests with rows in a run right now
+        self._closed = False
 
     @property
     def pending_rows(self) -> int:
@@ -101,32 +106,49 @@ class DynamicBatcher:
         return self._pending_rows
 
     def start(self) -> None:
-        if not self._workers:
-            self._workers = [asyncio.create_task(self._work()) for _ in range(self.options.instances)]
+        """Start (or restart) the workers; idempotent."""
+        self._workers = [w for w in self._workers if not w.done()]
+        missing = self.options.instances - len(self._workers)
+        self._workers += [asyncio.create_task(self._work()) for _ in range(missing)]
 
     async def close(self) -> None:
-        """Stop the workers; requests still queued fail as if the model were unloaded."""
+        """Stop the workers; requests queued or running fail as if the model were unloaded."""
+        self._closed = True
+        doomed = [*self._queue, *self._running]  # before cancelling: a cancelled run forgets its own
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        while self._queue:
-            request = self._queue.popleft()
+        unloaded = ModelNotReady("the model version was unloaded")
+        for request in doomed:
             if not request.finished():
-                request.future.set_exception(ModelNotReady("the model version was unloaded"))
+                request.future.set_exception(unloaded)
+        self._queue.clear()
+        self._running.clear()
         self._pending_rows = 0
         self._pool.shutdown(wait=False)
+
+    def admit(self, rows: int) -> None:
+        """Refuse at once what cannot be queued now; servicers call it before decoding, submit again."""
+        if self._closed:
+            raise ModelNotReady("the model version was unloaded")
+        limit = self.options.max_queue_size
+        if rows > limit:
+            raise InvalidArgument(
+                f"request has {rows} rows (images); this model queues at most {limit}: split it"
+            )
+        if rows > limit - self._pending_rows:
+            raise QueueFull(
+                f"queue full: {self._pending_rows} of {limit} rows waiting, this request has {rows}"
+            )
 
     async def submit(self, feeds: Feeds, deadline: float | None = None) -> list[np.ndarray]:
         """Queue the rows of `feeds` (equal leading dimension) and wait for their outputs."""
         rows = 1 if self.options.max_batch_size == 0 else _rows(feeds)
-        if rows > self.options.max_queue_size - self._pending_rows:
-            raise QueueFull(
-                f"queue full: {self._pending_rows} of {self.options.max_queue_size} rows waiting, "
-                f"this request has {rows}"
-            )
+        self.admit(rows)
         loop = asyncio.get_running_loop()
-        request = _Request(feeds, rows, deadline, loop.time(), loop.create_future())
+        signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
+        request = _Request(feeds, rows, signature, deadline, loop.time(), loop.create_future())
         self._queue.append(request)
         self._pending_rows += rows
         self._arrived.set()
@@ -150,10 +172,13 @@ class DynamicBatcher:
             while not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            await self._wait_for_fill(loop)
-            slices = self._take(loop)
-            if slices:
-                await self._execute(loop, slices)
+            try:
+                await self._wait_for_fill(loop)
+                slices = self._take(loop)
+                if slices:
+                    await self._execute(loop, slices)
+            except Exception:  # a bug here must not stop the model: log it and keep serving
+                log.exception("batcher worker failed; continuing")
 
     async def _wait_for_fill(self, loop: asyncio.AbstractEventLoop) -> None:
         """Give more rows up to max_queue_delay (from the oldest arrival) to join the batch."""
@@ -181,6 +206,8 @@ class DynamicBatcher:
                 self._forget(request)
                 request.future.set_exception(DeadlineExceeded("deadline passed while the request was queued"))
                 continue
+            if slices and request.signature != slices[0].request.signature:
+                break  # other shapes or types: the next run takes it
             count = min(room, request.rows - request.taken)
             slices.append(_Slice(request, request.taken, request.taken + count))
             if request.taken == 0:
@@ -193,23 +220,24 @@ class DynamicBatcher:
         return slices
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> None:
-        feeds = _merge(slices)
+        requests = {piece.request for piece in slices}
+        self._running |= requests
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._pool, self._run, feeds)
+            outputs = await loop.run_in_executor(self._pool, self._run, _merge(slices))
         except Exception as exc:
-            for piece in slices:
-                if not piece.request.finished():
-                    piece.request.future.set_exception(exc)
-                self._forget(piece.request)
+            for request in requests:
+                if not request.finished():
+                    request.future.set_exception(exc)
+                self._forget(request)
             return
         finally:
-            rows = sum(piece.stop - piece.start for piece in slices)
-            self._on_run(RunReport(rows, len(slices), time.perf_counter() - started))
-        whole = slices[0]
-        if len(slices) == 1 and whole.start == 0 and whole.stop == whole.request.rows:
-            if not whole.request.finished():
-                whole.request.future.set_result(list(outputs))
+            self._running -= requests
+        rows = sum(piece.stop - piece.start for piece in slices)
+        self._on_run(RunReport(rows, len(slices), time.perf_counter() - started))
+        if _is_whole(slices):
+            if not slices[0].request.finished():
+                slices[0].request.future.set_result(list(outputs))
             return
         offset = 0
         for piece in slices:
@@ -232,10 +260,16 @@ def _rows(feeds: Feeds) -> int:
     return rows
 
 
+def _is_whole(slices: list[_Slice]) -> bool:
+    """One request, all of its rows: its arrays go in and come out as they are."""
+    first = slices[0]
+    return len(slices) == 1 and first.start == 0 and first.stop == first.request.rows
+
+
 def _merge(slices: list[_Slice]) -> Feeds:
     """One run's inputs; a single whole request goes through without a copy."""
     first = slices[0]
-    if len(slices) == 1 and first.start == 0 and first.stop == first.request.rows:
+    if _is_whole(slices):
         return first.request.feeds
     names = first.request.feeds.keys()
     return {

@@ -28,7 +28,7 @@ def decode_encoded(data: bytes, max_pixels: int) -> np.ndarray:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
         raise InvalidArgument(f"image claims more pixels than the limit of {max_pixels} pixels") from None
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # PIL's ways of saying "not valid"
         raise InvalidArgument(
             f"image bytes are not a {', '.join(ACCEPTED_FORMATS)} image (or are corrupt)"
         ) from None

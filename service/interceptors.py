@@ -88,8 +88,12 @@ def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str,
         context.set_trailing_metadata(trailing)
         try:
             return await behavior(request, context)
-        except asyncio.CancelledError:
-            code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
+        except asyncio.CancelledError:  # grpc cancels the handler at the client's deadline too
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+            else:
+                code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
             raise
         except grpc.aio.AbortError:
             code, message = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
@@ -120,6 +124,9 @@ async def observe_message(full_method: str, request_id: str, work: Callable[[], 
     code, message = grpc.StatusCode.OK, ""
     try:
         return await work()
+    except asyncio.CancelledError:
+        code, message = grpc.StatusCode.CANCELLED, "stream closed"
+        raise
     except Exception as exc:
         code, message = status_for(exc)
         if code is grpc.StatusCode.INTERNAL:

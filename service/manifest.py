@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIG_FILE = "config.yaml"
+#: Health entries of the server itself; no model may take these names.
+RESERVED_NAMES = frozenset({"liveness"})
 
 
 class _Strict(BaseModel):
@@ -130,6 +132,12 @@ class Manifest(_Strict):
     batching: Batching = Batching()
     metrics: dict[str, float] = {}
     provenance: Provenance | None = None
+
+    @model_validator(mode="after")
+    def _name_is_not_reserved(self) -> Manifest:
+        if self.name in RESERVED_NAMES:
+            raise ValueError(f"{self.name!r} is reserved (a health entry of the server)")
+        return self
 
     @model_validator(mode="after")
     def _classifier_is_complete(self) -> Manifest:

@@ -99,7 +99,7 @@ class ModelRepository:
         self._entries: dict[str, ModelEntry] = {}
         self._listeners: list[StateListener] = []
         self._lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[str, set[asyncio.Task[None]]] = {}  # model -> versions draining
 
     def add_listener(self, listener: StateListener) -> None:
         """Called with a version each time its state changes (health, metrics)."""
@@ -152,11 +152,14 @@ class ModelRepository:
             entry = self._entries.get(name)
             if entry is not None:
                 entry.unloaded_by_request = False
-                entry.manifest = None  # read config.yaml again
                 for version in list(entry.versions.values()):
                     if version.state in (VersionState.FAILED, VersionState.UNLOADED):
                         del entry.versions[version.version]
-            await self._refresh_model(name)
+            await self._refresh_model(name, reread=True)
+        entry = self._entries[name]
+        if entry.error:
+            serving = "; the versions already loaded keep serving" if self.has_ready_version(name) else ""
+            raise ModelNotReady(f"model {name!r} did not load: {entry.error}{serving}")
         if not self.has_ready_version(name):
             raise ModelNotReady(f"model {name!r} did not load: {self._reason(name)}")
 
@@ -170,12 +173,14 @@ class ModelRepository:
             for version in entry.versions.values():
                 if version.state is VersionState.READY:
                     self._retire(version, "unloaded by request")
-        await self.wait_retired()
+        await self.wait_retired(name)
 
-    async def wait_retired(self) -> None:
-        """Wait until retired versions have drained and released their sessions."""
-        if self._retiring:
-            await asyncio.gather(*list(self._retiring), return_exceptions=True)
+    async def wait_retired(self, name: str | None = None) -> None:
+        """Wait until retired versions (of one model, or all) have drained and released their sessions."""
+        names = [name] if name is not None else list(self._retiring)
+        tasks = [task for n in names for task in self._retiring.get(n, ())]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Drain and release every version (server shutdown)."""
@@ -186,12 +191,12 @@ class ModelRepository:
                         self._retire(version, "server stopping")
         await self.wait_retired()
 
-    async def _refresh_model(self, name: str) -> None:
+    async def _refresh_model(self, name: str, reread: bool = False) -> None:
         model_dir = self.root / name
         entry = self._entries.setdefault(name, ModelEntry(name=name, manifest=None))
         on_disk = _version_names(model_dir)
         newest_is_new = bool(on_disk) and on_disk[0] not in entry.versions
-        if entry.manifest is None or newest_is_new:
+        if entry.manifest is None or newest_is_new or reread:
             # config.yaml describes the newest version: read it again whenever one arrives.
             manifest, error = _read_manifest(name, model_dir)
             if manifest is None:
@@ -291,8 +296,9 @@ class ModelRepository:
                 await batcher.close()
 
         task = asyncio.get_running_loop().create_task(drain())
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        draining = self._retiring.setdefault(version.model, set())
+        draining.add(task)
+        task.add_done_callback(draining.discard)
 
     def _reason(self, name: str) -> str:
         entry = self._entries.get(name)
@@ -317,7 +323,9 @@ def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:
     """The model's manifest, or None and why it cannot be used."""
     try:
         manifest = load_manifest(model_dir)
-    except (OSError, ValidationError, ValueError, yaml.YAMLError) as exc:
+    except OSError as exc:  # the message would carry the server's paths
+        return None, f"cannot read {CONFIG_FILE}: {exc.strerror or type(exc).__name__}"
+    except (ValidationError, ValueError, yaml.YAMLError) as exc:
         return None, f"invalid {CONFIG_FILE}: {_one_line(exc)}"
     if manifest.name != name:
         return None, f"{CONFIG_FILE} names the model {manifest.name!r} but its folder is {name!r}"

@@ -95,7 +95,9 @@ class ModelSession:
         try:
             self._session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise ModelLoadError(f"onnxruntime could not load {path.name}: {exc}") from exc
+            log.error("onnxruntime could not load %s: %s", path, exc)
+            reason = str(exc).replace(str(path.parent) + "/", "")  # clients see file names, not our paths
+            raise ModelLoadError(f"onnxruntime could not load {path.name}: {reason}") from exc
         self.provider = self._session.get_providers()[0]
         if providers[0] != self.provider:
             log.warning(

@@ -80,7 +80,7 @@ class ConvserveServer:
         )
         vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.repository, settings), server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repository, is_ready=lambda: self._ready), server
+            KServeServicer(self.repository, lambda: self._ready, settings.max_message_bytes), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -12,8 +12,11 @@ from service.metrics import UNKNOWN_MODEL
 from service.repository import ModelRepository, ModelVersion
 
 
-def resolve(repository: ModelRepository, model: str, version: str) -> ModelVersion:
-    """The version that answers; the call is labelled with it (or "unknown", never the client's string)."""
+def resolve(repository: ModelRepository, model: str, version: str, inference: bool = True) -> ModelVersion:
+    """The version that answers; the call is labelled with it (or "unknown", never the client's string).
+
+    Inference calls also count in the version's statistics (success, failure, latency).
+    """
     call = current_call()
     try:
         served = repository.get(model, version)
@@ -21,7 +24,8 @@ def resolve(repository: ModelRepository, model: str, version: str) -> ModelVersi
         call.model = UNKNOWN_MODEL
         raise
     call.model, call.version = served.model, served.version
-    call.stats = served.stats
+    if inference:
+        call.stats = served.stats
     return served
 
 

@@ -6,6 +6,7 @@ answers logits), through the same batcher as the task API.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import grpc
@@ -23,6 +24,9 @@ from service.servicers.common import deadline_of, resolve
 from service.statistics import Duration
 
 SERVER_NAME = "convserve"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: Messages of one stream in flight at once.
+STREAM_CONCURRENCY = 64
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 PLATFORM = "onnxruntime_onnx"
 _INDEX_STATES = {
@@ -34,9 +38,12 @@ _INDEX_STATES = {
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self, repository: ModelRepository, is_ready: Callable[[], bool], max_message_bytes: int
+    ) -> None:
         self._repository = repository
         self._is_ready = is_ready
+        self._max_elements = max_message_bytes  # every element costs at least a byte on the wire
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -65,7 +72,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        served = resolve(self._repository, request.name, request.version)
+        served = resolve(self._repository, request.name, request.version, inference=False)
         session = _session(served)
         entry = next(e for e in self._repository.entries() if e.name == served.model)
         ready = [v.version for v in entry.newest_first() if v.state is VersionState.READY]
@@ -85,23 +92,49 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Answers in request order; an error answers that request only and the stream goes on."""
-        method = "/inference.GRPCInferenceService/ModelStreamInfer"
-        async for request in request_iterator:
+        """Up to STREAM_CONCURRENCY messages at a time, so a stream batches like many clients.
+
+        Responses come as they complete, matched to requests by `id`; an error answers its own
+        request in-band (error_message, with the request's id) and the stream goes on.
+        """
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+        running: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
             try:
                 response = await observe_message(
-                    method, request.id, lambda request=request: self._infer(request, deadline_of(context))
+                    STREAM_METHOD, request.id, lambda: self._infer(request, deadline_of(context))
                 )
-            except Exception as exc:  # reported in-band, as the protocol says; the stream stays open
+                await answers.put(pb.ModelStreamInferResponse(infer_response=response))
+            except Exception as exc:
                 _code, message = status_for(exc)
-                yield pb.ModelStreamInferResponse(error_message=message)
-            else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                await answers.put(pb.ModelStreamInferResponse(error_message=message, infer_response=echo))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            async for request in request_iterator:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+            await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await answers.get()) is not None:
+                yield item
+        finally:
+            for task in (reader, *running):
+                task.cancel()
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        served = resolve(self._repository, request.name, request.version)
+        served = resolve(self._repository, request.name, request.version, inference=False)
         return pb.ModelConfigResponse(config=_model_config(served))
 
     async def ModelStatistics(
@@ -166,13 +199,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         session, batcher, stats = _session(served), served.batcher, served.stats
         assert batcher is not None and stats is not None, "a READY version has a batcher and statistics"
+        wanted = _requested_outputs(request, session.output_names)
         with stats.input_stage():
-            feeds = _check_inputs(tensors.decode_inputs(request), session.inputs)
-        current_call().images = next(iter(feeds.values())).shape[0] if session.batchable else 1
+            rows = _check_headers(request, session.inputs, session.batchable)
+            batcher.admit(rows)  # refuse before decoding what cannot be queued
+            feeds = await asyncio.to_thread(tensors.decode_inputs, request, max_elements=self._max_elements)
+        current_call().images = rows
         with stats.pending.track_inprogress():
             outputs = await batcher.submit(feeds, deadline)
         with stats.output_stage():
-            return _response(request, served, session.output_names, outputs)
+            return _response(request, served, wanted, dict(zip(session.output_names, outputs, strict=True)))
 
 
 def _session(served: ModelVersion) -> ModelSession:
@@ -186,42 +222,50 @@ def _metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     )
 
 
-def _check_inputs(arrays: dict[str, np.ndarray], specs: list[TensorSpec]) -> dict[str, np.ndarray]:
-    """The request's arrays against the graph's inputs: names, datatypes and shapes."""
+def _check_headers(request: pb.ModelInferRequest, specs: list[TensorSpec], batchable: bool) -> int:
+    """Names, datatypes and shapes against the graph, before any data is read; returns the rows."""
     expected = {spec.name: spec for spec in specs}
-    unknown = sorted(set(arrays) - set(expected))
+    given = [tensor.name for tensor in request.inputs]
+    unknown = sorted(set(given) - set(expected))
     if unknown:
         raise InvalidArgument(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
-    missing = sorted(set(expected) - set(arrays))
+    missing = sorted(set(expected) - set(given))
     if missing:
         raise InvalidArgument(f"missing input(s) {missing}; the model takes {sorted(expected)}")
-    for name, array in arrays.items():
-        spec = expected[name]
+    for tensor in request.inputs:
+        spec = expected[tensor.name]
         want = tensors.datatype_from_onnx(spec.onnx_type)
-        got = tensors.datatype_of(array.dtype)
-        if got != want:
-            raise InvalidArgument(f"input {name!r}: expected datatype {want}, got {got}")
-        if len(array.shape) != len(spec.shape) or any(
-            w not in (-1, g) for w, g in zip(spec.shape, array.shape, strict=True)
+        if tensor.datatype != want:
+            raise InvalidArgument(f"input {tensor.name!r}: expected datatype {want}, got {tensor.datatype}")
+        shape = list(tensor.shape)
+        if len(shape) != len(spec.shape) or any(
+            w not in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
         ):
             raise InvalidArgument(
-                f"input {name!r}: expected shape {list(spec.shape)} (-1: any), got {list(array.shape)}"
+                f"input {tensor.name!r}: expected shape {list(spec.shape)} (-1: any), got {shape}"
             )
-    if len({a.shape[0] for a in arrays.values() if a.ndim}) > 1:
+    if not batchable:
+        return 1
+    first = {tensor.shape[0] for tensor in request.inputs}
+    if len(first) != 1:
         raise InvalidArgument("inputs must share their first (batch) dimension")
-    return arrays
+    return first.pop()
 
 
-def _response(
-    request: pb.ModelInferRequest, served: ModelVersion, names: list[str], outputs: list[np.ndarray]
-) -> pb.ModelInferResponse:
+def _requested_outputs(request: pb.ModelInferRequest, names: list[str]) -> list[str]:
     wanted = [o.name for o in request.outputs] or names
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise InvalidArgument(f"unknown output(s) {unknown}; the model answers {names}")
+    return wanted
+
+
+def _response(
+    request: pb.ModelInferRequest, served: ModelVersion, wanted: list[str], outputs: dict[str, np.ndarray]
+) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=served.model, model_version=served.version, id=request.id)
     for name in wanted:
-        tensor, raw = tensors.encode_output(name, outputs[names.index(name)])
+        tensor, raw = tensors.encode_output(name, outputs[name])
         response.outputs.append(tensor)
         response.raw_output_contents.append(raw)
     return response

@@ -55,6 +55,7 @@ class VisionServicer(pb_grpc.VisionServicer):
         stats = served.stats
         assert stats is not None
         with stats.input_stage():
+            batcher.admit(len(request.images))  # refuse before decoding what cannot be queued
             batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
         with stats.pending.track_inprogress():
             outputs = await batcher.submit(pipeline.feeds(batch), deadline)

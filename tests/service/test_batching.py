@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.batching import BatchingOptions, DynamicBatcher, RunReport
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
 
 
 class Model:
@@ -204,3 +204,60 @@ def test_models_without_a_batch_axis_run_each_request_as_it_is() -> None:
     results = asyncio.run(main())
     assert [len(run) for run in model.runs] == [3, 1]
     np.testing.assert_array_equal(results[0][0][:, 0], [2, 4, 6])
+
+
+def test_requests_of_other_shapes_run_apart_and_all_succeed() -> None:
+    model = Model(seconds=0.01)
+
+    async def main() -> list[list[np.ndarray]]:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=8))
+        wide = {"x": np.ones((1, 3), np.int64)}
+        results = await asyncio.gather(batcher.submit(rows(1)), batcher.submit(wide), batcher.submit(rows(2)))
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert results[1][0].shape == (1, 3)
+    assert sorted(run.shape[1] for run in model.runs) in ([2, 2, 3], [2, 3])  # never mixed in one run
+
+
+def test_close_fails_running_and_later_requests_instead_of_hanging() -> None:
+    model = Model()
+    model.gate.clear()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=4))
+        running = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.02)  # taken by a run that is blocked
+        await batcher.close()
+        with pytest.raises(ModelNotReady):
+            await asyncio.wait_for(running, 1)
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(rows(2))
+        model.gate.set()
+
+    asyncio.run(main())
+
+
+def test_a_request_larger_than_the_queue_is_invalid_not_a_retry() -> None:
+    async def main() -> None:
+        batcher = DynamicBatcher(Model(), BatchingOptions(max_queue_size=4))
+        with pytest.raises(InvalidArgument, match="at most 4"):
+            await batcher.submit(rows(*range(5)))
+        await batcher.close()
+
+    asyncio.run(main())
+
+
+def test_failed_runs_are_not_reported_as_inferences() -> None:
+    reports: list[RunReport] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(Model(poison=13), BatchingOptions(), on_run=reports.append)
+        with pytest.raises(RuntimeError):
+            await batcher.submit(rows(13))
+        await batcher.submit(rows(1))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert [r.rows for r in reports] == [1]

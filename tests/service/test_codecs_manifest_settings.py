@@ -114,3 +114,18 @@ def test_version_policies() -> None:
     assert VersionPolicy(specific=[1, 3, 9]).select(on_disk) == ["3", "1"]
     with pytest.raises(ValidationError, match="choose one"):
         VersionPolicy(latest=1, all=True)
+
+
+def test_malformed_headers_are_invalid_arguments() -> None:
+    bmp = bytearray(_encode(Image.new("L", (5, 4)), "BMP"))
+    bmp[14:18] = (200).to_bytes(4, "little")  # an impossible DIB header size
+    for data in (bytes(bmp), _encode(Image.new("RGB", (40, 40)), "JPEG")[:30]):
+        with pytest.raises(InvalidArgument):
+            codecs.decode_encoded(data, 10_000)
+
+
+def test_reserved_model_names() -> None:
+    with pytest.raises(ValidationError, match="reserved"):
+        Manifest(name="liveness", kind="tensor")
+    with pytest.raises(ValidationError):
+        Manifest(name="../escape", kind="tensor")

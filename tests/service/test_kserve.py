@@ -90,7 +90,7 @@ def test_typed_contents_and_raw_give_the_same_logits(stub) -> None:
         ([1, 1, 32, 32], "UINT8", b"\x00" * 1000, "needs 1024 bytes, got 1000"),
         ([1, 1, 28, 28], "UINT8", b"\x00" * 784, "expected shape [-1, 1, 32, 32] (-1: any), got [1, 1, 28"),
         ([1, 1, 32, 32], "FP32", b"\x00" * 4096, "expected datatype UINT8, got FP32"),
-        ([1_000_000_000, 1, 32, 32], "UINT8", b"\x00" * 16, "elements allowed"),
+        ([1_000_000_000, 1, 32, 32], "UINT8", b"\x00" * 16, "request has 1000000000 rows"),
         ([-1, 1, 32, 32], "UINT8", b"\x00" * 16, "negative dimension"),
         ([1, 1, 32, 32], "NOPE", b"\x00" * 1024, "NOPE"),
     ],
@@ -119,14 +119,29 @@ def test_unknown_input_and_model(stub) -> None:
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
 
+def test_metadata_calls_are_not_counted_as_inferences(stub) -> None:
+    def successes() -> int:
+        (stats,) = stub.ModelStatistics(pb.ModelStatisticsRequest(name="lenet5")).model_stats
+        return stats.inference_stats.success.count
+
+    before = successes()
+    for _ in range(3):
+        stub.ModelConfig(pb.ModelConfigRequest(name="lenet5"))
+        stub.ModelMetadata(pb.ModelMetadataRequest(name="lenet5"))
+    assert successes() == before
+    stub.ModelInfer(_image_request(np.zeros((2, 1, 32, 32), np.uint8)))
+    assert successes() == before + 1
+
+
 def test_stream_answers_in_order_and_reports_errors_in_band(stub) -> None:
     good = _image_request(np.zeros((1, 1, 32, 32), np.uint8), id="first")
     bad = pb.ModelInferRequest(model_name="nope", id="second")
     last = _image_request(np.zeros((2, 1, 32, 32), np.uint8), id="third")
-    responses = list(stub.ModelStreamInfer(iter([good, bad, last])))
-    assert [r.infer_response.id for r in responses] == ["first", "", "third"]
-    assert "model 'nope' not found" in responses[1].error_message
-    assert responses[2].infer_response.outputs[0].shape == [2, 10]
+    responses = {r.infer_response.id: r for r in stub.ModelStreamInfer(iter([good, bad, last]))}
+    assert sorted(responses) == ["first", "second", "third"]
+    assert "model 'nope' not found" in responses["second"].error_message
+    assert responses["first"].error_message == ""
+    assert responses["third"].infer_response.outputs[0].shape == [2, 10]
 
 
 def _adder_onnx(path: Path, batch_axis: bool) -> None:
@@ -187,6 +202,16 @@ def test_repository_unload_and_load(model_repository, tmp_path) -> None:
                 with pytest.raises(grpc.RpcError) as info:
                     kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name=name))
                 assert info.value.code() is grpc.StatusCode.NOT_FOUND
+            config = model_repository / "lenet5" / "config.yaml"
+            good = config.read_text()
+            config.write_text("name: lenet5\nkind: teapot\n")
+            with pytest.raises(grpc.RpcError) as info:
+                kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="lenet5"))
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "invalid config.yaml" in info.value.details()
+            assert "keep serving" in info.value.details()
+            assert client.classify([png_bytes(draw_digit("8"))], top_k=1).version == "1"
+            config.write_text(good)
             override = pb.RepositoryModelLoadRequest(model_name="lenet5")
             override.parameters["config"].string_param = "{}"
             with pytest.raises(grpc.RpcError) as info:

@@ -164,7 +164,11 @@ def test_expired_requests_never_run(model_repository, tmp_path):
             with pytest.raises(grpc.RpcError) as info:
                 client.classify([DIGIT] * 5, timeout=0.1)
             assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-            time.sleep(0.8)  # past the batch window: had the rows stayed queued, they would have run now
+            time.sleep(0.8)
+            reason = 'convserve_request_failures_total{model="lenet5",reason="deadline_exceeded",version="1"}'
+            assert (
+                _metric(server, reason) == 1
+            )  # past the batch window: had the rows stayed queued, they would have run now
             assert _metric(server, inferences) == before
             assert client.classify([DIGIT], top_k=1).results[0].predictions[0].label == "6"
             assert _metric(server, inferences) == before + 1
@@ -185,3 +189,24 @@ def test_stream_messages_are_counted_like_calls(server):
             "s1",
         ]
     assert _metric(server, counted) == before + 2
+
+
+def test_stream_messages_are_batched_together(model_repository, tmp_path):
+    """A stream's messages run concurrently, so they merge into one run like separate clients."""
+    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_MAX_QUEUE_DELAY": "0.5"})
+    executions = 'convserve_executions_total{model="lenet5",version="1"}'
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            kserve = pb_grpc.GRPCInferenceServiceStub(channel)
+            requests = []
+            for i in range(4):
+                request = pb.ModelInferRequest(model_name="lenet5", id=f"m{i}")
+                request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 32, 32])
+                request.raw_input_contents.append(bytes(1024))
+                requests.append(request)
+            before = _metric(server, executions)
+            answered = sorted(r.infer_response.id for r in kserve.ModelStreamInfer(iter(requests)))
+            assert answered == ["m0", "m1", "m2", "m3"]
+            assert _metric(server, executions) == before + 1
+    finally:
+        server.stop()
