@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from service import __version__
+from service import __version__, bench
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient
 
 
@@ -57,6 +57,74 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 when the server (or one model) is SERVING")
     health.add_argument("--service", default="", help="health entry: '' (ready), 'liveness' or a model name")
     client_flags(health)
+
+    bench_parser = commands.add_parser(
+        "bench", help="closed-loop load on a server, or --compare batching off / on / in-process"
+    )
+    bench_parser.add_argument("--model", default="lenet5", help="model name (default: lenet5)")
+    bench_parser.add_argument(
+        "--api",
+        choices=bench.APIS,
+        default="task",
+        help="task: Classify; kserve: ModelInfer (default: task)",
+    )
+    bench_parser.add_argument(
+        "--concurrency",
+        type=bench.parse_concurrency,
+        help="workers, each sending its next request when the previous answers; N or N,N,... "
+        f"(default: {bench.DEFAULT_CONCURRENCY}; with --compare: 1,16,64)",
+    )
+    amount = bench_parser.add_mutually_exclusive_group()
+    amount.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds measured per point (default: {bench.DEFAULT_DURATION_SECONDS:g}; "
+        f"with --compare: {bench.COMPARE_DURATION_SECONDS:g})",
+    )
+    amount.add_argument("--requests", type=int, help="requests measured per point, instead of --duration")
+    bench_parser.add_argument(
+        "--images-per-request", type=int, default=1, help="images per request (default: 1)"
+    )
+    bench_parser.add_argument(
+        "--warmup",
+        type=float,
+        default=bench.DEFAULT_WARMUP_SECONDS,
+        help="seconds of uncounted load before each point (default: %(default)s)",
+    )
+    bench_parser.add_argument(
+        "--channels",
+        type=int,
+        default=bench.DEFAULT_CHANNELS,
+        help="gRPC channels (connections) shared round-robin by the workers (default: %(default)s)",
+    )
+    bench_parser.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        metavar="PATH",
+        help="machine-readable result: to stdout, or to PATH (with --compare: raw repeats and summary)",
+    )
+    bench_parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="start servers with batching off and on and compare them with in-process onnxruntime",
+    )
+    bench_parser.add_argument(
+        "--model-repository",
+        type=Path,
+        default=Path("models"),
+        help="--compare: repository to serve (default: models)",
+    )
+    bench_parser.add_argument(
+        "--repeats",
+        type=int,
+        default=bench.COMPARE_REPEATS,
+        help="--compare: repeats (default: %(default)s)",
+    )
+    bench_parser.add_argument(
+        "--markdown", type=Path, metavar="PATH", help="--compare: also write the table to PATH"
+    )
+    client_flags(bench_parser)
     return parser
 
 
@@ -64,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "bench":
+        return bench.main(args)
     try:
         with VisionClient(args.target, timeout=args.timeout) as client:
             return {"classify": _classify, "models": _models, "health": _health}[args.command](client, args)
