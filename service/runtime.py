@@ -79,6 +79,7 @@ class SessionOptions:
     providers: tuple[str, ...]
     require_gpu: bool = False
     intra_op_threads: int = 0
+    spinning: bool = False
 
 
 class ModelSession:
@@ -92,6 +93,11 @@ class ModelSession:
             raise ModelLoadError(f"none of the providers {list(options.providers)} is available here")
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
+        # Busy-waiting pool threads take a core from the event loop, which is the bottleneck for
+        # small models on small machines; measured with `convserve bench --compare`.
+        spin = "1" if options.spinning else "0"
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        session_options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         try:
             self._session = ort.InferenceSession(str(path), session_options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types

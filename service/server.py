@@ -47,6 +47,7 @@ class ConvserveServer:
                 providers=tuple(settings.providers),
                 require_gpu=settings.require_gpu,
                 intra_op_threads=settings.intra_op_threads,
+                spinning=settings.ort_spinning,
             ),
             BatchingOptions(
                 max_batch_size=settings.max_batch_size,

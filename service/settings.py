@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="onnxruntime intra-op threads per session; 0 lets onnxruntime choose."
     )
+    ort_spinning: bool = Field(
+        default=False,
+        description="Let onnxruntime's idle pool threads busy-wait (faster hand-off, but they take CPU).",
+    )
     warmup: bool = Field(default=True, description="Run one batch through each model before it is ready.")
     repository_poll_seconds: float = Field(
         default=5.0,

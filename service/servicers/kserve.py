@@ -25,6 +25,8 @@ from service.statistics import Duration
 
 SERVER_NAME = "convserve"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+#: Requests of at most this many bytes are decoded on the event loop, larger ones in a thread.
+INLINE_BYTES = 64 * 1024
 #: Messages of one stream in flight at once.
 STREAM_CONCURRENCY = 64
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
@@ -203,7 +205,12 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         with stats.input_stage():
             rows = _check_headers(request, session.inputs, session.batchable)
             batcher.admit(rows)  # refuse before decoding what cannot be queued
-            feeds = await asyncio.to_thread(tensors.decode_inputs, request, max_elements=self._max_elements)
+            if request.ByteSize() <= INLINE_BYTES:  # raw data is wrapped, not copied: cheap on the loop
+                feeds = tensors.decode_inputs(request, max_elements=self._max_elements)
+            else:
+                feeds = await asyncio.to_thread(
+                    tensors.decode_inputs, request, max_elements=self._max_elements
+                )
         current_call().images = rows
         with stats.pending.track_inprogress():
             outputs = await batcher.submit(feeds, deadline)
