@@ -3,11 +3,12 @@ cumulative counters that KServe's ModelStatistics (Triton's extension) reports."
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+
+from prometheus_client import Histogram
 
 from service import metrics
 
@@ -28,7 +29,10 @@ class BatchDurations:
 
 
 class VersionStatistics:
-    """Everything measured about one model version since it was loaded."""
+    """Everything measured about one model version since it was loaded.
+
+    Every caller runs on the event loop (the batcher reports runs after awaiting them), so no lock.
+    """
 
     def __init__(self, model: str, version: str) -> None:
         self.success = Duration()
@@ -41,7 +45,6 @@ class VersionStatistics:
         self.execution_count = 0
         self.last_inference_ms = 0
         self.batches: dict[int, BatchDurations] = {}
-        self._lock = threading.Lock()  # runs report from onnxruntime's threads' callbacks too
         labels = (model, version)
         self._queue = metrics.QUEUE_DURATION.labels(*labels)
         self._input = metrics.COMPUTE_INPUT_DURATION.labels(*labels)
@@ -53,43 +56,36 @@ class VersionStatistics:
         self.pending = metrics.PENDING.labels(*labels)
 
     def queued(self, seconds: float) -> None:
-        with self._lock:
-            self.queue.add(seconds)
+        self.queue.add(seconds)
         self._queue.observe(seconds)
 
     def ran(self, rows: int, seconds: float) -> None:
         """One onnxruntime run of `rows` rows."""
-        with self._lock:
-            self.compute_infer.add(seconds)
-            self.execution_count += 1
-            self.inference_count += rows
-            self.last_inference_ms = int(time.time() * 1000)
-            self.batches.setdefault(rows, BatchDurations()).compute_infer.add(seconds)
+        self.compute_infer.add(seconds)
+        self.execution_count += 1
+        self.inference_count += rows
+        self.last_inference_ms = int(time.time() * 1000)
+        self.batches.setdefault(rows, BatchDurations()).compute_infer.add(seconds)
         self._infer.observe(seconds)
         self._batch_size.observe(rows)
         self._inferences.inc(rows)
         self._executions.inc()
 
     def answered(self, ok: bool, seconds: float) -> None:
-        with self._lock:
-            (self.success if ok else self.fail).add(seconds)
+        (self.success if ok else self.fail).add(seconds)
 
-    @contextmanager
-    def input_stage(self) -> Iterator[None]:
+    def input_stage(self) -> AbstractContextManager[None]:
         """Time turning a request into model inputs."""
-        started = time.perf_counter()
-        yield
-        seconds = time.perf_counter() - started
-        with self._lock:
-            self.compute_input.add(seconds)
-        self._input.observe(seconds)
+        return self._stage(self.compute_input, self._input)
+
+    def output_stage(self) -> AbstractContextManager[None]:
+        """Time turning model outputs into a response."""
+        return self._stage(self.compute_output, self._output)
 
     @contextmanager
-    def output_stage(self) -> Iterator[None]:
-        """Time turning model outputs into a response."""
+    def _stage(self, total: Duration, histogram: Histogram) -> Iterator[None]:
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
-        with self._lock:
-            self.compute_output.add(seconds)
-        self._output.observe(seconds)
+        total.add(seconds)
+        histogram.observe(seconds)

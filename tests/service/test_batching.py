@@ -180,16 +180,16 @@ def test_queue_delay_gathers_requests_that_arrive_apart() -> None:
 
 
 def test_instances_run_concurrently() -> None:
-    model = Model(seconds=0.1)
+    model = Model(seconds=0.2)
 
     async def main() -> float:
-        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1, instances=4))
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=1, instances=8))
         started = time.perf_counter()
-        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(4)))
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(8)))
         await batcher.close()
         return time.perf_counter() - started
 
-    assert asyncio.run(main()) < 0.3  # four 0.1 s runs side by side, not one after another
+    assert asyncio.run(main()) < 0.8  # eight 0.2 s runs side by side, not 1.6 s one after another
 
 
 def test_models_without_a_batch_axis_run_each_request_as_it_is() -> None:
