@@ -491,6 +491,7 @@ def start_server(repository: Path, log_path: Path, env: dict[str, str]) -> Serve
         "--model-repository", str(repository),
         "--host", "127.0.0.1",
         "--grpc-port", str(port),
+        "--http-port", "-1",
         "--metrics-port", "-1",
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:

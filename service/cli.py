@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-repository", type=Path, help="model folder (default: models)")
     serve.add_argument("--host", help="bind address (default: 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, help="gRPC port (default: 8001)")
+    serve.add_argument("--http-port", type=int, help="KServe v2 HTTP/REST port (default: 8000; -1: off)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default: 8002; -1: off)")
     serve.add_argument("--providers", help="comma-separated onnxruntime providers (default: CUDA, then CPU)")
     serve.add_argument("--require-gpu", action="store_true", default=None, help="fail readiness without CUDA")
@@ -161,6 +162,7 @@ def _serve(args: argparse.Namespace) -> int:
         "model_repository": args.model_repository,
         "host": args.host,
         "grpc_port": args.grpc_port,
+        "http_port": args.http_port,
         "metrics_port": args.metrics_port,
         "providers": args.providers.split(",") if args.providers else None,
         "require_gpu": args.require_gpu,

@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,6 +37,7 @@ class CallInfo:
     model: str = ""
     version: str = ""
     images: int = 0
+    transport: str = "grpc"
     stats: VersionStatistics | None = None  # of the version that answered, once known
 
 
@@ -70,10 +71,8 @@ class ServingInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _request_id(details: grpc.HandlerCallDetails) -> str:
-    for key, value in details.invocation_metadata or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and _VALID_REQUEST_ID.match(value):
-            return value
-    return uuid.uuid4().hex
+    offered = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY)
+    return new_request_id(offered if isinstance(offered, str) else None)
 
 
 def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str, quiet: bool) -> Callable:
@@ -109,16 +108,14 @@ def _wrap_unary(behavior: Callable[..., Any], full_method: str, request_id: str,
             elapsed = time.perf_counter() - start
             _current.reset(token)
             if not quiet:
-                _record(call, full_method, code, message, elapsed)
+                record_call(call, full_method, code, message, elapsed)
 
     return wrapped
 
 
 async def observe_message(full_method: str, request_id: str, work: Callable[[], Awaitable[T]]) -> T:
     """One message of a streaming RPC, logged and counted like a unary call; errors propagate."""
-    if not _VALID_REQUEST_ID.match(request_id):
-        request_id = uuid.uuid4().hex
-    call = CallInfo(request_id=request_id, method=full_method.rsplit("/", 1)[-1])
+    call = CallInfo(request_id=new_request_id(request_id), method=full_method.rsplit("/", 1)[-1])
     token = _current.set(call)
     start = time.perf_counter()
     code, message = grpc.StatusCode.OK, ""
@@ -136,18 +133,38 @@ async def observe_message(full_method: str, request_id: str, work: Callable[[], 
         raise
     finally:
         _current.reset(token)
-        _record(call, full_method, code, message, time.perf_counter() - start)
+        record_call(call, full_method, code, message, time.perf_counter() - start)
 
 
-def _record(call: CallInfo, full_method: str, code: grpc.StatusCode, message: str, elapsed: float) -> None:
-    metrics.REQUESTS.labels(call.model, call.version, call.method, code.name).inc()
+def begin_call(call: CallInfo) -> Token[CallInfo | None]:
+    """Make `call` the current one (for servicers' `current_call()`); pair with `end_call`."""
+    return _current.set(call)
+
+
+def end_call(token: Token[CallInfo | None]) -> None:
+    _current.reset(token)
+
+
+def new_request_id(offered: str | None) -> str:
+    """The client's request id when it is a sane one, else a fresh one."""
+    if offered and _VALID_REQUEST_ID.match(offered):
+        return offered
+    return uuid.uuid4().hex
+
+
+def record_call(
+    call: CallInfo, full_method: str, code: grpc.StatusCode, message: str, elapsed: float
+) -> None:
+    """Metrics, statistics and the access log line of one finished call, whatever its transport."""
+    metrics.REQUESTS.labels(call.model, call.version, call.method, code.name, call.transport).inc()
     if call.stats is not None:
         call.stats.answered(code is grpc.StatusCode.OK, elapsed)
     if code is not grpc.StatusCode.OK:
         metrics.FAILURES.labels(call.model, call.version, code.name.lower()).inc()
-    metrics.REQUEST_DURATION.labels(call.model, call.version, call.method).observe(elapsed)
+    metrics.REQUEST_DURATION.labels(call.model, call.version, call.method, call.transport).observe(elapsed)
     fields = {
         "request_id": call.request_id,
+        "transport": call.transport,
         "method": full_method,
         "model": call.model,
         "version": call.version,

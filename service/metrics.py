@@ -19,8 +19,8 @@ UNKNOWN_MODEL = "unknown"
 
 REQUESTS = Counter(
     "convserve_requests",
-    "RPCs answered, by model, version, method and gRPC status code.",
-    ["model", "version", "method", "code"],
+    "Requests answered, by model, version, method, status (gRPC code names, HTTP too) and transport.",
+    ["model", "version", "method", "code", "transport"],
 )
 FAILURES = Counter(
     "convserve_request_failures",
@@ -29,8 +29,8 @@ FAILURES = Counter(
 )
 REQUEST_DURATION = Histogram(
     "convserve_request_duration_seconds",
-    "Time from receiving an RPC to sending its answer.",
-    ["model", "version", "method"],
+    "Time from receiving a request to sending its answer, by transport (grpc, http).",
+    ["model", "version", "method", "transport"],
     buckets=LATENCY_BUCKETS,
 )
 QUEUE_DURATION = Histogram(

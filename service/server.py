@@ -14,6 +14,7 @@ import logging
 import signal
 
 import grpc
+from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -23,6 +24,7 @@ from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.batching import BatchingOptions
+from service.http import build_app
 from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.runtime import SessionOptions
@@ -59,7 +61,9 @@ class ConvserveServer:
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
+        self.http_port = 0
         self.metrics_port = 0
+        self._http: web.AppRunner | None = None
         self._server: grpc.aio.Server | None = None
         self._metrics_server = None
         self._poller: asyncio.Task[None] | None = None
@@ -79,10 +83,10 @@ class ConvserveServer:
                 ("grpc.max_send_message_length", settings.max_message_bytes),
             ],
         )
-        vision_pb2_grpc.add_VisionServicer_to_server(VisionServicer(self.repository, settings), server)
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(
-            KServeServicer(self.repository, lambda: self._ready, settings.max_message_bytes), server
-        )
+        vision = VisionServicer(self.repository, settings)
+        kserve = KServeServicer(self.repository, lambda: self._ready, settings.max_message_bytes)
+        vision_pb2_grpc.add_VisionServicer_to_server(vision, server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             [
@@ -104,6 +108,7 @@ class ConvserveServer:
         await server.start()
         self._server = server
         log.info("gRPC listening on %s:%d", settings.host, self.grpc_port)
+        await self._start_http(build_app(kserve, vision, settings.max_message_bytes))
         await self.repository.refresh()
         await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
         self._ready = True
@@ -129,13 +134,32 @@ class ConvserveServer:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace_seconds)
+        grace = self.settings.shutdown_grace_seconds
+        stopping = [self._server.stop(grace)] if self._server is not None else []
+        if self._http is not None:
+            stopping.append(self._http.cleanup())
+        await asyncio.gather(*stopping)
         await self.repository.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         log.info("stopped")
+
+    async def _start_http(self, app: web.Application) -> None:
+        """KServe v2 over HTTP/REST on the same event loop, batchers and metrics as gRPC."""
+        if self.settings.http_port < 0:
+            return
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_seconds)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise OSError(f"cannot listen on HTTP port {self.settings.http_port}: {exc}") from exc
+        self._http = runner
+        self.http_port = runner.addresses[0][1]
+        log.info("HTTP listening on %s:%d", self.settings.host, self.http_port)
 
     def _start_metrics(self) -> None:
         if self.settings.metrics_port < 0:

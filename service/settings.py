@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     grpc_port: int = Field(
         default=8001, ge=0, le=65535, description="gRPC port (KServe convention: 8001); 0 picks a free one."
     )
+    http_port: int = Field(
+        default=8000, ge=-1, le=65535, description="KServe v2 HTTP/REST port (8000); -1 turns it off."
+    )
     metrics_port: int = Field(
         default=8002, ge=-1, le=65535, description="Prometheus /metrics port (8002); -1 turns it off."
     )

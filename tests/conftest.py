@@ -56,6 +56,7 @@ class RunningServer:
     target: str
     metrics_url: str
     log_path: Path
+    http_url: str
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -68,20 +69,25 @@ class RunningServer:
 
 def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> RunningServer:
     """`convserve serve` in a subprocess; returns once its overall health is SERVING."""
-    grpc_port, metrics_port = free_port(), free_port()
+    grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {**os.environ, "CONVSERVE_LOG_FORMAT": "json", **(extra_env or {})}
     command = [
         sys.executable, "-m", "service", "serve",
         "--model-repository", str(repository),
         "--host", "127.0.0.1",
         "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port),
         "--metrics-port", str(metrics_port),
     ]  # fmt: skip
     log_file = open(log_path, "w")  # noqa: SIM115 - the child process writes it
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     log_file.close()
     server = RunningServer(
-        process, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{metrics_port}/metrics", log_path
+        process,
+        f"127.0.0.1:{grpc_port}",
+        f"http://127.0.0.1:{metrics_port}/metrics",
+        log_path,
+        f"http://127.0.0.1:{http_port}",
     )
     wait_until_serving(server)
     return server

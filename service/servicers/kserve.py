@@ -89,7 +89,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        return await self._infer(request, deadline_of(context))
+        return await self.infer(request, deadline_of(context))
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -106,7 +106,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
                 response = await observe_message(
-                    STREAM_METHOD, request.id, lambda: self._infer(request, deadline_of(context))
+                    STREAM_METHOD, request.id, lambda: self.infer(request, deadline_of(context))
                 )
                 await answers.put(pb.ModelStreamInferResponse(infer_response=response))
             except Exception as exc:
@@ -191,7 +191,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        """ModelInfer, for any transport; `deadline` on the event loop's clock."""
         served = resolve(self._repository, request.model_name, request.model_version)
         with served.in_use():
             return await self._infer_on(served, request, deadline)

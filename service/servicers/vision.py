@@ -38,6 +38,10 @@ class VisionServicer(pb_grpc.VisionServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
+        return await self.classify(request, deadline_of(context))
+
+    async def classify(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        """Classify, for any transport; `deadline` on the event loop's clock."""
         top_k = request.top_k if request.HasField("top_k") else self._settings.default_top_k
         if top_k <= 0:
             raise InvalidArgument(f"top_k must be > 0, got {top_k}")
@@ -47,7 +51,7 @@ class VisionServicer(pb_grpc.VisionServicer):
             raise InvalidArgument("no images in the request")
         served = resolve(self._repository, request.model, request.version)
         with served.in_use():
-            return await self._classify(served, request, top_k, deadline_of(context))
+            return await self._classify(served, request, top_k, deadline)
 
     async def _classify(
         self, served: ModelVersion, request: pb.ClassifyRequest, top_k: int, deadline: float | None

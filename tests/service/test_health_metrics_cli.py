@@ -54,12 +54,17 @@ def test_metrics_count_requests_by_model_version_method_and_code(server, client:
     samples = {
         line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
     }
-    ok = 'convserve_requests_total{code="OK",method="Classify",model="lenet5",version="1"}'
-    bad = 'convserve_requests_total{code="INVALID_ARGUMENT",method="Classify",model="lenet5",version="1"}'
+    series = (
+        'convserve_requests_total{{code="{}",method="Classify",model="lenet5",transport="grpc",version="1"}}'
+    )
+    ok, bad = series.format("OK"), series.format("INVALID_ARGUMENT")
     assert samples[ok] >= 1
     assert samples[bad] >= 1
     assert (
-        samples['convserve_request_duration_seconds_count{method="Classify",model="lenet5",version="1"}'] >= 2
+        samples[
+            'convserve_request_duration_seconds_count{method="Classify",model="lenet5",transport="grpc",version="1"}'
+        ]
+        >= 2
     )
     labels = '{model="lenet5",version="1"}'
     executions = samples[f"convserve_executions_total{labels}"]
@@ -87,7 +92,10 @@ def test_unknown_models_are_counted_under_one_label(server, client: VisionClient
             client.classify([png_bytes(draw_digit("1"))], model=name)
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     assert "made-up" not in text
-    assert 'convserve_requests_total{code="NOT_FOUND",method="Classify",model="unknown",version=""}' in text
+    assert (
+        'convserve_requests_total{code="NOT_FOUND",method="Classify",model="unknown",transport="grpc",version=""}'
+        in text
+    )
 
 
 def test_access_log_is_json_with_request_id(server, client: VisionClient) -> None:

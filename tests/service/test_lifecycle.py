@@ -142,7 +142,8 @@ def test_busy_port_is_an_error_not_a_silent_second_server(model_repository, tmp_
         port = first.target.rsplit(":", 1)[1]
         second = subprocess.run(
             [sys.executable, "-m", "service", "serve", "--model-repository", str(model_repository),
-             "--host", "127.0.0.1", "--grpc-port", port, "--metrics-port", str(free_port())],
+             "--host", "127.0.0.1", "--grpc-port", port, "--http-port", "-1",
+             "--metrics-port", str(free_port())],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert second.returncode == 1

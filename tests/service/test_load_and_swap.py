@@ -179,7 +179,8 @@ def test_expired_requests_never_run(model_repository, tmp_path):
 def test_stream_messages_are_counted_like_calls(server):
     with grpc.insecure_channel(server.target) as channel:
         kserve = pb_grpc.GRPCInferenceServiceStub(channel)
-        counted = 'convserve_requests_total{code="OK",method="ModelStreamInfer",model="lenet5",version="1"}'
+        labels = 'code="OK",method="ModelStreamInfer",model="lenet5",transport="grpc",version="1"'
+        counted = "convserve_requests_total{" + labels + "}"
         before = _metric(server, counted)
         request = pb.ModelInferRequest(model_name="lenet5", id="s1")
         request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 32, 32])

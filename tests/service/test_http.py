@@ -1,0 +1,152 @@
+"""KServe v2 over HTTP/REST: tritonclient.http unmodified, the same answers as gRPC, errors, task route."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from drawing import draw_digit, png_bytes
+
+from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.client import VisionClient
+from training.data.digits import load_digit_splits
+
+HERE = Path(__file__).parent
+
+
+def _call(
+    url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict, bytes]:
+    request = urllib.request.Request(
+        url, data=body, headers=headers or {}, method="POST" if body is not None else "GET"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_tritonclient_http_unmodified(server, tmp_path) -> None:
+    test = load_digit_splits().test
+    np.save(tmp_path / "images.npy", np.ascontiguousarray(test.images[:12]))
+    done = subprocess.run(
+        [sys.executable, str(HERE / "tritonclient_http_calls.py"), server.http_url.removeprefix("http://"),
+         str(tmp_path / "images.npy")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert [seen[k] for k in ("live", "ready", "model_ready", "unknown_ready")] == [True, True, True, False]
+    assert seen["server"]["name"] == "convserve"
+    assert seen["metadata"]["inputs"][0] == {"name": "image", "datatype": "UINT8", "shape": [-1, 1, 32, 32]}
+    assert seen["config"]["max_batch_size"] == 64
+    with VisionClient(server.target) as client:
+        expected = [r.predictions[0].index for r in client.classify(list(test.native[:12]), top_k=1).results]
+    assert seen["binary_classes"] == expected
+    assert seen["json_classes"] == expected
+
+
+def test_same_request_same_answer_over_http_and_grpc(server) -> None:
+    images = load_digit_splits().test.images[:4]
+    body = {
+        "id": "same",
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "UINT8",
+                "shape": list(images.shape),
+                "data": images.ravel().tolist(),
+            }
+        ],
+    }
+    status, _, raw = _call(server.http_url + "/v2/models/lenet5/infer", json.dumps(body).encode())
+    assert status == 200
+    answer = json.loads(raw)
+    assert (answer["id"], answer["model_version"]) == ("same", "1")
+    over_http = np.array(answer["outputs"][0]["data"], np.float32).reshape(answer["outputs"][0]["shape"])
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.ModelInferRequest(model_name="lenet5")
+        request.inputs.add(name="image", datatype="UINT8", shape=images.shape)
+        request.raw_input_contents.append(images.tobytes())
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    over_grpc = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(over_http.shape)
+    np.testing.assert_array_equal(over_http, over_grpc)
+
+
+def test_binary_tensor_extension(server) -> None:
+    images = load_digit_splits().test.images[:2]
+    header = json.dumps(
+        {
+            "inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 1, 32, 32],
+                        "parameters": {"binary_data_size": images.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()  # fmt: skip
+    status, headers, raw = _call(
+        server.http_url + "/v2/models/lenet5/versions/1/infer",
+        header + images.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header)), "Content-Type": "application/octet-stream"},
+    )
+    assert status == 200
+    length = int(headers["Inference-Header-Content-Length"])
+    answer = json.loads(raw[:length])
+    (output,) = answer["outputs"]
+    assert output["parameters"]["binary_data_size"] == 2 * 10 * 4
+    logits = np.frombuffer(raw[length:], np.float32).reshape(output["shape"])
+    assert logits.shape == (2, 10)
+
+
+def test_errors_have_the_protocol_status_and_the_grpc_message(server) -> None:
+    status, _, raw = _call(server.http_url + "/v2/models/nope")
+    assert status == 404
+    assert "model 'nope' not found" in json.loads(raw)["error"]
+    bad = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 1, 28, 28], "data": [0] * 784}]}
+    status, _, raw = _call(server.http_url + "/v2/models/lenet5/infer", json.dumps(bad).encode())
+    assert status == 400
+    http_message = json.loads(raw)["error"]
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.ModelInferRequest(model_name="lenet5")
+        request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 28, 28])
+        request.raw_input_contents.append(bytes(784))
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert http_message == info.value.details()
+    status, _, raw = _call(server.http_url + "/v2/models/lenet5/infer", b"{not json")
+    assert status == 400
+    assert "not valid JSON" in json.loads(raw)["error"]
+
+
+def test_health_and_metadata_routes(server) -> None:
+    assert _call(server.http_url + "/v2/health/live")[0] == 200
+    assert _call(server.http_url + "/v2/health/ready")[0] == 200
+    assert _call(server.http_url + "/v2/models/lenet5/ready")[0] == 200
+    assert _call(server.http_url + "/v2/models/nope/ready")[0] == 503
+    status, headers, raw = _call(server.http_url + "/v2")
+    assert (status, json.loads(raw)["name"]) == (200, "convserve")
+    assert len(headers["x-request-id"]) == 32
+
+
+def test_classify_route_and_metrics_by_transport(server) -> None:
+    status, _, raw = _call(server.http_url + "/v1/classify?top_k=2", png_bytes(draw_digit("4")))
+    assert status == 200
+    answer = json.loads(raw)
+    assert (answer["model"], answer["predictions"][0]["label"], len(answer["predictions"])) == (
+        "lenet5",
+        "4",
+        2,
+    )
+    status, _, raw = _call(server.http_url + "/v1/classify", b"garbage")
+    assert status == 400
+    assert json.loads(raw)["error"] == "image 0: image bytes are not a PNG, JPEG, BMP image (or are corrupt)"
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    assert 'code="OK",method="Classify",model="lenet5",transport="http",version="1"}' in text
+    assert 'code="INVALID_ARGUMENT",method="Classify",model="lenet5",transport="http",version="1"}' in text
