@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODELS ?= models
+HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 
@@ -35,7 +36,7 @@ BACKGROUND_MODELS ?=
 .PHONY: help install serve test models bench protos lint format clean
 
 help:
-	@echo "make serve    set up, train the default models if missing, serve on gRPC $(GRPC_PORT) / metrics $(METRICS_PORT)"
+	@echo "make serve    set up, train the default models if missing, serve on HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT)"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make models   train and publish the default models at full quality (a new version each time)"
 	@echo "make bench    batching off / on / in-process onnxruntime, one interleaved run (bench-results/)"
@@ -63,7 +64,8 @@ serve: install
 		$(BIN)/convserve-train all --missing --no-progress --only $(BACKGROUND_MODELS) \
 			--repository $(MODELS) > runs/background.log 2>&1 & \
 	fi
-	$(BIN)/convserve serve --model-repository $(MODELS) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(BIN)/convserve serve --model-repository $(MODELS) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--metrics-port $(METRICS_PORT)
 
 models: install
 	$(BIN)/convserve-train all --repository $(MODELS)
