@@ -1,4 +1,4 @@
-"""`convserve bench`: a closed-loop load generator, and a batching off / on / in-process comparison.
+"""`convserve bench`: a closed-loop load generator, and two interleaved comparisons.
 
 Closed loop: each of `concurrency` workers sends its next request when the previous one answers,
 so the offered load follows the server's speed and latency is not inflated by a client backlog.
@@ -8,13 +8,16 @@ CPU seconds over wall seconds) because a saturated client caps throughput as sur
 `--compare` starts two servers on the same repository, one with batching off (max_batch_size 1)
 and one with the defaults, and measures them beside an onnxruntime session in this process, in
 interleaved order (per repeat, per concurrency: off, on, in-process), so that drift on a noisy
-machine hits every mode alike.
+machine hits every mode alike. `--transports` starts one server (defaults) and measures the same
+KServe v2 inference over gRPC (raw tensors) and over HTTP/REST (binary tensor extension), in the
+same interleaved way, so the cost of the transport is seen apart from the model's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -27,23 +30,29 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import aiohttp
 import grpc
 import numpy as np
 
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.client import DEFAULT_TIMEOUT_SECONDS, VisionClient, to_image
+from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient, to_image
+from service.http import HEADER_LENGTH
 from service.runtime import CPU, ModelSession, SessionOptions
 from service.tensors import DATATYPES
 
-APIS = ("task", "kserve")
+#: task: Classify over gRPC; kserve: ModelInfer over gRPC; http: KServe v2 infer over HTTP/REST.
+APIS = ("task", "kserve", "http")
+#: Where `--api http` goes without --target: the server's default HTTP port.
+DEFAULT_HTTP_TARGET = "127.0.0.1:8000"
 DEFAULT_CONCURRENCY = 16
 DEFAULT_DURATION_SECONDS = 10.0
 DEFAULT_WARMUP_SECONDS = 1.0
@@ -60,6 +69,12 @@ MODE_NAMES = {
     "on": "batching on (server defaults)",
     "inprocess": "in-process onnxruntime",
 }
+#: Modes of a transports comparison (they are API names), in the order each repeat runs them.
+TRANSPORTS = ("kserve", "http")
+TRANSPORT_NAMES = {
+    "kserve": "KServe v2 over gRPC (raw tensors)",
+    "http": "KServe v2 over HTTP (binary tensors)",
+}
 #: Most distinct pre-built requests; they are reused round-robin, so building them costs nothing later.
 MAX_DISTINCT_REQUESTS = 512
 #: How many random inputs stand in for real images when the model's data is not available.
@@ -70,6 +85,14 @@ SERVER_STOP_SECONDS = 30.0
 
 class BenchError(Exception):
     """A benchmark cannot run as asked; the message says why."""
+
+
+class HTTPStatusError(Exception):
+    """An HTTP answer other than 200, so the closed loop counts it by status ("HTTP 429")."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
 
 
 # --- results -------------------------------------------------------------------------------------
@@ -144,11 +167,13 @@ class _Window:
 
 
 async def _attempt(call: Call, sequence: int) -> str:
-    """The status of one call: "OK", a gRPC status code name, or an exception's type name."""
+    """The status of one call: "OK", a gRPC status code name, "HTTP <status>" or an exception's type name."""
     try:
         await call(sequence)
     except grpc.aio.AioRpcError as exc:
         return exc.code().name
+    except HTTPStatusError as exc:
+        return str(exc)
     except Exception as exc:  # in-process runs raise onnxruntime's own exception types
         return type(exc).__name__
     return "OK"
@@ -286,15 +311,45 @@ async def fetch_workload(channel: grpc.aio.Channel, model: str, timeout: float) 
     """Ask the server (KServe ModelMetadata) for the model's input tensor, then pick the images."""
     stub = kserve_grpc.GRPCInferenceServiceStub(channel)
     metadata = await stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
-    if len(metadata.inputs) != 1:
-        names = [t.name for t in metadata.inputs]
+    inputs = [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs]
+    return _workload(model, inputs, list(metadata.versions))
+
+
+def http_url(target: str) -> str:
+    """host:port, or a full http:// URL, as the server's base URL (no trailing slash)."""
+    return (target if "://" in target else f"http://{target}").rstrip("/")
+
+
+async def fetch_workload_http(target: str, model: str, timeout: float) -> Workload:
+    """The same through `GET /v2/models/{model}`, for a target that is only an HTTP port."""
+    url = f"{http_url(target)}/v2/models/{quote(model, safe='')}"
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.get(url) as response,
+    ):
+        body = await response.read()
+    if response.status != 200:
+        raise BenchError(f"GET {url}: HTTP {response.status} {body.decode(errors='replace')[:300]}")
+    try:
+        metadata = json.loads(body)
+        inputs = [
+            (str(t["name"]), str(t["datatype"]), [int(d) for d in t["shape"]]) for t in metadata["inputs"]
+        ]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BenchError(f"GET {url}: not KServe v2 model metadata ({exc!r})") from None
+    return _workload(model, inputs, [str(v) for v in metadata.get("versions", [])])
+
+
+def _workload(model: str, inputs: Sequence[tuple[str, str, list[int]]], versions: Sequence[str]) -> Workload:
+    """One input tensor with a free batch axis, whichever transport described it."""
+    if len(inputs) != 1:
+        names = [name for name, _, _ in inputs]
         raise BenchError(f"model {model!r} takes {len(names)} inputs {names}; bench sends one image tensor")
-    (tensor,) = metadata.inputs
-    if not tensor.shape or tensor.shape[0] != -1:
-        raise BenchError(f"model {model!r} has no free batch axis (input shape {list(tensor.shape)})")
-    images, source = workload_images(model, tensor.shape[1:], tensor.datatype)
-    version = metadata.versions[0] if metadata.versions else ""
-    return Workload(model, version, tensor.name, tensor.datatype, images, source)
+    ((name, datatype, shape),) = inputs
+    if not shape or shape[0] != -1:
+        raise BenchError(f"model {model!r} has no free batch axis (input shape {shape})")
+    images, source = workload_images(model, shape[1:], datatype)
+    return Workload(model, versions[0] if versions else "", name, datatype, images, source)
 
 
 def _groups(images: np.ndarray, per_request: int) -> list[np.ndarray]:
@@ -330,6 +385,26 @@ def kserve_requests(workload: Workload, per_request: int) -> list[kserve_pb2.Mod
     return requests
 
 
+def http_requests(workload: Workload, per_request: int) -> list[tuple[bytes, dict[str, str]]]:
+    """Bodies and headers for `POST /v2/models/{model}/infer` with the binary tensor extension.
+
+    The body is a JSON header followed by the raw tensor, as `kserve_requests` sends it over gRPC,
+    and the outputs are asked for in binary too, so neither side spends time on JSON numbers.
+    """
+    requests = []
+    for group in _groups(workload.images, per_request):
+        tensor = {
+            "name": workload.input_name,
+            "datatype": workload.datatype,
+            "shape": list(group.shape),
+            "parameters": {"binary_data_size": group.nbytes},
+        }
+        header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+        headers = {HEADER_LENGTH: str(len(header)), "Content-Type": "application/octet-stream"}
+        requests.append((header + group.tobytes(), headers))
+    return requests
+
+
 # --- against a server ----------------------------------------------------------------------------
 
 
@@ -362,9 +437,23 @@ async def bench_server(
     channels: int = DEFAULT_CHANNELS,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
 ) -> LoadResult:
-    """Closed-loop load on a running server through the task API (Classify) or KServe (ModelInfer)."""
+    """Closed-loop load on a running server: the task API (Classify) or KServe v2 over gRPC or HTTP.
+
+    `target` is host:port of the gRPC port, or of the HTTP port for `api="http"`.
+    """
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
+    if api == "http":
+        return await bench_http(
+            target,
+            workload,
+            concurrency,
+            duration=duration,
+            requests=requests,
+            images_per_request=images_per_request,
+            warmup=warmup,
+            timeout=timeout,
+        )
     opened = open_channels(target, max(1, min(channels, concurrency)))
     try:
         if api == "task":
@@ -392,6 +481,48 @@ async def bench_server(
         )
     finally:
         await asyncio.gather(*(c.close() for c in opened))
+
+
+async def bench_http(
+    target: str,
+    workload: Workload,
+    concurrency: int = DEFAULT_CONCURRENCY,
+    *,
+    duration: float | None = None,
+    requests: int | None = None,
+    images_per_request: int = 1,
+    warmup: float = DEFAULT_WARMUP_SECONDS,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> LoadResult:
+    """Closed-loop KServe v2 inference over HTTP/REST, binary tensors in and out.
+
+    One keep-alive connection per worker at most (HTTP/1.1 carries one request at a time), and the
+    deadline travels as the `timeout` query parameter, as gRPC sends its deadline to the server.
+    Each answer is read in full and its JSON header parsed, as a client would.
+    """
+    url = f"{http_url(target)}/v2/models/{quote(workload.model, safe='')}/infer?timeout={timeout:g}"
+    messages = http_requests(workload, images_per_request)
+    connector = aiohttp.TCPConnector(limit=concurrency)  # keep-alive is aiohttp's default
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
+
+        async def call(sequence: int) -> object:
+            body, headers = messages[sequence % len(messages)]
+            async with session.post(url, data=body, headers=headers) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    raise HTTPStatusError(response.status)
+                return json.loads(answer[: int(response.headers.get(HEADER_LENGTH, len(answer)))])
+
+        return await run_load(
+            call,
+            concurrency,
+            duration=duration,
+            requests=requests,
+            warmup=warmup,
+            images_per_request=images_per_request,
+        )
 
 
 # --- in this process -----------------------------------------------------------------------------
@@ -450,19 +581,27 @@ def batch_throughput(session: ModelSession, workload: Workload, batch_size: int,
 # --- server subprocesses -------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free loopback ports: all bound at once, so none is handed out twice."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @dataclass
 class ServerProcess:
-    """`convserve serve` as a child process on a loopback port, logging to a file."""
+    """`convserve serve` as a child process on loopback gRPC and HTTP ports, logging to a file."""
 
     process: subprocess.Popen[bytes]
-    target: str
+    target: str  # gRPC host:port
     log_path: Path
+    http_target: str  # HTTP host:port
+
+    def target_for(self, api: str) -> str:
+        """Where `api` is served: the HTTP port for http, else the gRPC port."""
+        return self.http_target if api == "http" else self.target
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -482,8 +621,8 @@ class ServerProcess:
 
 
 def start_server(repository: Path, log_path: Path, env: dict[str, str]) -> ServerProcess:
-    """Start a server on a free port with metrics and repository polling off; does not wait."""
-    port = free_port()
+    """Start a server on free gRPC and HTTP ports with metrics and repository polling off; does not wait."""
+    port, http_port = free_ports(2)
     # The caller's CONVSERVE_* settings would change what is measured: start from the defaults.
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
     command = [
@@ -491,7 +630,7 @@ def start_server(repository: Path, log_path: Path, env: dict[str, str]) -> Serve
         "--model-repository", str(repository),
         "--host", "127.0.0.1",
         "--grpc-port", str(port),
-        "--http-port", "-1",
+        "--http-port", str(http_port),
         "--metrics-port", "-1",
     ]  # fmt: skip
     with open(log_path, "wb") as log_file:
@@ -501,7 +640,7 @@ def start_server(repository: Path, log_path: Path, env: dict[str, str]) -> Serve
             stderr=subprocess.STDOUT,
             env={**clean, "CONVSERVE_REPOSITORY_POLL_SECONDS": "0", **env},
         )
-    return ServerProcess(process, f"127.0.0.1:{port}", log_path)
+    return ServerProcess(process, f"127.0.0.1:{port}", log_path, f"127.0.0.1:{http_port}")
 
 
 def wait_until_serving(server: ServerProcess, timeout: float = SERVER_START_SECONDS) -> None:
@@ -535,14 +674,15 @@ def served_batching(target: str, model: str) -> dict[str, Any]:
     }
 
 
-# --- the comparison ------------------------------------------------------------------------------
+# --- the comparisons -----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class CompareOptions:
+class LoadOptions:
+    """What every comparison shares: the repository and model it serves, and the load at each point."""
+
     repository: Path = Path("models")
     model: str = "lenet5"
-    api: str = "task"
     concurrencies: tuple[int, ...] = COMPARE_CONCURRENCY
     repeats: int = COMPARE_REPEATS
     duration: float = COMPARE_DURATION_SECONDS
@@ -550,6 +690,13 @@ class CompareOptions:
     images_per_request: int = 1
     channels: int = DEFAULT_CHANNELS
     timeout: float = DEFAULT_TIMEOUT_SECONDS
+
+
+@dataclass(frozen=True)
+class CompareOptions(LoadOptions):
+    """--compare also chooses the API both servers are called through and the in-process batch sizes."""
+
+    api: str = "task"
     batch_sizes: tuple[int, ...] = BATCH_SIZES
 
 
@@ -567,6 +714,18 @@ class SweepPoint:
     images_per_second: float
 
 
+def _report_dict(
+    options: LoadOptions, workload: str, environment: dict[str, Any], points: Sequence[Point]
+) -> dict[str, Any]:
+    """The JSON every comparison report starts with."""
+    return {
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+        "workload": workload,
+        "environment": environment,
+        "points": [{"repeat": p.repeat, "mode": p.mode, **p.result.to_dict()} for p in points],
+    }
+
+
 @dataclass(frozen=True)
 class CompareReport:
     options: CompareOptions
@@ -580,14 +739,29 @@ class CompareReport:
         return summarize(self.points, self.sweep, self.options.concurrencies)
 
     def to_dict(self) -> dict[str, Any]:
-        options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.options).items()}
         return {
-            "options": options,
-            "workload": self.workload,
-            "environment": self.environment,
+            **_report_dict(self.options, self.workload, self.environment, self.points),
             "servers": self.servers,
-            "points": [{"repeat": p.repeat, "mode": p.mode, **p.result.to_dict()} for p in self.points],
             "batch_sweep": [asdict(s) for s in self.sweep],
+            "summary": self.summary(),
+        }
+
+
+@dataclass(frozen=True)
+class TransportsReport:
+    options: LoadOptions
+    workload: str  # model, version and inputs, in words
+    environment: dict[str, Any]
+    server: dict[str, Any]  # what the server really does
+    points: list[Point]  # mode is the API: kserve (gRPC) or http
+
+    def summary(self) -> dict[str, Any]:
+        return summarize_transports(self.points, self.options.concurrencies)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_report_dict(self.options, self.workload, self.environment, self.points),
+            "server": self.server,
             "summary": self.summary(),
         }
 
@@ -595,31 +769,64 @@ class CompareReport:
 Progress = Callable[[str], None]
 
 
-def run_compare(options: CompareOptions, progress: Progress | None = None) -> CompareReport:
-    """Start both servers, measure every point in interleaved order, stop the servers (always)."""
-    say = progress or (lambda line: None)
+def _check_repository(options: LoadOptions) -> None:
     if not (options.repository / options.model).is_dir():
         raise BenchError(f"no model {options.model!r} in {options.repository} (run `make models` first)")
+
+
+@contextlib.contextmanager
+def serving(repository: Path, envs: dict[str, dict[str, str]]) -> Iterator[dict[str, ServerProcess]]:
+    """One server per name (with its settings), all SERVING; all stopped on the way out, whatever happens."""
     servers: dict[str, ServerProcess] = {}
     with tempfile.TemporaryDirectory(prefix="convserve-bench-") as logs:
         try:
-            say("starting servers: batching off (CONVSERVE_MAX_BATCH_SIZE=1) and on (defaults)")
-            servers["off"] = start_server(
-                options.repository, Path(logs) / "off.log", {"CONVSERVE_MAX_BATCH_SIZE": "1"}
-            )
-            servers["on"] = start_server(options.repository, Path(logs) / "on.log", {})
+            for name, env in envs.items():
+                servers[name] = start_server(repository, Path(logs) / f"{name}.log", env)
             for server in servers.values():
                 wait_until_serving(server)
-            served = {mode: served_batching(s.target, options.model) for mode, s in servers.items()}
-            if served["off"]["max_batch_size"] != 1:
-                say(
-                    f"warning: the 'off' server batches up to {served['off']['max_batch_size']} rows "
-                    "(does the model's config.yaml set batching?)"
-                )
-            return asyncio.run(_compare(options, servers, served, say))
+            yield servers
         finally:
             for server in servers.values():
                 server.stop()
+
+
+async def workload_at(target: str, model: str, timeout: float, api: str = "kserve") -> Workload:
+    """The workload, asked of the server through the port `api` uses (HTTP for http, else gRPC)."""
+    if api == "http":
+        return await fetch_workload_http(target, model, timeout)
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        return await fetch_workload(channel, model, timeout)
+    finally:
+        await channel.close()
+
+
+def _load(options: LoadOptions) -> dict[str, Any]:
+    """How long and how much each point measures, as bench_server and bench_inprocess take it."""
+    return {
+        "duration": options.duration,
+        "images_per_request": options.images_per_request,
+        "warmup": options.warmup,
+    }
+
+
+def _described(workload: Workload) -> str:
+    return f"{workload.model} version {workload.version}, {workload.source}"
+
+
+def run_compare(options: CompareOptions, progress: Progress | None = None) -> CompareReport:
+    """Start both servers, measure every point in interleaved order, stop the servers (always)."""
+    say = progress or (lambda line: None)
+    _check_repository(options)
+    say("starting servers: batching off (CONVSERVE_MAX_BATCH_SIZE=1) and on (defaults)")
+    with serving(options.repository, {"off": {"CONVSERVE_MAX_BATCH_SIZE": "1"}, "on": {}}) as servers:
+        served = {mode: served_batching(s.target, options.model) for mode, s in servers.items()}
+        if served["off"]["max_batch_size"] != 1:
+            say(
+                f"warning: the 'off' server batches up to {served['off']['max_batch_size']} rows "
+                "(does the model's config.yaml set batching?)"
+            )
+        return asyncio.run(_compare(options, servers, served, say))
 
 
 async def _compare(
@@ -628,34 +835,25 @@ async def _compare(
     served: dict[str, dict[str, Any]],
     say: Progress,
 ) -> CompareReport:
-    channel = grpc.aio.insecure_channel(servers["on"].target)
-    try:
-        workload = await fetch_workload(channel, options.model, options.timeout)
-    finally:
-        await channel.close()
+    workload = await workload_at(servers["on"].target, options.model, options.timeout)
     session = open_session(options.repository, options.model, workload.version)
     served["inprocess"] = {"provider": session.provider}
-    load = {
-        "duration": options.duration,
-        "images_per_request": options.images_per_request,
-        "warmup": options.warmup,
-    }
     points: list[Point] = []
     sweep: list[SweepPoint] = []
     for repeat in range(options.repeats):
         for concurrency in options.concurrencies:
             for mode in MODES:
                 if mode == "inprocess":
-                    result = await bench_inprocess(session, workload, concurrency, **load)
+                    result = await bench_inprocess(session, workload, concurrency, **_load(options))
                 else:
                     result = await bench_server(
-                        servers[mode].target,
+                        servers[mode].target_for(options.api),
                         workload,
                         options.api,
                         concurrency,
                         channels=options.channels,
                         timeout=options.timeout,
-                        **load,
+                        **_load(options),
                     )
                 points.append(Point(repeat, mode, result))
                 say(f"repeat {repeat + 1}/{options.repeats}  {_point_line(mode, result)}")
@@ -669,11 +867,50 @@ async def _compare(
         )
     return CompareReport(
         options=options,
-        workload=f"{workload.model} version {workload.version}, {workload.source}",
+        workload=_described(workload),
         environment=_environment(),
         servers=served,
         points=points,
         sweep=sweep,
+    )
+
+
+def run_transports(options: LoadOptions, progress: Progress | None = None) -> TransportsReport:
+    """Start one server (defaults), measure gRPC and HTTP at every point in interleaved order, stop it."""
+    say = progress or (lambda line: None)
+    _check_repository(options)
+    say("starting a server (defaults, batching on) on free gRPC and HTTP ports")
+    with serving(options.repository, {"server": {}}) as servers:
+        server = servers["server"]
+        served = served_batching(server.target, options.model)
+        return asyncio.run(_transports(options, server, served, say))
+
+
+async def _transports(
+    options: LoadOptions, server: ServerProcess, served: dict[str, Any], say: Progress
+) -> TransportsReport:
+    workload = await workload_at(server.target, options.model, options.timeout)
+    points: list[Point] = []
+    for repeat in range(options.repeats):
+        for concurrency in options.concurrencies:
+            for api in TRANSPORTS:
+                result = await bench_server(
+                    server.target_for(api),
+                    workload,
+                    api,
+                    concurrency,
+                    channels=options.channels,
+                    timeout=options.timeout,
+                    **_load(options),
+                )
+                points.append(Point(repeat, api, result))
+                say(f"repeat {repeat + 1}/{options.repeats}  {_point_line(api, result)}")
+    return TransportsReport(
+        options=options,
+        workload=_described(workload),
+        environment=_environment(),
+        server=served,
+        points=points,
     )
 
 
@@ -686,6 +923,7 @@ def _environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "onnxruntime": onnxruntime().__version__,
         "grpcio": grpc.__version__,
+        "aiohttp": aiohttp.__version__,
     }
 
 
@@ -696,16 +934,22 @@ def _spread(values: Sequence[float]) -> dict[str, float | None]:
     return {"median": statistics.median(finite), "min": min(finite), "max": max(finite)}
 
 
-def summarize(
-    points: Sequence[Point], sweep: Sequence[SweepPoint], concurrencies: Sequence[int]
-) -> dict[str, Any]:
-    """Medians with min-max over repeats; on/off paired per repeat (they ran back to back)."""
+def _by_point(points: Sequence[Point]) -> dict[tuple[str, int], list[LoadResult]]:
+    """(mode, concurrency) -> its results, in repeat order."""
     by_key: dict[tuple[str, int], list[LoadResult]] = {}
     for p in points:
         by_key.setdefault((p.mode, p.result.concurrency), []).append(p.result)
+    return by_key
+
+
+def point_rows(
+    points: Sequence[Point], concurrencies: Sequence[int], modes: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per concurrency and mode: medians with min-max over repeats, and the errors of all repeats."""
+    by_key = _by_point(points)
     rows = []
     for concurrency in concurrencies:
-        for mode in MODES:
+        for mode in modes:
             results = by_key.get((mode, concurrency), [])
             errors: Counter[str] = Counter()
             for r in results:
@@ -722,11 +966,20 @@ def summarize(
                     "errors": dict(errors),
                 }
             )
-    batching = []
+    return rows
+
+
+def paired(
+    points: Sequence[Point], concurrencies: Sequence[int], base: str, other: str
+) -> list[dict[str, Any]]:
+    """`other` over `base`, paired per repeat (they ran back to back, so drift mostly cancels)."""
+    by_key = _by_point(points)
+    rows = []
     for concurrency in concurrencies:
-        off, on = by_key.get(("off", concurrency), []), by_key.get(("on", concurrency), [])
-        pairs = list(zip(off, on, strict=False))
-        batching.append(
+        pairs = list(
+            zip(by_key.get((base, concurrency), []), by_key.get((other, concurrency), []), strict=False)
+        )
+        rows.append(
             {
                 "concurrency": concurrency,
                 "throughput_ratio": _spread(
@@ -735,15 +988,30 @@ def summarize(
                 "p50_difference_ms": _spread([b.p50_ms - a.p50_ms for a, b in pairs]),
             }
         )
+    return rows
+
+
+def summarize(
+    points: Sequence[Point], sweep: Sequence[SweepPoint], concurrencies: Sequence[int]
+) -> dict[str, Any]:
+    """Medians with min-max over repeats; on/off paired per repeat (they ran back to back)."""
     by_size: dict[int, list[float]] = {}
     for s in sweep:
         by_size.setdefault(s.batch_size, []).append(s.images_per_second)
     sizes = {size: _spread(rates) for size, rates in by_size.items()}
     best = max(sizes, key=lambda size: sizes[size]["median"] or 0.0) if sizes else None
     return {
-        "points": rows,
-        "batching": batching,
+        "points": point_rows(points, concurrencies, MODES),
+        "batching": paired(points, concurrencies, "off", "on"),
         "compute_limit": {"best_batch_size": best, "by_batch_size": sizes},
+    }
+
+
+def summarize_transports(points: Sequence[Point], concurrencies: Sequence[int]) -> dict[str, Any]:
+    """Medians with min-max over repeats; HTTP over gRPC paired per repeat."""
+    return {
+        "points": point_rows(points, concurrencies, TRANSPORTS),
+        "http_vs_grpc": paired(points, concurrencies, "kserve", "http"),
     }
 
 
@@ -758,6 +1026,52 @@ def _fmt(spread: dict[str, float | None], digits: int, signed: bool = False) -> 
     return f"{median} ({low} - {high})"
 
 
+def _method(workload: str, options: LoadOptions, order: str) -> str:
+    """How the figures were taken, in one paragraph."""
+    return (
+        f"Inputs: {workload}, {options.images_per_request} per request. "
+        f"{options.repeats} repeat(s) of {options.duration:g} s per point "
+        f"after {options.warmup:g} s warm-up, "
+        f"interleaved (per repeat, per concurrency: {order}). "
+        "Figures are medians with (min - max) over repeats."
+    )
+
+
+def _machine(environment: dict[str, Any]) -> str:
+    return (
+        f"Machine: {environment['cpus']} CPUs, onnxruntime {environment['onnxruntime']}, "
+        f"grpcio {environment['grpcio']}, aiohttp {environment.get('aiohttp')}."
+    )
+
+
+def _points_table(rows: Sequence[dict[str, Any]], names: dict[str, str]) -> list[str]:
+    lines = [
+        "| concurrency | mode | requests/s | images/s | p50 ms | p99 ms | client CPU % | errors |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        errors = ", ".join(f"{code} {n}" for code, n in row["errors"].items()) or "0"
+        lines.append(
+            f"| {row['concurrency']} | {names[row['mode']]} | {_fmt(row['requests_per_second'], 0)} "
+            f"| {_fmt(row['images_per_second'], 0)} | {_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} "
+            f"| {_fmt(row['cpu_percent'], 0)} | {errors} |"
+        )
+    return lines
+
+
+def _paired_table(rows: Sequence[dict[str, Any]], base: str, other: str) -> list[str]:
+    lines = [
+        f"| concurrency | throughput {other}/{base} | p50 {other} - {base} (ms) |",
+        "|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['concurrency']} | {_fmt(row['throughput_ratio'], 2)} "
+            f"| {_fmt(row['p50_difference_ms'], 2, signed=True)} |"
+        )
+    return lines
+
+
 def render_markdown(report: CompareReport) -> str:
     """The comparison as Markdown: one table of points, one of on vs off, the compute limit."""
     options, summary = report.options, report.summary()
@@ -765,39 +1079,18 @@ def render_markdown(report: CompareReport) -> str:
     lines = [
         f"## {options.model}: batching off vs on vs in-process onnxruntime ({options.api} API)",
         "",
-        f"Inputs: {report.workload}, {options.images_per_request} per request. "
-        f"{options.repeats} repeat(s) of {options.duration:g} s per point "
-        f"after {options.warmup:g} s warm-up, "
-        "interleaved (per repeat, per concurrency: off, on, in-process). "
-        "Figures are medians with (min - max) over repeats.",
+        _method(report.workload, options, "off, on, in-process"),
         "",
         f"Servers: off max_batch_size {off.get('max_batch_size')}; "
         f"on max_batch_size {on.get('max_batch_size')}, "
         f"max_queue_delay {on.get('max_queue_delay_seconds')} s; provider {on.get('provider')}. "
-        f"Machine: {report.environment['cpus']} CPUs, onnxruntime {report.environment['onnxruntime']}, "
-        f"grpcio {report.environment['grpcio']}. Client CPU is the bench process "
+        f"{_machine(report.environment)} Client CPU is the bench process "
         "(in-process mode: it includes the onnxruntime work).",
         "",
-        "| concurrency | mode | requests/s | images/s | p50 ms | p99 ms | client CPU % | errors |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
-    ]
-    for row in summary["points"]:
-        errors = ", ".join(f"{code} {n}" for code, n in row["errors"].items()) or "0"
-        lines.append(
-            f"| {row['concurrency']} | {MODE_NAMES[row['mode']]} | {_fmt(row['requests_per_second'], 0)} "
-            f"| {_fmt(row['images_per_second'], 0)} | {_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} "
-            f"| {_fmt(row['cpu_percent'], 0)} | {errors} |"
-        )
-    lines += [
+        *_points_table(summary["points"], MODE_NAMES),
         "",
-        "| concurrency | throughput on/off | p50 on - off (ms) |",
-        "|---:|---:|---:|",
+        *_paired_table(summary["batching"], "off", "on"),
     ]
-    for row in summary["batching"]:
-        lines.append(
-            f"| {row['concurrency']} | {_fmt(row['throughput_ratio'], 2)} "
-            f"| {_fmt(row['p50_difference_ms'], 2, signed=True)} |"
-        )
     limit = summary["compute_limit"]
     if limit["best_batch_size"] is not None:
         best = limit["by_batch_size"][limit["best_batch_size"]]
@@ -807,6 +1100,28 @@ def render_markdown(report: CompareReport) -> str:
             f"In-process compute limit (one session.run at a time): best batch {limit['best_batch_size']}, "
             f"{_fmt(best, 0)} images/s. Median images/s by batch size: {each}.",
         ]
+    return "\n".join(lines) + "\n"
+
+
+def render_transports_markdown(report: TransportsReport) -> str:
+    """The transports comparison as Markdown: one table of points, one of HTTP vs gRPC."""
+    options, summary, server = report.options, report.summary(), report.server
+    lines = [
+        f"## {options.model}: KServe v2 over gRPC vs over HTTP (one server, batching on)",
+        "",
+        _method(report.workload, options, "gRPC, then HTTP"),
+        "",
+        f"Server: max_batch_size {server.get('max_batch_size')}, "
+        f"max_queue_delay {server.get('max_queue_delay_seconds')} s; provider {server.get('provider')}. "
+        f"gRPC: ModelInfer with raw_input_contents over up to {options.channels} channels (connections) "
+        "shared by the workers. HTTP: POST /v2/models/{model}/infer, JSON header and binary tensors both "
+        "ways, one keep-alive connection per worker (aiohttp). "
+        f"{_machine(report.environment)} Client CPU is the bench process.",
+        "",
+        *_points_table(summary["points"], TRANSPORT_NAMES),
+        "",
+        *_paired_table(summary["http_vs_grpc"], "gRPC", "HTTP"),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -856,10 +1171,12 @@ def main(args: argparse.Namespace) -> int:
     """`convserve bench`: exit 0 when requests succeeded, 1 when none did or the bench could not run."""
     try:
         _check(args)
-        return _compare_command(args) if args.compare else _bench_command(args)
-    except (BenchError, grpc.RpcError, OSError) as exc:
+        if args.compare:
+            return _compare_command(args)
+        return _transports_command(args) if args.transports else _bench_command(args)
+    except (BenchError, grpc.RpcError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
-        print(f"error: {detail}", file=sys.stderr)
+        print(f"error: {detail or type(exc).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -875,7 +1192,11 @@ def _check(args: argparse.Namespace) -> None:
         ("--warmup must be >= 0", args.warmup < 0),
         ("--channels must be >= 1", args.channels < 1),
         ("--repeats must be >= 1", args.repeats < 1),
-        ("--compare measures --duration seconds per point, not --requests", args.compare and args.requests),
+        ("--compare and --transports are separate runs: choose one", args.compare and args.transports),
+        (
+            "--compare and --transports measure --duration seconds per point, not --requests",
+            (args.compare or args.transports) and args.requests,
+        ),
     ]
     for message, failed in problems:
         if failed:
@@ -887,16 +1208,13 @@ def _bench_command(args: argparse.Namespace) -> int:
     duration = args.duration if args.requests is None else None
     if duration is None and args.requests is None:
         duration = DEFAULT_DURATION_SECONDS
+    target = args.target or (DEFAULT_HTTP_TARGET if args.api == "http" else DEFAULT_TARGET)
 
     async def run() -> tuple[Workload, list[LoadResult]]:
-        channel = grpc.aio.insecure_channel(args.target)
-        try:
-            workload = await fetch_workload(channel, args.model, args.timeout)
-        finally:
-            await channel.close()
+        workload = await workload_at(target, args.model, args.timeout, args.api)
         if args.json != "-":
             print(
-                f"{workload.model} version {workload.version} via {args.api} at {args.target}: "
+                f"{workload.model} version {workload.version} via {args.api} at {target}: "
                 f"{workload.source}, "
                 f"{args.images_per_request} per request, {args.warmup:g} s warm-up, "
                 + (
@@ -908,7 +1226,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         results = []
         for concurrency in concurrencies:
             result = await bench_server(
-                args.target,
+                target,
                 workload,
                 args.api,
                 concurrency,
@@ -927,7 +1245,7 @@ def _bench_command(args: argparse.Namespace) -> int:
     workload, results = asyncio.run(run())
     if args.json:
         record = {
-            "target": args.target,
+            "target": target,
             "model": workload.model,
             "version": workload.version,
             "api": args.api,
@@ -940,28 +1258,44 @@ def _bench_command(args: argparse.Namespace) -> int:
     return 0 if all(r.requests > 0 for r in results) else 1
 
 
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags every comparison takes, as LoadOptions fields."""
+    return {
+        "repository": args.model_repository,
+        "model": args.model,
+        "concurrencies": args.concurrency or COMPARE_CONCURRENCY,
+        "repeats": args.repeats,
+        "duration": args.duration if args.duration is not None else COMPARE_DURATION_SECONDS,
+        "warmup": args.warmup,
+        "images_per_request": args.images_per_request,
+        "channels": args.channels,
+        "timeout": args.timeout,
+    }
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _compare_command(args: argparse.Namespace) -> int:
-    options = CompareOptions(
-        repository=args.model_repository,
-        model=args.model,
-        api=args.api,
-        concurrencies=args.concurrency or COMPARE_CONCURRENCY,
-        repeats=args.repeats,
-        duration=args.duration if args.duration is not None else COMPARE_DURATION_SECONDS,
-        warmup=args.warmup,
-        images_per_request=args.images_per_request,
-        channels=args.channels,
-        timeout=args.timeout,
-    )
-    report = run_compare(options, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    table = render_markdown(report)
+    report = run_compare(CompareOptions(api=args.api, **_load_options(args)), progress=_progress)
+    return _report(args, report.to_dict(), render_markdown(report), report.points)
+
+
+def _transports_command(args: argparse.Namespace) -> int:
+    report = run_transports(LoadOptions(**_load_options(args)), progress=_progress)
+    return _report(args, report.to_dict(), render_transports_markdown(report), report.points)
+
+
+def _report(args: argparse.Namespace, record: dict[str, Any], table: str, points: Sequence[Point]) -> int:
+    """Write and print a comparison; exit 0 only when every point had successful requests."""
     if args.markdown:
         Path(args.markdown).write_text(table)
     if args.json:
-        _write_json(report.to_dict(), args.json)
+        _write_json(record, args.json)
     if args.json != "-":
         print(table, end="")
-    return 0 if all(p.result.requests > 0 for p in report.points) else 1
+    return 0 if all(p.result.requests > 0 for p in points) else 1
 
 
 def _write_json(record: dict[str, Any], destination: str) -> None:

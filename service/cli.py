@@ -60,27 +60,31 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(health)
 
     bench_parser = commands.add_parser(
-        "bench", help="closed-loop load on a server, or --compare batching off / on / in-process"
+        "bench",
+        help="closed-loop load on a server, --compare batching off / on / in-process, "
+        "or --transports KServe v2 over gRPC / HTTP",
     )
     bench_parser.add_argument("--model", default="lenet5", help="model name (default: lenet5)")
     bench_parser.add_argument(
         "--api",
         choices=bench.APIS,
         default="task",
-        help="task: Classify; kserve: ModelInfer (default: task)",
+        help="task: Classify; kserve: ModelInfer over gRPC; http: KServe v2 infer over HTTP/REST with "
+        f"binary tensors, --target being the HTTP port (default there: {bench.DEFAULT_HTTP_TARGET}) "
+        "(default: task; --transports: not used)",
     )
     bench_parser.add_argument(
         "--concurrency",
         type=bench.parse_concurrency,
         help="workers, each sending its next request when the previous answers; N or N,N,... "
-        f"(default: {bench.DEFAULT_CONCURRENCY}; with --compare: 1,16,64)",
+        f"(default: {bench.DEFAULT_CONCURRENCY}; with --compare or --transports: 1,16,64)",
     )
     amount = bench_parser.add_mutually_exclusive_group()
     amount.add_argument(
         "--duration",
         type=float,
         help=f"seconds measured per point (default: {bench.DEFAULT_DURATION_SECONDS:g}; "
-        f"with --compare: {bench.COMPARE_DURATION_SECONDS:g})",
+        f"with --compare or --transports: {bench.COMPARE_DURATION_SECONDS:g})",
     )
     amount.add_argument("--requests", type=int, help="requests measured per point, instead of --duration")
     bench_parser.add_argument(
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="-",
         metavar="PATH",
-        help="machine-readable result: to stdout, or to PATH (with --compare: raw repeats and summary)",
+        help="machine-readable result: to stdout, or to PATH (comparisons: raw repeats and summary)",
     )
     bench_parser.add_argument(
         "--compare",
@@ -111,21 +115,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="start servers with batching off and on and compare them with in-process onnxruntime",
     )
     bench_parser.add_argument(
+        "--transports",
+        action="store_true",
+        help="start one server (defaults) and compare KServe v2 over gRPC (raw tensors) and over HTTP "
+        "(binary tensors)",
+    )
+    bench_parser.add_argument(
         "--model-repository",
         type=Path,
         default=Path("models"),
-        help="--compare: repository to serve (default: models)",
+        help="--compare, --transports: repository to serve (default: models)",
     )
     bench_parser.add_argument(
         "--repeats",
         type=int,
         default=bench.COMPARE_REPEATS,
-        help="--compare: repeats (default: %(default)s)",
+        help="--compare, --transports: repeats (default: %(default)s)",
     )
     bench_parser.add_argument(
-        "--markdown", type=Path, metavar="PATH", help="--compare: also write the table to PATH"
+        "--markdown",
+        type=Path,
+        metavar="PATH",
+        help="--compare, --transports: also write the table to PATH",
     )
     client_flags(bench_parser)
+    bench_parser.set_defaults(target=None)  # chosen by --api: the gRPC or the HTTP port
     return parser
 
 

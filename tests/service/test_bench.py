@@ -56,8 +56,24 @@ def test_workload_uses_held_out_digits_and_falls_back_to_random() -> None:
 def test_bench_server_for_a_second(server, api: str) -> None:
     workload = _workload(server.target)
     assert (workload.input_name, workload.datatype) == ("image", "UINT8")
-    result = asyncio.run(bench.bench_server(server.target, workload, api, 4, duration=1.0, warmup=0.2))
+    target = server.http_url.removeprefix("http://") if api == "http" else server.target
+    result = asyncio.run(bench.bench_server(target, workload, api, 4, duration=1.0, warmup=0.2))
     _sane(result, 4)
+
+
+def test_http_reads_the_model_over_http_and_sends_binary_tensors(server) -> None:
+    workload = asyncio.run(bench.workload_at(server.http_url, "lenet5", 10, api="http"))
+    over_grpc = _workload(server.target)
+    assert (workload.version, workload.input_name, workload.datatype, workload.source) == (
+        over_grpc.version, over_grpc.input_name, over_grpc.datatype, over_grpc.source,
+    )  # fmt: skip
+    assert np.array_equal(workload.images, over_grpc.images)
+    body, headers = bench.http_requests(workload, 3)[0]
+    header_length = int(headers["Inference-Header-Content-Length"])
+    header = json.loads(body[:header_length])
+    (tensor,) = header["inputs"]
+    assert tensor["shape"] == [3, 1, 32, 32] and header["parameters"] == {"binary_data_output": True}
+    assert len(body) - header_length == tensor["parameters"]["binary_data_size"] == 3 * 32 * 32
 
 
 def test_bench_counts_exactly_the_requests_asked_for(server) -> None:
@@ -75,6 +91,8 @@ def test_errors_are_counted_by_status_code(server) -> None:
     assert (result.requests, result.errors) == (0, {"NOT_FOUND": 10})
     assert math.isnan(result.p50_ms)
     assert result.to_dict()["p50_ms"] is None
+    result = asyncio.run(bench.bench_server(server.http_url, missing, "http", 2, requests=10, warmup=0))
+    assert (result.requests, result.errors) == (0, {"HTTP 404": 10})
 
 
 def test_cli_bench_json(server, capsys) -> None:
@@ -84,6 +102,19 @@ def test_cli_bench_json(server, capsys) -> None:
     (result,) = record["results"]
     assert (record["model"], record["api"], result["concurrency"]) == ("lenet5", "task", 2)
     assert result["requests"] > 0 and result["errors"] == {}
+
+
+def test_cli_bench_http_json(server, capsys) -> None:
+    target = server.http_url.removeprefix("http://")
+    argv = ["bench", "--api", "http", "--target", target, "--concurrency", "4", "--duration", "0.5", "--json"]
+    code = main(argv)
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0
+    (result,) = record["results"]
+    assert (record["target"], record["api"], record["model"]) == (target, "http", "lenet5")
+    assert result["requests"] > 0 and result["errors"] == {}
+    assert main(["bench", "--api", "http", "--target", target, "--model", "nope", "--duration", "0.1"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
 
 
 def test_cli_compare_tiny(trained_lenet, tmp_path, capsys) -> None:
@@ -119,8 +150,37 @@ def test_cli_compare_tiny(trained_lenet, tmp_path, capsys) -> None:
     assert "compute limit" in table
 
 
+def test_cli_transports_tiny(trained_lenet, tmp_path, capsys) -> None:
+    json_path = tmp_path / "transports.json"
+    code = main(
+        [
+            "bench", "--transports", "--model-repository", str(trained_lenet),
+            "--concurrency", "2", "--repeats", "1", "--duration", "0.5", "--warmup", "0.1",
+            "--json", str(json_path),
+        ]
+    )  # fmt: skip
+    table = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(json_path.read_text())
+    assert [p["mode"] for p in report["points"]] == list(bench.TRANSPORTS)
+    for point in report["points"]:
+        assert point["requests"] > 0 and point["errors"] == {}
+        assert point["p50_ms"] <= point["p99_ms"]
+    summary = report["summary"]
+    assert all(row["requests_per_second"]["median"] > 0 for row in summary["points"])
+    (pair,) = summary["http_vs_grpc"]
+    assert pair["throughput_ratio"]["median"] > 0
+    for name in bench.TRANSPORT_NAMES.values():
+        assert f"| 2 | {name} |" in table
+    assert "| concurrency | throughput HTTP/gRPC |" in table
+
+
 def test_cli_bench_refuses_impossible_flags(capsys) -> None:
     assert main(["bench", "--duration", "0"]) == 1
     assert "--duration must be > 0" in capsys.readouterr().err
     assert main(["bench", "--compare", "--requests", "5"]) == 1
     assert "not --requests" in capsys.readouterr().err
+    assert main(["bench", "--transports", "--requests", "5"]) == 1
+    assert "not --requests" in capsys.readouterr().err
+    assert main(["bench", "--compare", "--transports"]) == 1
+    assert "choose one" in capsys.readouterr().err
