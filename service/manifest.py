@@ -103,6 +103,18 @@ class Batching(_Strict):
     instances: int | None = Field(default=None, gt=0)  # concurrent onnxruntime runs
 
 
+class GeneratorSpec(_Strict):
+    """A label-conditional image generator: (latent z, label) -> uint8 images (N, C, H, W)."""
+
+    latent_input: str = "z"  # float32 (N, latent_size), drawn from a standard normal
+    label_input: str = "label"  # int64 (N,), an index into `labels`
+    latent_size: int = Field(gt=0)
+    output: str = "image"  # uint8 (N, channels, height, width); scaling to 0..255 is in the graph
+    channels: Literal[1, 3] = 1
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+
+
 class Provenance(_Strict):
     """Where a published version came from, so a result can be reproduced."""
 
@@ -117,17 +129,19 @@ class Provenance(_Strict):
 class Manifest(_Strict):
     """Everything the server needs to know about a model besides its ONNX files.
 
-    kind `classifier` serves Classify and needs input, adaptation and labels; kind `tensor` is a
-    plain ONNX model reachable through KServe v2 only, and needs nothing but its name.
+    kind `classifier` serves Classify and needs input, adaptation and labels; kind `generator`
+    serves Generate and needs its generator spec and labels; kind `tensor` is a plain ONNX model
+    reachable through KServe v2 only, and needs nothing but its name.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    kind: Literal["classifier", "tensor"]
+    kind: Literal["classifier", "generator", "tensor"]
     description: str = ""
     input: InputSpec | None = None
     output_name: str = "logits"
     adaptation: DigitAdaptation | ResizeAdaptation | None = Field(default=None, discriminator="kind")
     labels: list[str] | None = None
+    generator: GeneratorSpec | None = None
     version_policy: VersionPolicy = VersionPolicy()
     batching: Batching = Batching()
     metrics: dict[str, float] = {}
@@ -141,10 +155,10 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _classifier_is_complete(self) -> Manifest:
-        if self.kind == "classifier":
-            missing = [f for f in ("input", "adaptation", "labels") if not getattr(self, f)]
-            if missing:
-                raise ValueError(f"a classifier needs {', '.join(missing)}")
+        needs = {"classifier": ("input", "adaptation", "labels"), "generator": ("generator", "labels")}
+        missing = [f for f in needs.get(self.kind, ()) if not getattr(self, f)]
+        if missing:
+            raise ValueError(f"a {self.kind} needs {', '.join(missing)}")
         return self
 
 
