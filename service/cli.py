@@ -51,6 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true", help="one JSON object per image")
     client_flags(classify)
 
+    generate = commands.add_parser("generate", help="generate images with a generator model (dcgan)")
+    generate.add_argument("--model", default="dcgan", help="model name (default: dcgan)")
+    generate.add_argument(
+        "--label",
+        type=int,
+        action="append",
+        default=[],
+        help="class index; once for all images or once per image",
+    )
+    generate.add_argument("--count", type=int, default=1, help="how many images (default: 1)")
+    generate.add_argument("--seed", type=int, help="same seed, same images (default: a fresh one, printed)")
+    generate.add_argument(
+        "--grid", action="store_true", help="write one grid PNG instead of one PNG per image"
+    )
+    generate.add_argument(
+        "--out", type=Path, default=Path("generated.png"), help="PNG path; several images: NAME-0.png, ... "
+    )
+    generate.add_argument("--json", action="store_true", help="print a JSON summary")
+    client_flags(generate)
+
     models = commands.add_parser("models", help="list the server's models")
     models.add_argument("--json", action="store_true", help="JSON output")
     client_flags(models)
@@ -151,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench.main(args)
     try:
         with VisionClient(args.target, timeout=args.timeout) as client:
-            return {"classify": _classify, "models": _models, "health": _health}[args.command](client, args)
+            commands = {"classify": _classify, "generate": _generate, "models": _models, "health": _health}
+            return commands[args.command](client, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
@@ -211,6 +232,30 @@ def _classify(client: VisionClient, args: argparse.Namespace) -> int:
         else:
             ranked = ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
             print(f"{path}: {predictions[0]['label']}    [{ranked}]")
+    return 0
+
+
+def _generate(client: VisionClient, args: argparse.Namespace) -> int:
+    response = client.generate(args.model, args.count, args.label, args.seed, args.grid)
+    if args.grid:
+        paths = [args.out]
+        args.out.write_bytes(response.grid_png)
+    elif len(response.images) == 1:
+        paths = [args.out]
+        args.out.write_bytes(response.images[0].png)
+    else:
+        paths = [
+            args.out.with_name(f"{args.out.stem}-{i}{args.out.suffix}") for i in range(len(response.images))
+        ]
+        for path, image in zip(paths, response.images, strict=True):
+            path.write_bytes(image.png)
+    labels = [image.label for image in response.images]
+    if args.json:
+        record = {"model": response.model, "version": response.version, "seed": response.seed}
+        print(json.dumps({**record, "labels": labels, "files": [str(p) for p in paths]}))
+    else:
+        files = ", ".join(map(str, paths))
+        print(f"seed {response.seed}: {len(labels)} image(s) of {' '.join(labels)} -> {files}")
     return 0
 
 

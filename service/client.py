@@ -48,6 +48,17 @@ def classify_request(
     return request
 
 
+def generate_request(
+    model: str, count: int | None, labels: Sequence[int], seed: int | None, grid: bool, version: str = ""
+) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(model=model, version=version, labels=list(labels), grid=grid)
+    if count is not None:
+        request.count = count
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -79,6 +90,19 @@ class VisionClient:
     ) -> pb.ClassifyResponse:
         request = classify_request(images, model, version, top_k)
         return self._vision.Classify(request, timeout=timeout or self.timeout)
+
+    def generate(
+        self,
+        model: str = "dcgan",
+        count: int | None = None,
+        labels: Sequence[int] = (),
+        seed: int | None = None,
+        grid: bool = False,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> pb.GenerateResponse:
+        request = generate_request(model, count, labels, seed, grid, version)
+        return self._vision.Generate(request, timeout=timeout or self.timeout)
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
         return self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
@@ -124,6 +148,19 @@ class AsyncVisionClient:
     ) -> pb.ClassifyResponse:
         request = classify_request(images, model, version, top_k)
         return await self._vision.Classify(request, timeout=timeout or self.timeout)
+
+    async def generate(
+        self,
+        model: str = "dcgan",
+        count: int | None = None,
+        labels: Sequence[int] = (),
+        seed: int | None = None,
+        grid: bool = False,
+        version: str = "",
+        timeout: float | None = None,
+    ) -> pb.GenerateResponse:
+        request = generate_request(model, count, labels, seed, grid, version)
+        return await self._vision.Generate(request, timeout=timeout or self.timeout)
 
     async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
         return await self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)

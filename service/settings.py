@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         default=1024, gt=0, description="Default rows queued per model before RESOURCE_EXHAUSTED."
     )
     instances: int = Field(default=1, gt=0, description="Default concurrent onnxruntime runs per model.")
+    max_generate_count: int = Field(
+        default=256, gt=0, description="Most images one Generate call may ask for."
+    )
     default_top_k: int = Field(default=3, gt=0, description="Classify's top_k when a request sets none.")
     max_image_pixels: int = Field(
         default=16_000_000,

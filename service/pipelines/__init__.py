@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from service.manifest import Manifest
 from service.pipelines.classifier import ClassifierPipeline
+from service.pipelines.generator import GeneratorPipeline
 from service.runtime import ModelSession
 
-Pipeline = ClassifierPipeline
+Pipeline = ClassifierPipeline | GeneratorPipeline
 
 
 def build_pipeline(manifest: Manifest, session: ModelSession) -> Pipeline | None:
     """The task pipeline for a manifest's kind; None for `tensor` models (KServe v2 only)."""
     if manifest.kind == "classifier":
         return ClassifierPipeline(manifest, session)
+    if manifest.kind == "generator":
+        return GeneratorPipeline(manifest, session)
     return None

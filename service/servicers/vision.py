@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -13,7 +15,8 @@ from service._proto.convserve.v1 import vision_pb2 as pb
 from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.interceptors import current_call
-from service.pipelines import Pipeline
+from service.pipelines import ClassifierPipeline
+from service.pipelines.generator import GeneratorPipeline, grid_png, to_png
 from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
 from service.servicers.common import deadline_of, resolve
 from service.settings import Settings
@@ -57,7 +60,7 @@ class VisionServicer(pb_grpc.VisionServicer):
         self, served: ModelVersion, request: pb.ClassifyRequest, top_k: int, deadline: float | None
     ) -> pb.ClassifyResponse:
         pipeline, batcher = served.pipeline, served.batcher
-        if pipeline is None or batcher is None:
+        if not isinstance(pipeline, ClassifierPipeline) or batcher is None:
             raise InvalidArgument(f"model {served.model!r} is not a classifier; call it through KServe v2")
         current_call().images = len(request.images)
         stats = served.stats
@@ -83,12 +86,52 @@ class VisionServicer(pb_grpc.VisionServicer):
                 ],
             )
 
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GenerateResponse:
+        return await self.generate(request, deadline_of(context))
+
+    async def generate(self, request: pb.GenerateRequest, deadline: float | None) -> pb.GenerateResponse:
+        """Generate, for any transport; `deadline` on the event loop's clock."""
+        count = request.count if request.HasField("count") else 1
+        limit = self._settings.max_generate_count
+        if not 1 <= count <= limit:
+            raise InvalidArgument(f"count must be 1..{limit}, got {count}")
+        if not request.model:
+            raise InvalidArgument("model is required, e.g. 'dcgan'")
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        served = resolve(self._repository, request.model, request.version)
+        with served.in_use():
+            pipeline, batcher, stats = served.pipeline, served.batcher, served.stats
+            if not isinstance(pipeline, GeneratorPipeline) or batcher is None or stats is None:
+                raise InvalidArgument(f"model {served.model!r} is not a generator")
+            current_call().images = count
+            with stats.input_stage():
+                batcher.admit(count)
+                plan = pipeline.plan(count, list(request.labels), seed)
+            with stats.pending.track_inprogress():
+                outputs = await batcher.submit(pipeline.feeds(plan), deadline)
+            with stats.output_stage():
+                images = pipeline.images(outputs)
+                encoded = await asyncio.to_thread(_encode_images, images, request.grid)
+            labels = pipeline.labels
+            return pb.GenerateResponse(
+                model=served.model,
+                version=served.version,
+                seed=seed,
+                images=[
+                    pb.GeneratedImage(png=png, label_index=int(i), label=labels[int(i)])
+                    for png, i in zip(encoded.pngs, plan.labels, strict=True)
+                ],
+                grid_png=encoded.grid,
+            )
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[_model_info(entry) for entry in self._repository.entries()])
 
-    def _prepare_batch(self, pipeline: Pipeline, images: Sequence[pb.Image]) -> np.ndarray:
+    def _prepare_batch(self, pipeline: ClassifierPipeline, images: Sequence[pb.Image]) -> np.ndarray:
         """Decode and pre-process every image; blocking (PIL), so it runs off the event loop."""
         return np.stack([pipeline.prepare(self._decode(image, i)) for i, image in enumerate(images)])
 
@@ -104,6 +147,19 @@ class VisionServicer(pb_grpc.VisionServicer):
             raise InvalidArgument("image has neither encoded bytes nor a raw array")
         except InvalidArgument as exc:
             raise InvalidArgument(f"image {index}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    pngs: list[bytes]
+    grid: bytes
+
+
+def _encode_images(images: np.ndarray, grid: bool) -> _Encoded:
+    """PNG encoding is CPU work: it runs off the event loop."""
+    if grid:
+        return _Encoded(pngs=[b""] * len(images), grid=grid_png(images))
+    return _Encoded(pngs=[to_png(image) for image in images], grid=b"")
 
 
 def _model_info(entry: ModelEntry) -> pb.ModelInfo:

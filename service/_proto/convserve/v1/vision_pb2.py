@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onvserve/v1/vision.proto\x12\x0c\x63onvserve.v1\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.convserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"t\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.convserve.v1.Prediction\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\x13\n\x11ListModelsRequest\"j\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.convserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\"^\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x12\n\ncolor_mode\x18\x05 \x01(\t\"\x8d\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.convserve.v1.ModelVersion\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x0e\n\x06labels\x18\x05 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.convserve.v1.ModelInfo*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xa4\x01\n\x06Vision\x12I\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\x12O\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onvserve/v1/vision.proto\x12\x0c\x63onvserve.v1\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.convserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"t\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.convserve.v1.Prediction\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\x89\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\x05\x63ount\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04grid\x18\x06 \x01(\x08\x42\x08\n\x06_countB\x07\n\x05_seed\"A\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x13\n\x0blabel_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\"\x80\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12,\n\x06images\x18\x04 \x03(\x0b\x32\x1c.convserve.v1.GeneratedImage\x12\x10\n\x08grid_png\x18\x05 \x01(\x0c\"\x13\n\x11ListModelsRequest\"j\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.convserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\"^\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x12\n\ncolor_mode\x18\x05 \x01(\t\"\x8d\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.convserve.v1.ModelVersion\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x0e\n\x06labels\x18\x05 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.convserve.v1.ModelInfo*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xef\x01\n\x06Vision\x12I\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\x12I\n\x08Generate\x12\x1d.convserve.v1.GenerateRequest\x1a\x1e.convserve.v1.GenerateResponse\x12O\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'convserve.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=967
-  _globals['_MODELSTATE']._serialized_end=1106
+  _globals['_MODELSTATE']._serialized_start=1305
+  _globals['_MODELSTATE']._serialized_end=1444
   _globals['_IMAGE']._serialized_start=43
   _globals['_IMAGE']._serialized_end=116
   _globals['_RAWIMAGE']._serialized_start=118
@@ -45,16 +45,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATION']._serialized_end=433
   _globals['_CLASSIFYRESPONSE']._serialized_start=435
   _globals['_CLASSIFYRESPONSE']._serialized_end=532
-  _globals['_LISTMODELSREQUEST']._serialized_start=534
-  _globals['_LISTMODELSREQUEST']._serialized_end=553
-  _globals['_MODELVERSION']._serialized_start=555
-  _globals['_MODELVERSION']._serialized_end=661
-  _globals['_INPUTSPEC']._serialized_start=663
-  _globals['_INPUTSPEC']._serialized_end=757
-  _globals['_MODELINFO']._serialized_start=760
-  _globals['_MODELINFO']._serialized_end=901
-  _globals['_LISTMODELSRESPONSE']._serialized_start=903
-  _globals['_LISTMODELSRESPONSE']._serialized_end=964
-  _globals['_VISION']._serialized_start=1109
-  _globals['_VISION']._serialized_end=1273
+  _globals['_GENERATEREQUEST']._serialized_start=535
+  _globals['_GENERATEREQUEST']._serialized_end=672
+  _globals['_GENERATEDIMAGE']._serialized_start=674
+  _globals['_GENERATEDIMAGE']._serialized_end=739
+  _globals['_GENERATERESPONSE']._serialized_start=742
+  _globals['_GENERATERESPONSE']._serialized_end=870
+  _globals['_LISTMODELSREQUEST']._serialized_start=872
+  _globals['_LISTMODELSREQUEST']._serialized_end=891
+  _globals['_MODELVERSION']._serialized_start=893
+  _globals['_MODELVERSION']._serialized_end=999
+  _globals['_INPUTSPEC']._serialized_start=1001
+  _globals['_INPUTSPEC']._serialized_end=1095
+  _globals['_MODELINFO']._serialized_start=1098
+  _globals['_MODELINFO']._serialized_end=1239
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1241
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1302
+  _globals['_VISION']._serialized_start=1447
+  _globals['_VISION']._serialized_end=1686
 # @@protoc_insertion_point(module_scope)

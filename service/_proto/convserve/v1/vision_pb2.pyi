@@ -78,6 +78,46 @@ class ClassifyResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[Classification]
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ...) -> None: ...
 
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "version", "count", "labels", "seed", "grid")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    count: int
+    labels: _containers.RepeatedScalarFieldContainer[int]
+    seed: int
+    grid: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., count: _Optional[int] = ..., labels: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., grid: _Optional[bool] = ...) -> None: ...
+
+class GeneratedImage(_message.Message):
+    __slots__ = ("png", "label_index", "label")
+    PNG_FIELD_NUMBER: _ClassVar[int]
+    LABEL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    png: bytes
+    label_index: int
+    label: str
+    def __init__(self, png: _Optional[bytes] = ..., label_index: _Optional[int] = ..., label: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("model", "version", "seed", "images", "grid_png")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GRID_PNG_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    seed: int
+    images: _containers.RepeatedCompositeFieldContainer[GeneratedImage]
+    grid_png: bytes
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., seed: _Optional[int] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., grid_png: _Optional[bytes] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

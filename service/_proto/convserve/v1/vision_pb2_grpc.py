@@ -39,6 +39,11 @@ class VisionStub:
                 request_serializer=convserve_dot_v1_dot_vision__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=convserve_dot_v1_dot_vision__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_unary(
+                '/convserve.v1.Vision/Generate',
+                request_serializer=convserve_dot_v1_dot_vision__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=convserve_dot_v1_dot_vision__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/convserve.v1.Vision/ListModels',
                 request_serializer=convserve_dot_v1_dot_vision__pb2.ListModelsRequest.SerializeToString,
@@ -51,6 +56,13 @@ class VisionServicer:
 
     def Classify(self, request, context):
         """Classify one or more images with a classifier model (lenet5, scenes-resnet, ...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Generate(self, request, context):
+        """Generate images with a label-conditional generator model (dcgan).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +82,11 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=convserve_dot_v1_dot_vision__pb2.ClassifyRequest.FromString,
                     response_serializer=convserve_dot_v1_dot_vision__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=convserve_dot_v1_dot_vision__pb2.GenerateRequest.FromString,
+                    response_serializer=convserve_dot_v1_dot_vision__pb2.GenerateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -104,6 +121,33 @@ class Vision:
             '/convserve.v1.Vision/Classify',
             convserve_dot_v1_dot_vision__pb2.ClassifyRequest.SerializeToString,
             convserve_dot_v1_dot_vision__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.Vision/Generate',
+            convserve_dot_v1_dot_vision__pb2.GenerateRequest.SerializeToString,
+            convserve_dot_v1_dot_vision__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
