@@ -62,6 +62,7 @@ def build_app(kserve: KServeServicer, vision: VisionServicer, max_body_bytes: in
         ("POST", "/v2/repository/models/{name}/load", routes.load, "RepositoryModelLoad"),
         ("POST", "/v2/repository/models/{name}/unload", routes.unload, "RepositoryModelUnload"),
         ("POST", "/v1/classify", routes.classify, "Classify"),
+        ("POST", "/v1/generate", routes.generate, "Generate"),
     ]
     for base in (model, versioned):
         table += [
@@ -241,6 +242,23 @@ class Routes:
         return web.json_response(
             {"model": response.model, "version": response.version, "predictions": predictions}
         )
+
+    async def generate(self, request: web.Request) -> web.Response:
+        """One PNG: ?model=dcgan&count=16&label=7&seed=1 (several images come as one grid)."""
+        query = request.query
+        generate = vision_pb.GenerateRequest(
+            model=query.get("model", "dcgan"),
+            version=query.get("version", ""),
+            labels=[_int(label, "label") for label in query.getall("label", [])],
+        )
+        generate.count = _int(query.get("count", "1"), "count")
+        generate.grid = generate.count > 1
+        if "seed" in query:
+            generate.seed = _int(query["seed"], "seed")
+        response = await self.vision.generate(generate, _deadline(request))
+        png = response.grid_png or response.images[0].png
+        headers = {"x-seed": str(response.seed), "x-labels": ",".join(i.label for i in response.images)}
+        return web.Response(body=png, content_type="image/png", headers=headers)
 
 
 def _model(request: web.Request) -> tuple[str, str]:

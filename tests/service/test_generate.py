@@ -195,3 +195,23 @@ def test_cli_generate(gen_server: RunningServer, tmp_path: Path) -> None:
     assert _pixels(out.read_bytes()).shape == (18, 18)
     assert _cli("generate", *common, "--count", "2", "--out", str(tmp_path / "one.png")).returncode == 0
     assert (tmp_path / "one-0.png").exists() and (tmp_path / "one-1.png").exists()
+
+
+def test_http_generate_route(gen_server: RunningServer) -> None:
+    import urllib.error
+    import urllib.request
+
+    url = gen_server.http_url + "/v1/generate?model=toygen&count=4&label=2&seed=9"
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"", method="POST"), timeout=30) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        assert (response.headers["x-seed"], response.headers["x-labels"]) == ("9", "two,two,two,two")
+        grid = response.read()
+    with VisionClient(gen_server.target) as client:
+        assert grid == client.generate("toygen", count=4, labels=[2], seed=9, grid=True).grid_png
+    bad = urllib.request.Request(
+        gen_server.http_url + "/v1/generate?model=toygen&count=0", data=b"", method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(bad, timeout=30)
+    assert info.value.code == 400
+    assert json.loads(info.value.read())["error"] == "count must be 1..32, got 0"
