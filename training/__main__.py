@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.manifest import CONFIG_FILE
-from training import train_classifier
+from training import train_classifier, train_gan
 from training.export import published_versions
 
 
@@ -39,8 +39,14 @@ TRAINERS: dict[str, Trainer] = {
         add_arguments=train_classifier.add_arguments,
         run_from_args=train_classifier.run_from_args,
     ),
+    "gan": Trainer(
+        help="label-conditional DCGAN on scikit-learn's digits",
+        add_arguments=train_gan.add_arguments,
+        run_from_args=train_gan.run_from_args,
+    ),
 }
 
+#: dcgan joins these once the server can serve generators (the Generate RPC).
 DEFAULT_MODELS: list[DefaultModel] = [
     DefaultModel(name=train_classifier.MODEL_NAME, train=train_classifier.run),
 ]

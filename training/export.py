@@ -2,6 +2,8 @@
 
 A version directory appears in the repository only after its ONNX file has been checked
 against torch, so the server never sees a model that disagrees with its training code.
+Classifiers (LeNet-5) and generators (the DCGAN) differ in their graphs and parity checks and
+share the publishing (`publish`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,8 +24,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.manifest import DigitAdaptation, InputSpec, Manifest, Provenance, write_manifest
+from service.manifest import (
+    DigitAdaptation,
+    GeneratorSpec,
+    InputSpec,
+    Manifest,
+    Provenance,
+    write_manifest,
+)
 from training.data.digits import DATA_DESCRIPTION, load_digit_splits
+from training.models.dcgan import DCGANConfig, Generator, Uint8Generator
 from training.models.lenet import LeNet5, LeNetConfig
 
 OPSET = 18
@@ -32,6 +43,11 @@ OUTPUT_NAME = "logits"
 #: Largest |onnxruntime - torch| allowed on any logit.
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 64)
+GENERATOR_INPUTS = ("z", "label")
+GENERATOR_OUTPUT = "image"
+#: Largest |onnxruntime - torch| allowed on a generated pixel, in uint8 levels: float round-off
+#: may move a value across a rounding boundary, and nothing more is allowed.
+GENERATOR_PARITY_LEVELS = 1
 
 
 class ExportError(RuntimeError):
@@ -56,12 +72,19 @@ class ExportResult:
         }
 
 
-def load_checkpoint(path: Path) -> tuple[LeNet5, dict]:
-    """Rebuild the model a checkpoint describes; returns (model in eval mode, checkpoint dict)."""
+def load_checkpoint(path: Path) -> tuple[LeNet5 | Generator, dict]:
+    """Rebuild the model a checkpoint describes; returns (model in eval mode, checkpoint dict).
+
+    A "lenet5" checkpoint gives a LeNet5, a "dcgan" checkpoint its Generator.
+    """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("model") != "lenet5":
-        raise ExportError(f"{path}: no exporter for model {checkpoint.get('model')!r}")
-    model = LeNet5(LeNetConfig(**checkpoint["config"]))
+    kind = checkpoint.get("model")
+    if kind == "lenet5":
+        model: LeNet5 | Generator = LeNet5(LeNetConfig(**checkpoint["config"]))
+    elif kind == "dcgan":
+        model = Generator(DCGANConfig(**checkpoint["config"]))
+    else:
+        raise ExportError(f"{path}: no exporter for model {kind!r}")
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval(), checkpoint
 
@@ -186,14 +209,19 @@ def build_manifest(checkpoint: dict, config: LeNetConfig, parity: float) -> Mani
             "test_accuracy": float(checkpoint["metrics"]["test_accuracy"]),
             "parity_max_abs_diff": parity,
         },
-        provenance=Provenance(
-            seed=int(checkpoint["seed"]),
-            data=DATA_DESCRIPTION,
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            git_revision=git_revision(),
-            torch_version=torch.__version__,
-            trainer="train_classifier",
-        ),
+        provenance=provenance(checkpoint, "train_classifier"),
+    )
+
+
+def provenance(checkpoint: dict, trainer: str) -> Provenance:
+    """Seed, data, time, code and torch version of a checkpoint being published."""
+    return Provenance(
+        seed=int(checkpoint["seed"]),
+        data=DATA_DESCRIPTION,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        git_revision=git_revision(),
+        torch_version=torch.__version__,
+        trainer=trainer,
     )
 
 
@@ -201,46 +229,210 @@ def export_checkpoint(
     checkpoint_path: Path,
     repository: Path,
     version: int | None = None,
-    tolerance: float = PARITY_TOLERANCE,
+    tolerance: float | None = None,
 ) -> ExportResult:
     """Export, verify and publish `<repository>/<name>/<version>/model.onnx` plus config.yaml.
 
-    The ONNX file is written into a hidden staging directory next to the versions and renamed
-    to the version number only after it passed the checks, so readers never see a partial
-    version. `version` defaults to one more than the highest published version.
+    Classifier or generator, as the checkpoint says. `version` defaults to one more than the
+    highest published version; `tolerance` to PARITY_TOLERANCE (logits) or
+    GENERATOR_PARITY_LEVELS (uint8 pixels).
     """
     model, checkpoint = load_checkpoint(Path(checkpoint_path))
-    config = model.config
-    model_dir = Path(repository) / checkpoint["model"]
+    if isinstance(model, Generator):
+        stage = _generator_stage(
+            model, checkpoint, GENERATOR_PARITY_LEVELS if tolerance is None else tolerance
+        )
+    else:
+        stage = _classifier_stage(model, checkpoint, PARITY_TOLERANCE if tolerance is None else tolerance)
+    return publish(Path(repository) / checkpoint["model"], stage, version)
+
+
+#: Writes the version's files into the staging directory, verifies them and returns the
+#: manifest and the parity figure; raises ExportError when they must not be published.
+Stage = Callable[[Path], tuple[Manifest, float]]
+
+
+def publish(model_dir: Path, stage: Stage, version: int | None = None) -> ExportResult:
+    """Stage a version in a hidden directory next to the versions, then rename it into place.
+
+    The rename happens only after `stage` wrote and verified the files, so readers never see a
+    partial or unverified version; on any failure the staging directory is removed and the
+    repository is left as it was.
+    """
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
-        onnx_path = staging / MODEL_FILE
-        export_onnx(model, onnx_path, config.in_channels, config.image_size)
-        check_graph(onnx_path)
-        parity = parity_max_abs_diff(model, onnx_path, parity_inputs(config.in_channels, config.image_size))
-        print(
-            f"{checkpoint['model']}: onnxruntime vs torch max |diff| = {parity:.3g} (tolerance {tolerance:g})"
-        )
-        if not parity <= tolerance:
-            raise ExportError(
-                f"parity check failed: max |onnxruntime - torch| = {parity:.3g} > {tolerance:g}"
-            )
+        manifest, parity = stage(staging)
         if version is None:
             version = max(published_versions(model_dir), default=0) + 1
         target = model_dir / str(version)
         if target.exists():
             raise ExportError(f"{target} already exists; versions are immutable")
         staging.chmod(0o755)  # mkdtemp creates it private; the server may run as another user
-        manifest_path = write_manifest(model_dir, build_manifest(checkpoint, config, parity))
+        manifest_path = write_manifest(model_dir, manifest)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(
-        name=checkpoint["model"],
+        name=manifest.name,
         version=version,
         path=target / MODEL_FILE,
         manifest_path=manifest_path,
         parity_max_abs_diff=parity,
     )
+
+
+def check_parity(name: str, parity: float, tolerance: float, unit: str = "") -> None:
+    """Print the parity figure and raise ExportError when it exceeds the tolerance (or is NaN)."""
+    print(f"{name}: onnxruntime vs torch max |diff| = {parity:.3g}{unit} (tolerance {tolerance:g}{unit})")
+    if not parity <= tolerance:
+        raise ExportError(
+            f"parity check failed: max |onnxruntime - torch| = {parity:.3g}{unit} > {tolerance:g}"
+        )
+
+
+def _classifier_stage(model: LeNet5, checkpoint: dict, tolerance: float) -> Stage:
+    def stage(staging: Path) -> tuple[Manifest, float]:
+        config = model.config
+        onnx_path = staging / MODEL_FILE
+        export_onnx(model, onnx_path, config.in_channels, config.image_size)
+        check_graph(onnx_path)
+        parity = parity_max_abs_diff(model, onnx_path, parity_inputs(config.in_channels, config.image_size))
+        check_parity(checkpoint["model"], parity, tolerance)
+        return build_manifest(checkpoint, config, parity), parity
+
+    return stage
+
+
+# --- generators ---
+
+
+def export_generator_onnx(model: Generator, path: Path) -> None:
+    """Write `z` (N, latent) float32, `label` (N,) int64 -> `image` (N, C, 32, 32) uint8, N dynamic."""
+    c = model.config
+    example = (torch.zeros(2, c.latent_size), torch.zeros(2, dtype=torch.int64))
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():  # torch-internal deprecation noise, nothing a caller can act on
+        warnings.filterwarnings(
+            "ignore", message=r"`isinstance\(treespec, LeafSpec\)`", category=FutureWarning
+        )
+        warnings.filterwarnings(
+            "ignore", message=r"# The axis name: batch will not be used"
+        )  # z, label share it
+        torch.onnx.export(
+            Uint8Generator(model).eval(),
+            example,
+            str(path),
+            input_names=list(GENERATOR_INPUTS),
+            output_names=[GENERATOR_OUTPUT],
+            dynamic_shapes={"z": {0: batch}, "label": {0: batch}},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def check_generator_graph(path: Path) -> None:
+    """Valid ONNX: float32 `z`, int64 `label`, both with a dynamic batch axis -> uint8 `image`."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path}: invalid ONNX: {e}") from e
+    graph = onnx.load(str(path)).graph
+    inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
+    if inputs != list(GENERATOR_INPUTS) or outputs != [GENERATOR_OUTPUT]:
+        raise ExportError(
+            f"{path}: expected I/O {list(GENERATOR_INPUTS)} -> {[GENERATOR_OUTPUT]}, "
+            f"got {inputs} -> {outputs}"
+        )
+    expected = {
+        "z": onnx.TensorProto.FLOAT,
+        "label": onnx.TensorProto.INT64,
+        GENERATOR_OUTPUT: onnx.TensorProto.UINT8,
+    }
+    for value in [*graph.input, *graph.output]:
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type != expected[value.name]:
+            want, got = (
+                onnx.TensorProto.DataType.Name(t) for t in (expected[value.name], tensor_type.elem_type)
+            )
+            raise ExportError(f"{path}: {value.name} must be {want}, got {got}")
+        if not tensor_type.shape.dim[0].dim_param:
+            raise ExportError(
+                f"{path}: the batch axis of {value.name} is fixed at {tensor_type.shape.dim[0].dim_value}"
+            )
+
+
+def generator_parity_inputs(latent_size: int, num_classes: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Standard-normal latents (and a few far in the tails) with every label, at each PARITY_BATCHES size."""
+    rng = np.random.default_rng(0)
+    batches = []
+    for n in PARITY_BATCHES:
+        z = rng.standard_normal((n, latent_size)).astype(np.float32)
+        z[::7] *= 3.0  # the tails, where tanh saturates
+        batches.append((z, (np.arange(n) % num_classes).astype(np.int64)))
+    return batches
+
+
+def generator_parity_max_abs_diff(
+    model: Generator, path: Path, batches: list[tuple[np.ndarray, np.ndarray]]
+) -> float:
+    """Largest |onnxruntime - torch| over all uint8 pixels of all batches, in grey levels."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wrapped = Uint8Generator(model).eval()
+    worst = 0.0
+    with torch.no_grad():
+        for z, label in batches:
+            (ort_image,) = session.run([GENERATOR_OUTPUT], {"z": z, "label": label})
+            torch_image = wrapped(torch.tensor(z), torch.tensor(label)).numpy()
+            if ort_image.shape != torch_image.shape or ort_image.dtype != np.uint8:
+                raise ExportError(
+                    f"onnxruntime returned {ort_image.dtype} {ort_image.shape}, "
+                    f"torch uint8 {torch_image.shape}"
+                )
+            worst = max(
+                worst, float(np.max(np.abs(ort_image.astype(np.int16) - torch_image.astype(np.int16))))
+            )
+    return worst
+
+
+def build_generator_manifest(checkpoint: dict, config: DCGANConfig, parity: float) -> Manifest:
+    """The manifest of the digit DCGAN: its inputs, output, classes, quality and which epoch shipped."""
+    metrics = {key: float(value) for key, value in checkpoint["metrics"].items()}
+    return Manifest(
+        name=checkpoint["model"],
+        kind="generator",
+        description=(
+            "label-conditional DCGAN trained on scikit-learn's handwritten digits; "
+            + checkpoint.get("selection", "")
+        ).strip("; "),
+        output_name=GENERATOR_OUTPUT,
+        generator=GeneratorSpec(
+            latent_input=GENERATOR_INPUTS[0],
+            label_input=GENERATOR_INPUTS[1],
+            latent_size=config.latent_size,
+            output=GENERATOR_OUTPUT,
+            channels=config.channels,
+            height=config.image_size,
+            width=config.image_size,
+        ),
+        labels=[str(d) for d in range(config.num_classes)],
+        metrics={**metrics, "parity_max_abs_diff": parity},
+        provenance=provenance(checkpoint, "train_gan"),
+    )
+
+
+def _generator_stage(model: Generator, checkpoint: dict, tolerance: float) -> Stage:
+    def stage(staging: Path) -> tuple[Manifest, float]:
+        config = model.config
+        onnx_path = staging / MODEL_FILE
+        export_generator_onnx(model, onnx_path)
+        check_generator_graph(onnx_path)
+        batches = generator_parity_inputs(config.latent_size, config.num_classes)
+        parity = generator_parity_max_abs_diff(model, onnx_path, batches)
+        check_parity(checkpoint["model"], parity, tolerance, unit=" levels")
+        return build_generator_manifest(checkpoint, config, parity), parity
+
+    return stage
