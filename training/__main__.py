@@ -47,8 +47,15 @@ TRAINERS: dict[str, Trainer] = {
 }
 
 #: dcgan joins these once the server can serve generators (the Generate RPC).
+def train_dcgan(run_dir: Path, **kwargs: object) -> dict:
+    """The DCGAN, judged by the LeNet-5 that `all` trained beside it when there is one."""
+    judge = run_dir.parent / train_classifier.MODEL_NAME / train_classifier.CHECKPOINT_FILE
+    return train_gan.run(run_dir=run_dir, classifier_checkpoint=judge if judge.is_file() else None, **kwargs)
+
+
 DEFAULT_MODELS: list[DefaultModel] = [
     DefaultModel(name=train_classifier.MODEL_NAME, train=train_classifier.run),
+    DefaultModel(name=train_gan.MODEL_NAME, train=train_dcgan),
 ]
 
 

@@ -215,3 +215,28 @@ def test_http_generate_route(gen_server: RunningServer) -> None:
         urllib.request.urlopen(bad, timeout=30)
     assert info.value.code == 400
     assert json.loads(info.value.read())["error"] == "count must be 1..32, got 0"
+
+
+def test_a_dcgan_published_by_the_trainer_serves_generate(trained_lenet: Path, tmp_path: Path) -> None:
+    """The trainer's manifest and graph are what the server expects (quick training: shapes, not quality)."""
+    from training import train_gan
+
+    repository = tmp_path / "models"
+    judge = trained_lenet.parent / "run" / "checkpoint.pt"
+    train_gan.run(
+        run_dir=tmp_path / "run",
+        repository=repository,
+        quick=True,
+        progress=False,
+        classifier_checkpoint=judge,
+    )
+    server = start_server(repository, tmp_path / "server.log")
+    try:
+        with VisionClient(server.target) as client:
+            response = client.generate("dcgan", count=3, labels=[7], seed=11)
+            again = client.generate("dcgan", count=3, labels=[7], seed=11)
+        assert [i.label for i in response.images] == ["7"] * 3
+        assert _pixels(response.images[0].png).shape == (32, 32)
+        assert [i.png for i in response.images] == [i.png for i in again.images]
+    finally:
+        server.stop()

@@ -46,8 +46,9 @@ def test_classifier_quick_run_trains_and_publishes(tmp_path: Path) -> None:
     assert load_manifest(repository / "lenet5").metrics["test_accuracy"] == metrics["test_accuracy"]
 
     again = run_cli(
-        "all", "--missing", "--quick", "--repository", repository, "--runs", tmp_path / "runs", module=True
-    )
+        "all", "--missing", "--only", "lenet5", "--quick",
+        "--repository", repository, "--runs", tmp_path / "runs", module=True,
+    )  # fmt: skip
     assert again.returncode == 0, again.stderr
     assert "already published" in again.stdout
     assert sorted(p.name for p in (repository / "lenet5").iterdir()) == ["1", "config.yaml"]
@@ -60,6 +61,8 @@ def test_all_missing_trains_what_is_absent(tmp_path: Path) -> None:
     assert main([*argv, "--runs", str(tmp_path / "runs")]) == 0
     assert (repository / "lenet5" / "1" / "model.onnx").is_file()
     assert (tmp_path / "runs" / "lenet5" / "metrics.json").is_file()
+    assert (repository / "dcgan" / "1" / "model.onnx").is_file()  # judged by the LeNet-5 trained beside it
+    assert load_manifest(repository / "dcgan").kind == "generator"
 
 
 def test_no_export_publishes_nothing(tmp_path: Path) -> None:
