@@ -46,6 +46,7 @@ TRAINERS: dict[str, Trainer] = {
     ),
 }
 
+
 #: dcgan joins these once the server can serve generators (the Generate RPC).
 def train_dcgan(run_dir: Path, **kwargs: object) -> dict:
     """The DCGAN, judged by the LeNet-5 that `all` trained beside it when there is one."""
