@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from training.arguments import add_output_arguments
 from training.data.digits import load_digit_splits
 from training.evaluate import classification_accuracy, predict_logits
 from training.models.lenet import LeNet5, LeNetConfig
@@ -233,25 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"epochs to train (default: {DEFAULT_EPOCHS}, or {QUICK_EPOCHS} with --quick)",
     )
     parser.add_argument("--quick", action="store_true", help="a few epochs only, for tests (default: off)")
-    parser.add_argument(
-        "--run-dir",
-        type=Path,
-        default=Path("runs/lenet5"),
-        help="checkpoint, metrics and curves (default: runs/lenet5)",
-    )
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("models"),
-        help="model repository to publish into (default: models)",
-    )
-    parser.add_argument(
-        "--no-export", action="store_true", help="train only; do not export or publish (default: off)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default (default: 1)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: off)")
+    add_output_arguments(parser, MODEL_NAME, "checkpoint, metrics and curves")
 
 
 def run_from_args(args: argparse.Namespace) -> int:

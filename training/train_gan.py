@@ -21,6 +21,7 @@ from matplotlib.image import imsave
 from tqdm import tqdm
 
 from training import train_classifier
+from training.arguments import add_output_arguments
 from training.data.digits import DigitSplits, load_digit_splits
 from training.evaluate import generator_quality
 from training.models.dcgan import (
@@ -397,25 +398,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="small networks, a few epochs, for tests (default: off)"
     )
-    parser.add_argument(
-        "--run-dir",
-        type=Path,
-        default=Path("runs/dcgan"),
-        help="checkpoint, metrics, losses plot and sample grids (default: runs/dcgan)",
-    )
-    parser.add_argument(
-        "--repository",
-        type=Path,
-        default=Path("models"),
-        help="model repository to publish into (default: models)",
-    )
-    parser.add_argument(
-        "--no-export", action="store_true", help="train only; do not export or publish (default: off)"
-    )
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default (default: 1)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: off)")
+    add_output_arguments(parser, MODEL_NAME, "checkpoint, metrics, losses plot and sample grids")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
