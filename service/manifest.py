@@ -115,6 +115,24 @@ class GeneratorSpec(_Strict):
     width: int = Field(gt=0)
 
 
+class CaptionerSpec(_Strict):
+    """An image captioner as two graphs: the encoder (once per image) and one decoder step (per word).
+
+    encoder: uint8 image (N, 3, H, W) -> features (N, L, D), projected features (N, L, A) and the
+    initial LSTM state h, c (N, hidden). decoder: token (N,) int64, h, c, features, projected ->
+    log-probabilities of the next word (N, V), the next h, c and the attention weights (N, L).
+    """
+
+    encoder_file: str = "encoder.onnx"
+    decoder_file: str = "decoder.onnx"
+    vocabulary: list[str] = Field(min_length=5)  # index -> word, special tokens first
+    start_token: int = Field(ge=0)
+    end_token: int = Field(ge=0)
+    max_length: int = Field(gt=0)  # words, not counting <start> and <end>
+    default_beam_size: int = Field(default=3, gt=0)
+    grid: tuple[int, int]  # the attention grid (rows, columns) that the L weights lay out as
+
+
 class Provenance(_Strict):
     """Where a published version came from, so a result can be reproduced."""
 
@@ -130,18 +148,20 @@ class Manifest(_Strict):
     """Everything the server needs to know about a model besides its ONNX files.
 
     kind `classifier` serves Classify and needs input, adaptation and labels; kind `generator`
-    serves Generate and needs its generator spec and labels; kind `tensor` is a plain ONNX model
+    serves Generate and needs its generator spec and labels; kind `captioner` needs its input,
+    adaptation and captioner spec (encoder and decoder graphs); kind `tensor` is a plain ONNX model
     reachable through KServe v2 only, and needs nothing but its name.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    kind: Literal["classifier", "generator", "tensor"]
+    kind: Literal["classifier", "generator", "captioner", "tensor"]
     description: str = ""
     input: InputSpec | None = None
     output_name: str = "logits"
     adaptation: DigitAdaptation | ResizeAdaptation | None = Field(default=None, discriminator="kind")
     labels: list[str] | None = None
     generator: GeneratorSpec | None = None
+    captioner: CaptionerSpec | None = None
     version_policy: VersionPolicy = VersionPolicy()
     batching: Batching = Batching()
     metrics: dict[str, float] = {}
@@ -155,7 +175,11 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _classifier_is_complete(self) -> Manifest:
-        needs = {"classifier": ("input", "adaptation", "labels"), "generator": ("generator", "labels")}
+        needs = {
+            "classifier": ("input", "adaptation", "labels"),
+            "generator": ("generator", "labels"),
+            "captioner": ("input", "adaptation", "captioner"),
+        }
         missing = [f for f in needs.get(self.kind, ()) if not getattr(self, f)]
         if missing:
             raise ValueError(f"a {self.kind} needs {', '.join(missing)}")

@@ -33,6 +33,9 @@ from service.statistics import VersionStatistics
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+#: Kinds served from a single model.onnx. A captioner's encoder and decoder graphs need the
+#: Caption RPC's decode loop; until then its versions fail to load with a message that says so.
+SERVABLE_KINDS = ("classifier", "generator", "tensor")
 #: How long a retired version may take to finish the requests it already accepted.
 DRAIN_SECONDS = 30.0
 
@@ -248,6 +251,11 @@ class ModelRepository:
         self._set_state(loading, VersionState.READY, "")
 
     def _build(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline | None]:
+        if manifest.kind not in SERVABLE_KINDS:
+            served = ", ".join(SERVABLE_KINDS)
+            raise ModelLoadError(
+                f"this server cannot serve models of kind {manifest.kind!r} (it serves: {served})"
+            )
         model_file = version_dir / MODEL_FILE
         if not model_file.is_file():
             raise ModelLoadError(f"{model_file.name} is missing in version folder {version_dir.name}")

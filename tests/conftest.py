@@ -67,8 +67,10 @@ class RunningServer:
         return self.process.wait(timeout)
 
 
-def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | None = None) -> RunningServer:
-    """`convserve serve` in a subprocess; returns once its overall health is SERVING."""
+def start_server(
+    repository: Path, log_path: Path, extra_env: dict[str, str] | None = None, wait_for: str = ""
+) -> RunningServer:
+    """`convserve serve` in a subprocess; returns once health entry `wait_for` (overall: "") is SERVING."""
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {**os.environ, "CONVSERVE_LOG_FORMAT": "json", **(extra_env or {})}
     command = [
@@ -89,7 +91,7 @@ def start_server(repository: Path, log_path: Path, extra_env: dict[str, str] | N
         log_path,
         f"http://127.0.0.1:{http_port}",
     )
-    wait_until_serving(server)
+    wait_until_serving(server, wait_for)
     return server
 
 

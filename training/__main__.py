@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.manifest import CONFIG_FILE
-from training import train_classifier, train_gan
+from training import train_classifier, train_gan, train_scenes_resnet
 from training.export import published_versions
 
 
@@ -44,6 +44,11 @@ TRAINERS: dict[str, Trainer] = {
         add_arguments=train_gan.add_arguments,
         run_from_args=train_gan.run_from_args,
     ),
+    "scenes-resnet": Trainer(
+        help="a residual network naming the large object in generated scenes",
+        add_arguments=train_scenes_resnet.add_arguments,
+        run_from_args=train_scenes_resnet.run_from_args,
+    ),
 }
 
 
@@ -57,6 +62,7 @@ def train_dcgan(run_dir: Path, **kwargs: object) -> dict:
 DEFAULT_MODELS: list[DefaultModel] = [
     DefaultModel(name=train_classifier.MODEL_NAME, train=train_classifier.run),
     DefaultModel(name=train_gan.MODEL_NAME, train=train_dcgan),
+    DefaultModel(name=train_scenes_resnet.MODEL_NAME, train=train_scenes_resnet.run),
 ]
 
 

@@ -30,11 +30,18 @@ from service.manifest import (
     InputSpec,
     Manifest,
     Provenance,
+    ResizeAdaptation,
     write_manifest,
 )
 from training.data.digits import DATA_DESCRIPTION, load_digit_splits
+from training.data.scenes import CLASS_LABELS as SCENE_CLASS_LABELS
+from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
+from training.data.scenes import load_classification_split
+from training.export_captioner import captioner_stage, load_captioner
+from training.models.captioner import Captioner
 from training.models.dcgan import DCGANConfig, Generator, Uint8Generator
 from training.models.lenet import LeNet5, LeNetConfig
+from training.models.resnet import ResNet, ResNetConfig
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
@@ -72,15 +79,20 @@ class ExportResult:
         }
 
 
-def load_checkpoint(path: Path) -> tuple[LeNet5 | Generator, dict]:
+def load_checkpoint(path: Path) -> tuple[LeNet5 | ResNet | Generator | Captioner, dict]:
     """Rebuild the model a checkpoint describes; returns (model in eval mode, checkpoint dict).
 
-    A "lenet5" checkpoint gives a LeNet5, a "dcgan" checkpoint its Generator.
+    A "lenet5" checkpoint gives a LeNet5, "scenes-resnet" a ResNet, "dcgan" its Generator,
+    "captioner" the Captioner.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     kind = checkpoint.get("model")
     if kind == "lenet5":
-        model: LeNet5 | Generator = LeNet5(LeNetConfig(**checkpoint["config"]))
+        model: LeNet5 | ResNet | Generator | Captioner = LeNet5(LeNetConfig(**checkpoint["config"]))
+    elif kind == "scenes-resnet":
+        model = ResNet(ResNetConfig(**checkpoint["config"]))
+    elif kind == "captioner":
+        return load_captioner(checkpoint), checkpoint
     elif kind == "dcgan":
         model = Generator(DCGANConfig(**checkpoint["config"]))
     else:
@@ -135,9 +147,9 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path}: the batch axis is fixed at {tensor_type.shape.dim[0].dim_value}")
 
 
-def parity_inputs(channels: int, size: int) -> list[np.ndarray]:
-    """Real test digits and random uint8 images, at every batch size in PARITY_BATCHES."""
-    real = load_digit_splits().test.images
+def parity_inputs(channels: int, size: int, real: np.ndarray | None = None) -> list[np.ndarray]:
+    """Real test images (digits by default) and random uint8 images, at every size in PARITY_BATCHES."""
+    real = load_digit_splits().test.images if real is None else real
     noise = np.random.default_rng(0).integers(
         0, 256, (max(PARITY_BATCHES), channels, size, size), dtype=np.uint8
     )
@@ -189,8 +201,10 @@ def git_revision() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def build_manifest(checkpoint: dict, config: LeNetConfig, parity: float) -> Manifest:
-    """The manifest of a LeNet-5 trained on the digits: what the server needs to adapt inputs."""
+def build_manifest(checkpoint: dict, config: LeNetConfig | ResNetConfig, parity: float) -> Manifest:
+    """A classifier's manifest: what the server needs to adapt inputs, and the labels."""
+    if isinstance(config, ResNetConfig):
+        return _scenes_manifest(checkpoint, config, parity)
     return Manifest(
         name=checkpoint["model"],
         kind="classifier",
@@ -213,11 +227,35 @@ def build_manifest(checkpoint: dict, config: LeNetConfig, parity: float) -> Mani
     )
 
 
-def provenance(checkpoint: dict, trainer: str) -> Provenance:
+def _scenes_manifest(checkpoint: dict, config: ResNetConfig, parity: float) -> Manifest:
+    """scenes-resnet: RGB images resized to 64x64; labels name the large object's colour and shape."""
+    return Manifest(
+        name=checkpoint["model"],
+        kind="classifier",
+        description="residual network naming the colour and shape of the large object in a generated scene",
+        input=InputSpec(
+            name=INPUT_NAME,
+            channels=config.in_channels,
+            height=config.image_size,
+            width=config.image_size,
+            color_mode="RGB",
+        ),
+        output_name=OUTPUT_NAME,
+        adaptation=ResizeAdaptation(),
+        labels=list(SCENE_CLASS_LABELS),
+        metrics={
+            "test_accuracy": float(checkpoint["metrics"]["test_accuracy"]),
+            "parity_max_abs_diff": parity,
+        },
+        provenance=provenance(checkpoint, "train_scenes_resnet", SCENES_DESCRIPTION),
+    )
+
+
+def provenance(checkpoint: dict, trainer: str, data: str = DATA_DESCRIPTION) -> Provenance:
     """Seed, data, time, code and torch version of a checkpoint being published."""
     return Provenance(
         seed=int(checkpoint["seed"]),
-        data=DATA_DESCRIPTION,
+        data=data,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         git_revision=git_revision(),
         torch_version=torch.__version__,
@@ -233,12 +271,14 @@ def export_checkpoint(
 ) -> ExportResult:
     """Export, verify and publish `<repository>/<name>/<version>/model.onnx` plus config.yaml.
 
-    Classifier or generator, as the checkpoint says. `version` defaults to one more than the
-    highest published version; `tolerance` to PARITY_TOLERANCE (logits) or
-    GENERATOR_PARITY_LEVELS (uint8 pixels).
+    Classifier, generator or captioner (encoder.onnx and decoder.onnx), as the checkpoint says.
+    `version` defaults to one more than the highest published version; `tolerance` to
+    PARITY_TOLERANCE (logits, captioner outputs) or GENERATOR_PARITY_LEVELS (uint8 pixels).
     """
     model, checkpoint = load_checkpoint(Path(checkpoint_path))
-    if isinstance(model, Generator):
+    if isinstance(model, Captioner):
+        stage = captioner_stage(model, checkpoint, PARITY_TOLERANCE if tolerance is None else tolerance)
+    elif isinstance(model, Generator):
         stage = _generator_stage(
             model, checkpoint, GENERATOR_PARITY_LEVELS if tolerance is None else tolerance
         )
@@ -292,13 +332,19 @@ def check_parity(name: str, parity: float, tolerance: float, unit: str = "") -> 
         )
 
 
-def _classifier_stage(model: LeNet5, checkpoint: dict, tolerance: float) -> Stage:
+def _classifier_stage(model: LeNet5 | ResNet, checkpoint: dict, tolerance: float) -> Stage:
     def stage(staging: Path) -> tuple[Manifest, float]:
         config = model.config
         onnx_path = staging / MODEL_FILE
         export_onnx(model, onnx_path, config.in_channels, config.image_size)
         check_graph(onnx_path)
-        parity = parity_max_abs_diff(model, onnx_path, parity_inputs(config.in_channels, config.image_size))
+        real = (
+            load_classification_split("test", 0, max(PARITY_BATCHES))[0]
+            if isinstance(model, ResNet)
+            else None
+        )
+        batches = parity_inputs(config.in_channels, config.image_size, real)
+        parity = parity_max_abs_diff(model, onnx_path, batches)
         check_parity(checkpoint["model"], parity, tolerance)
         return build_manifest(checkpoint, config, parity), parity
 

@@ -75,6 +75,18 @@ def test_broken_model_is_marked_failed_and_others_stay_ready(model_repository, t
         (broken / "config.yaml").read_text().replace("name: lenet5", "name: broken")
     )
     (broken / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    captioner = model_repository / "captioner"
+    (captioner / "1").mkdir(parents=True)
+    manifest = yaml.safe_load((model_repository / "lenet5" / "config.yaml").read_text())
+    manifest.update(name="captioner", kind="captioner", adaptation={"kind": "resize"})
+    manifest["captioner"] = {
+        "vocabulary": ["<pad>", "<start>", "<end>", "<unk>", "a"],
+        "start_token": 1,
+        "end_token": 2,
+        "max_length": 8,
+        "grid": [8, 8],
+    }
+    (captioner / "config.yaml").write_text(yaml.safe_dump(manifest))
     server = start_server(model_repository, tmp_path / "log")
     try:
         with VisionClient(server.target) as client:
@@ -87,6 +99,8 @@ def test_broken_model_is_marked_failed_and_others_stay_ready(model_repository, t
             assert "failed" in info.value.details()
             models = {m.name: m for m in client.list_models().models}
             assert models["broken"].versions[0].reason.startswith("onnxruntime could not load")
+            reason = models["captioner"].versions[0].reason
+            assert "cannot serve models of kind 'captioner'" in reason  # not a missing-file puzzle
     finally:
         server.stop()
 
@@ -97,16 +111,21 @@ def test_require_gpu_fails_readiness_instead_of_falling_back(model_repository, t
         str(model), providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     has_cuda = session.get_providers()[0] == "CUDAExecutionProvider"
-    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_REQUIRE_GPU": "1"})
+    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_REQUIRE_GPU": "1"}, "liveness")
     try:
         with VisionClient(server.target) as client:
+            _wait_for(lambda: client.list_models().models[0].versions[0].state != pb.MODEL_STATE_LOADING)
             (version,) = client.list_models().models[0].versions
             if has_cuda:
                 assert version.provider == "CUDAExecutionProvider"
                 assert client.health("lenet5") == "SERVING"
+                _wait_for(lambda: client.health("") == "SERVING")
             else:
                 assert "require_gpu" in version.reason
                 assert client.health("lenet5") == "NOT_SERVING"
+                time.sleep(1.0)  # loading is over: readiness must stay down, not merely be late
+                assert client.health("") == "NOT_SERVING"  # a GPU pod without CUDA takes no traffic
+                assert "require_gpu: CUDA is not active for lenet5/1" in server.log()
     finally:
         server.stop()
 

@@ -1,0 +1,266 @@
+"""Captioner checkpoint -> encoder.onnx + decoder.onnx -> parity checks -> publish.
+
+The captioner is served as two graphs so that the server can run the encoder once per image
+and batch single decoder steps across every caption in flight. Parity is checked per graph
+(random and real inputs, batch 1 and 64) and end to end: greedy captions decoded with the two
+ONNX graphs must equal those decoded in torch, word for word.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from service.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
+from training.caption_decoding import greedy_decode
+from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
+from training.data.scenes import load_scene_split
+from training.models.captioner import END, START, Captioner, CaptionerConfig, DecoderState
+
+ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+ENCODER_INPUTS, ENCODER_OUTPUTS = ("image",), ("features", "projected", "h", "c")
+DECODER_INPUTS = ("token", "h", "c", "features", "projected")
+DECODER_OUTPUTS = ("log_probs", "next_h", "next_c", "alpha")
+#: Largest |onnxruntime - torch| allowed on any output of either graph.
+PARITY_TOLERANCE = 1e-4
+PARITY_BATCHES = (1, 64)
+GREEDY_PARITY_IMAGES = 64
+
+
+class EncoderGraph(nn.Module):
+    """image -> features, projected features, h0, c0: everything computed once per image."""
+
+    def __init__(self, model: Captioner) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.model.encoder(image)
+        projected, state = self.model.decoder.prepare(features)
+        return features, projected, state.h, state.c
+
+
+class DecoderGraph(nn.Module):
+    """One step: token, h, c, features, projected -> log-probabilities, next h, next c, attention."""
+
+    def __init__(self, model: Captioner) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        token: torch.Tensor,
+        h: torch.Tensor,
+        c: torch.Tensor,
+        features: torch.Tensor,
+        projected: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        logits, state, alpha = self.model.decoder.step(token, DecoderState(h, c), features, projected)
+        return torch.log_softmax(logits, dim=1), state.h, state.c, alpha
+
+
+def example_inputs(config: CaptionerConfig, n: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """An encoder input and decoder inputs of batch n, shaped as the graphs expect."""
+    cells = config.grid_size**2
+    image = torch.zeros(n, 3, config.image_size, config.image_size, dtype=torch.uint8)
+    step = (
+        torch.full((n,), START, dtype=torch.int64),
+        torch.zeros(n, config.hidden_dim),
+        torch.zeros(n, config.hidden_dim),
+        torch.zeros(n, cells, config.feature_dim),
+        torch.zeros(n, cells, config.attention_dim),
+    )
+    return image, step
+
+
+def export_graphs(model: Captioner, directory: Path) -> None:
+    """Write encoder.onnx and decoder.onnx with a dynamic batch axis on every input."""
+    from training.export import OPSET  # the classifiers' opset, one place
+
+    model.eval()
+    image, step = example_inputs(model.config, 2)
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings():  # torch-internal deprecation noise, nothing a caller can act on
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
+        torch.onnx.export(
+            EncoderGraph(model).eval(),
+            (image,),
+            str(directory / ENCODER_FILE),
+            input_names=list(ENCODER_INPUTS),
+            output_names=list(ENCODER_OUTPUTS),
+            dynamic_shapes={"image": {0: batch}},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        torch.onnx.export(
+            DecoderGraph(model).eval(),
+            step,
+            str(directory / DECODER_FILE),
+            input_names=list(DECODER_INPUTS),
+            output_names=list(DECODER_OUTPUTS),
+            dynamic_shapes={name: {0: batch} for name in ("token", "h", "c", "features", "projected")},
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+
+
+def check_graphs(directory: Path) -> None:
+    """Both files are valid ONNX with the expected names and a dynamic batch axis."""
+    from training.export import ExportError
+
+    for file, inputs, outputs in (
+        (ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS),
+        (DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS),
+    ):
+        path = directory / file
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"{path}: invalid ONNX: {e}") from e
+        graph = onnx.load(str(path)).graph
+        got = ([i.name for i in graph.input], [o.name for o in graph.output])
+        if got != (list(inputs), list(outputs)):
+            raise ExportError(
+                f"{path}: expected I/O {list(inputs)} -> {list(outputs)}, got {got[0]} -> {got[1]}"
+            )
+        for value in graph.input:
+            if not value.type.tensor_type.shape.dim[0].dim_param:
+                raise ExportError(f"{path}: the batch axis of {value.name} is fixed")
+
+
+class OnnxCaptioner:
+    """The two exported graphs on onnxruntime, with the greedy decode the server's search starts from."""
+
+    def __init__(self, directory: Path, max_length: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(str(directory / ENCODER_FILE), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(directory / DECODER_FILE), options, providers=providers)
+        self.max_length = max_length
+
+    def encode(self, images: np.ndarray) -> list[np.ndarray]:
+        return self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
+
+    def step(self, token: np.ndarray, *state_and_features: np.ndarray) -> list[np.ndarray]:
+        """token, then h, c, features, projected, as the decoder graph takes them."""
+        feeds = dict(zip(DECODER_INPUTS, (token, *state_and_features), strict=True))
+        return self.decoder.run(list(DECODER_OUTPUTS), feeds)
+
+    def greedy(self, images: np.ndarray) -> list[list[int]]:
+        features, projected, h, c = self.encode(images)
+        tokens = np.full(len(images), START, dtype=np.int64)
+        captions: list[list[int]] = [[] for _ in images]
+        done = np.zeros(len(images), dtype=bool)
+        for _ in range(self.max_length):  # as greedy_decode: at most max_length words
+            log_probs, h, c, _ = self.step(tokens, h, c, features, projected)
+            tokens = log_probs.argmax(axis=1).astype(np.int64)
+            for i in np.flatnonzero(~done & (tokens != END)):
+                captions[i].append(int(tokens[i]))
+            done |= tokens == END
+            if done.all():
+                break
+        return captions
+
+
+def parity(model: Captioner, directory: Path) -> tuple[float, float]:
+    """(max |onnxruntime - torch| over every output of both graphs, fraction of greedy captions equal)."""
+    config = model.config
+    runtime = OnnxCaptioner(directory, config.max_length)
+    real = load_scene_split("test", 0, GREEDY_PARITY_IMAGES).images
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    with torch.no_grad():
+        for n in PARITY_BATCHES:
+            noise = rng.integers(0, 256, (n, 3, config.image_size, config.image_size), dtype=np.uint8)
+            for images in (np.ascontiguousarray(real[:n]), noise):
+                ours = runtime.encode(images)
+                theirs = EncoderGraph(model)(torch.tensor(images))
+                worst = max(worst, _max_diff(ours, theirs))
+                token = rng.integers(0, len(config.vocabulary), n).astype(np.int64)
+                step_inputs = (token, *ours[2:], *ours[:2])  # token, h, c, features, projected
+                ours_step = runtime.step(*step_inputs)
+                theirs_step = DecoderGraph(model)(*(torch.tensor(x) for x in step_inputs))
+                worst = max(worst, _max_diff(ours_step, theirs_step))
+    torch_captions = greedy_decode(model, torch.tensor(real))
+    onnx_captions = runtime.greedy(np.ascontiguousarray(real))
+    same = float(np.mean([a == b for a, b in zip(torch_captions, onnx_captions, strict=True)]))
+    return worst, same
+
+
+def _max_diff(ours: list[np.ndarray], theirs: tuple[torch.Tensor, ...]) -> float:
+    diffs = [
+        float(np.max(np.abs(a.astype(np.float64) - b.numpy()))) for a, b in zip(ours, theirs, strict=True)
+    ]
+    return float("nan") if any(np.isnan(diffs)) else max(diffs)
+
+
+def build_manifest(checkpoint: dict, config: CaptionerConfig, worst: float) -> Manifest:
+    """The captioner's manifest: input adaptation, vocabulary, graphs and the evaluation results."""
+    from training.export import provenance
+
+    return Manifest(
+        name=checkpoint["model"],
+        kind="captioner",
+        description=(
+            "show-attend-tell captioner (residual CNN encoder, LSTM decoder with soft attention) "
+            "trained on generated scenes; " + checkpoint.get("selection", "")
+        ).strip("; "),
+        input=InputSpec(
+            name=ENCODER_INPUTS[0],
+            channels=3,
+            height=config.image_size,
+            width=config.image_size,
+            color_mode="RGB",
+        ),
+        output_name=DECODER_OUTPUTS[0],
+        adaptation=ResizeAdaptation(),
+        captioner=CaptionerSpec(
+            encoder_file=ENCODER_FILE,
+            decoder_file=DECODER_FILE,
+            vocabulary=list(config.vocabulary),
+            start_token=START,
+            end_token=END,
+            max_length=config.max_length,
+            grid=(config.grid_size, config.grid_size),
+        ),
+        metrics={**{k: float(v) for k, v in checkpoint["metrics"].items()}, "parity_max_abs_diff": worst},
+        provenance=provenance(checkpoint, "train_captioner", SCENES_DESCRIPTION),
+    )
+
+
+def load_captioner(checkpoint: dict) -> Captioner:
+    """The model a captioner checkpoint describes, in eval mode."""
+    model = Captioner(CaptionerConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval()
+
+
+def captioner_stage(model: Captioner, checkpoint: dict, tolerance: float):
+    """The publishing stage (see training.export.publish): export, check, build the manifest."""
+    from training.export import ExportError, check_parity
+
+    def stage(staging: Path) -> tuple[Manifest, float]:
+        export_graphs(model, staging)
+        check_graphs(staging)
+        worst, same = parity(model, staging)
+        check_parity(checkpoint["model"], worst, tolerance)
+        print(f"{checkpoint['model']}: greedy captions equal in torch and onnxruntime: {same:.1%}")
+        if same < 1.0:
+            raise ExportError(
+                f"greedy captions differ between torch and onnxruntime on {1 - same:.1%} of images"
+            )
+        return build_manifest(checkpoint, model.config, worst), worst
+
+    return stage
