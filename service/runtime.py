@@ -19,6 +19,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
+#: How a version that cannot run on CUDA under require_gpu fails; readiness looks for it.
+REQUIRE_GPU_FAILURE = "require_gpu is set"
 CPU = "CPUExecutionProvider"
 
 
@@ -39,6 +41,10 @@ def onnxruntime() -> ModuleType:
     # onnxruntime prints its own coloured lines to stderr, e.g. why CUDA could not be used; keep
     # them out of the structured log unless debugging.
     ort.set_default_logger_severity(2 if log.isEnabledFor(logging.DEBUG) else 4)
+    # A server sends nothing anywhere, and recent releases would also write a device id under
+    # $HOME, which fails (with a warning) on a read-only root filesystem.
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()
     if CUDA in ort.get_available_providers() and importlib.util.find_spec("nvidia") is not None:
         # CUDA and cuDNN came from pip (the `cuda` extra): load them before the first session.
         ort.preload_dlls()
@@ -113,7 +119,7 @@ class ModelSession:
                 path,
             )
         if options.require_gpu and self.provider != CUDA:
-            raise ModelLoadError(f"require_gpu is set but {path.name} runs on {self.provider}")
+            raise ModelLoadError(f"{REQUIRE_GPU_FAILURE} but {path.name} runs on {self.provider}")
         self.inputs = [_tensor_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_tensor_spec(o) for o in self._session.get_outputs()]
         self.input_names = [t.name for t in self.inputs]

@@ -27,7 +27,7 @@ from service.batching import BatchingOptions
 from service.http import build_app
 from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
-from service.runtime import SessionOptions
+from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
 from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer
 from service.settings import Settings
@@ -36,6 +36,34 @@ log = logging.getLogger(__name__)
 
 LIVENESS = "liveness"
 OVERALL = ""
+
+
+def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments of the gRPC server: message sizes, keepalive and the maximum connection age.
+
+    Keepalive pings find dead clients; the maximum connection age sends every connection a GOAWAY
+    after a while, so clients reconnect and re-resolve, and replicas added later get their share.
+    """
+
+    def ms(seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    options = [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.keepalive_time_ms", ms(settings.keepalive_time_seconds)),
+        ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
+        # Our own pings also on idle connections; clients may ping idle connections too, this often:
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(settings.keepalive_min_ping_interval_seconds)),
+    ]
+    if settings.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", ms(settings.max_connection_age_seconds)),
+            ("grpc.max_connection_age_grace_ms", round(settings.max_connection_age_grace_seconds * 1000)),
+        ]
+    return options
 
 
 class ConvserveServer:
@@ -77,11 +105,7 @@ class ConvserveServer:
         self._start_metrics()
         server = grpc.aio.server(
             interceptors=[ServingInterceptor()],
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", settings.max_message_bytes),
-                ("grpc.max_send_message_length", settings.max_message_bytes),
-            ],
+            options=grpc_server_options(settings),
         )
         vision = VisionServicer(self.repository, settings)
         kserve = KServeServicer(self.repository, lambda: self._ready, settings.max_message_bytes)
@@ -110,11 +134,26 @@ class ConvserveServer:
         log.info("gRPC listening on %s:%d", settings.host, self.grpc_port)
         await self._start_http(build_app(kserve, vision, settings.max_message_bytes))
         await self.repository.refresh()
-        await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
-        self._ready = True
-        log.info("ready: %d model(s) in %s", len(self.repository.entries()), settings.model_repository)
+        without_gpu = self._versions_without_gpu()
+        if without_gpu:  # a GPU deployment on a node without working CUDA must not take traffic
+            log.error(
+                "require_gpu: CUDA is not active for %s; readiness stays NOT_SERVING", ", ".join(without_gpu)
+            )
+        else:
+            await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+            self._ready = True
+            log.info("ready: %d model(s) in %s", len(self.repository.entries()), settings.model_repository)
         if settings.repository_poll_seconds > 0:
             self._poller = asyncio.create_task(self._poll(settings.repository_poll_seconds))
+
+    def _versions_without_gpu(self) -> list[str]:
+        """`model/version` of every version that failed to load because require_gpu found no CUDA."""
+        return [
+            f"{version.model}/{version.version}"
+            for entry in self.repository.entries()
+            for version in entry.versions.values()
+            if version.state is VersionState.FAILED and version.reason.startswith(REQUIRE_GPU_FAILURE)
+        ]
 
     async def wait_for_termination(self) -> None:
         """Serve until SIGTERM or SIGINT, then stop gracefully."""

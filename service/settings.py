@@ -80,6 +80,36 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    keepalive_time_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="gRPC: ping a client after this long without activity on its connection, so that "
+        "connections to clients that vanished (a node gone, a NAT that forgot) are noticed and closed.",
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="gRPC: close the connection when a keepalive ping gets no answer within this time.",
+    )
+    keepalive_min_ping_interval_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="gRPC: the shortest interval at which clients may send keepalive pings, also on idle "
+        "connections; a client pinging more often is told GOAWAY (too_many_pings).",
+    )
+    max_connection_age_seconds: float = Field(
+        default=300.0,
+        ge=0,
+        description="gRPC: after about this long (+/-10 % jitter) a connection is sent GOAWAY, so clients "
+        "reconnect, re-resolve DNS and spread over new replicas (e.g. pods an autoscaler added); "
+        "0 keeps connections forever.",
+    )
+    max_connection_age_grace_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="gRPC: how long RPCs (streams included) still running on a connection sent GOAWAY "
+        "for its age may take to finish before the connection is closed.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one object per line (for log pipelines); text: for people."
