@@ -33,7 +33,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 FOREGROUND_MODELS ?= lenet5
 BACKGROUND_MODELS ?= dcgan
 
-.PHONY: help install serve test models bench protos lint format clean
+.PHONY: help install serve test models bench protos lint format clean container-test
 
 help:
 	@echo "make serve    set up, train the default models if missing, serve on HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT)"
@@ -42,6 +42,7 @@ help:
 	@echo "make bench    batching off / on / in-process onnxruntime, one interleaved run (bench-results/)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff check and format check"
+	@echo "make container-test  build the image, run it read-only and call it, compose up convserve + Prometheus (docker, else podman)"
 	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
 
 $(STAMP): pyproject.toml
@@ -70,8 +71,22 @@ serve: install
 models: install
 	$(BIN)/convserve-train all --repository $(MODELS)
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest
+
+# What tests/deploy runs besides the dev extra's tools: Debian's prometheus package (prometheus and
+# promtool), installed when missing (as root, else through sudo; Recommends left out), and kubectl.
+.PHONY: system-deps
+system-deps:
+	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
+		echo "installing Debian's prometheus (prometheus, promtool) for tests/deploy"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq \
+		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus >/dev/null; \
+	fi
+	@command -v kubectl >/dev/null 2>&1 || { \
+		echo "kubectl is missing: tests/deploy renders deploy/k8s with kubectl kustomize" >&2; exit 1; }
 
 bench: install
 	$(BIN)/convserve-train all --missing --only $(FOREGROUND_MODELS) --repository $(MODELS)
@@ -85,6 +100,10 @@ protos: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Needs root where podman must be installed; see deploy/docker/container-test.sh.
+container-test: install
+	VENV=$(VENV) deploy/docker/container-test.sh
 
 format: install
 	$(BIN)/ruff format .
