@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from service.manifest import CONFIG_FILE
-from training import train_classifier, train_gan, train_scenes_resnet
+from training import train_captioner, train_classifier, train_gan, train_scenes_resnet
 from training.export import published_versions
 
 
@@ -48,6 +48,11 @@ TRAINERS: dict[str, Trainer] = {
         help="a residual network naming the large object in generated scenes",
         add_arguments=train_scenes_resnet.add_arguments,
         run_from_args=train_scenes_resnet.run_from_args,
+    ),
+    "captioner": Trainer(
+        help="a show-attend-tell captioner (CNN encoder, LSTM with soft attention) on generated scenes",
+        add_arguments=train_captioner.add_arguments,
+        run_from_args=train_captioner.run_from_args,
     ),
 }
 
