@@ -63,6 +63,8 @@ def test_all_missing_trains_what_is_absent(tmp_path: Path) -> None:
     assert (tmp_path / "runs" / "lenet5" / "metrics.json").is_file()
     assert (repository / "dcgan" / "1" / "model.onnx").is_file()  # judged by the LeNet-5 trained beside it
     assert load_manifest(repository / "dcgan").kind == "generator"
+    scenes = load_manifest(repository / "scenes-resnet")
+    assert scenes.kind == "classifier" and scenes.input.color_mode == "RGB" and len(scenes.labels) == 12
 
 
 def test_no_export_publishes_nothing(tmp_path: Path) -> None:
