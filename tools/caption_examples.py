@@ -1,6 +1,6 @@
 """Draw test scenes with the captions a trained captioner gives them (beam 3), for the README.
 
-    .venv/bin/python tools/caption_examples.py runs/captioner/checkpoint.pt docs/captioner-examples.png
+.venv/bin/python tools/caption_examples.py runs/captioner/checkpoint.pt docs/captioner-examples.png
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.axis("off")
         if i >= args.count:
             continue
-        caption = words(beam_search(model, torch.tensor(split.images[i]), 3)[0].tokens, model.config.vocabulary)
+        best = beam_search(model, torch.tensor(split.images[i]), 3)[0]
+        caption = words(best.tokens, model.config.vocabulary)
         right = parse_caption(caption) == split.layouts[i]
         ax.imshow(split.images[i].transpose(1, 2, 0))
         ax.set_title(_wrap(caption) + ("" if right else "\n(wrong)"), fontsize=10)

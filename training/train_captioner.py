@@ -45,7 +45,6 @@ class Hyperparameters:
     batch_size: int = 64
     lr: float = 2e-3
     attention_penalty: float = 0.02  # lambda of the doubly stochastic attention regulariser
-    word_dropout: float = 0.0  # chance that an input word (not <start>) is replaced by <unk>
     clip_norm: float = 5.0
 
 
@@ -98,11 +97,7 @@ def train_epoch(
         tokens = targets[idx]
         length = int((tokens != PAD).sum(dim=1).max())  # trim the batch to its longest caption
         tokens = tokens[:, :length]
-        inputs = tokens
-        if hp.word_dropout > 0:  # lean less on the previous word, more on what the attention sees
-            drop = (torch.rand(tokens.shape, generator=generator) < hp.word_dropout) & (tokens > END)
-            inputs = torch.where(drop, torch.full_like(tokens, UNKNOWN), tokens)
-        logits, alphas = model(images[idx], inputs)
+        logits, alphas = model(images[idx], tokens)
         ce, penalty = caption_loss(logits, alphas, tokens, hp.attention_penalty)
         optimizer.zero_grad(set_to_none=True)
         (ce + penalty).backward()
