@@ -50,7 +50,7 @@ from service.runtime import CPU, ModelSession, SessionOptions
 from service.tensors import DATATYPES
 
 #: task: Classify over gRPC; kserve: ModelInfer over gRPC; http: KServe v2 infer over HTTP/REST.
-APIS = ("task", "kserve", "http")
+APIS = ("task", "kserve", "http", "caption")
 #: Where `--api http` goes without --target: the server's default HTTP port.
 DEFAULT_HTTP_TARGET = "127.0.0.1:8000"
 DEFAULT_CONCURRENCY = 16
@@ -70,6 +70,14 @@ MODE_NAMES = {
     "inprocess": "in-process onnxruntime",
 }
 #: Modes of a transports comparison (they are API names), in the order each repeat runs them.
+#: --compare --api caption: a captioner's beam search with iteration-level batching, or each request alone.
+CAPTION_MODES = ("alone", "batched")
+CAPTION_MODE_NAMES = {
+    "alone": "each request decoded alone",
+    "batched": "iteration-level batching",
+}
+CAPTION_CONCURRENCY = (1, 32)
+CAPTION_IMAGES = 64
 TRANSPORTS = ("kserve", "http")
 TRANSPORT_NAMES = {
     "kserve": "KServe v2 over gRPC (raw tensors)",
@@ -375,6 +383,62 @@ def task_requests(workload: Workload, per_request: int) -> list[vision_pb2.Class
     ]
 
 
+def scene_images(count: int = CAPTION_IMAGES, size: int = 64, seed: int = 0) -> np.ndarray:
+    """(count, size, size, 3) uint8 pictures of one to three coloured shapes on a plain ground.
+
+    Drawn here with Pillow (the server install has no trainer): close enough to the captioner's
+    training scenes that it writes captions of typical length for them.
+    """
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    colours = [(220, 40, 40), (40, 170, 60), (50, 80, 220), (230, 200, 40), (160, 60, 200), (250, 140, 30)]
+    out = np.empty((count, size, size, 3), np.uint8)
+    for i in range(count):
+        picture = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        draw = ImageDraw.Draw(picture)
+        for _ in range(int(rng.integers(1, 4))):
+            side = int(rng.integers(size // 6, size // 3))
+            left, top = (int(v) for v in rng.integers(0, size - side, 2))
+            box = (left, top, left + side, top + side)
+            colour = colours[int(rng.integers(len(colours)))]
+            shape = int(rng.integers(3))
+            if shape == 0:
+                draw.rectangle(box, fill=colour)
+            elif shape == 1:
+                draw.ellipse(box, fill=colour)
+            else:
+                draw.polygon(
+                    [(left + side // 2, top), (left, top + side), (left + side, top + side)], fill=colour
+                )
+        out[i] = np.asarray(picture)
+    return out
+
+
+async def caption_workload(target: str, model: str, timeout: float) -> Workload:
+    """A captioner's newest version (KServe ModelMetadata) and drawn scenes to caption."""
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        metadata = await stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name=model), timeout=timeout)
+    finally:
+        await channel.close()
+    images = scene_images()
+    version = metadata.versions[0] if metadata.versions else ""
+    return Workload(model, version, "image", "UINT8", images, f"{len(images)} drawn scenes (raw RGB 64x64)")
+
+
+def caption_requests(workload: Workload, per_request: int, beam_size: int | None = None) -> list[Any]:
+    """Caption requests (the model's defaults: beam size, max length; one caption per image)."""
+    requests = []
+    for group in _groups(workload.images, per_request):
+        request = vision_pb2.CaptionRequest(model=workload.model, images=[to_image(i) for i in group])
+        if beam_size is not None:
+            request.beam_size = beam_size
+        requests.append(request)
+    return requests
+
+
 def kserve_requests(workload: Workload, per_request: int) -> list[kserve_pb2.ModelInferRequest]:
     requests = []
     for group in _groups(workload.images, per_request):
@@ -460,6 +524,10 @@ async def bench_server(
             stubs: list[Any] = [vision_pb2_grpc.VisionStub(c) for c in opened]
             messages: list[Any] = task_requests(workload, images_per_request)
             method = "Classify"
+        elif api == "caption":
+            stubs = [vision_pb2_grpc.VisionStub(c) for c in opened]
+            messages = caption_requests(workload, images_per_request)
+            method = "Caption"
         else:
             stubs = [kserve_grpc.GRPCInferenceServiceStub(c) for c in opened]
             messages = kserve_requests(workload, images_per_request)
@@ -792,6 +860,8 @@ def serving(repository: Path, envs: dict[str, dict[str, str]]) -> Iterator[dict[
 
 async def workload_at(target: str, model: str, timeout: float, api: str = "kserve") -> Workload:
     """The workload, asked of the server through the port `api` uses (HTTP for http, else gRPC)."""
+    if api == "caption":
+        return await caption_workload(target, model, timeout)
     if api == "http":
         return await fetch_workload_http(target, model, timeout)
     channel = grpc.aio.insecure_channel(target)
@@ -912,6 +982,93 @@ async def _transports(
         server=served,
         points=points,
     )
+
+
+@dataclass(frozen=True)
+class CaptionReport:
+    options: LoadOptions
+    workload: str
+    environment: dict[str, Any]
+    servers: dict[str, dict[str, Any]]  # mode -> settings and the captions' mean length
+    points: list[Point]
+
+    def summary(self) -> dict[str, Any]:
+        concurrencies = self.options.concurrencies
+        return {
+            "points": point_rows(self.points, concurrencies, CAPTION_MODES),
+            "batching": paired(self.points, concurrencies, "alone", "batched"),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **_report_dict(self.options, self.workload, self.environment, self.points),
+            "servers": self.servers,
+            "summary": self.summary(),
+        }
+
+
+def run_caption_compare(options: LoadOptions, progress: Progress | None = None) -> CaptionReport:
+    """Two servers: beam search with iteration-level batching (default) and each request decoded alone."""
+    say = progress or (lambda line: None)
+    _check_repository(options)
+    say("starting servers: each caption request decoded alone (CONVSERVE_CAPTION_BATCHING=0) and batched")
+    envs = {"alone": {"CONVSERVE_CAPTION_BATCHING": "0"}, "batched": {}}
+    with serving(options.repository, envs) as servers:
+        return asyncio.run(_caption_compare(options, servers, say))
+
+
+async def _caption_compare(
+    options: LoadOptions, servers: dict[str, ServerProcess], say: Progress
+) -> CaptionReport:
+    workload = await caption_workload(servers["batched"].target, options.model, options.timeout)
+    served: dict[str, dict[str, Any]] = {}
+    for mode, server in servers.items():  # the same captions either way: their length sets the work
+        with VisionClient(server.target, timeout=60) as client:
+            response = await asyncio.to_thread(client.caption, list(workload.images), options.model)
+        lengths = [len(r.captions[0].words) for r in response.results]
+        served[mode] = {
+            "caption_batching": mode == "batched",
+            "mean_caption_words": statistics.fmean(lengths),
+            "example": response.results[0].captions[0].text,
+        }
+    say(
+        f"captions: {served['batched']['mean_caption_words']:.1f} words on average, e.g. "
+        f"{served['batched']['example']!r}"
+    )
+    points: list[Point] = []
+    for repeat in range(options.repeats):
+        for concurrency in options.concurrencies:
+            for mode in CAPTION_MODES:
+                result = await bench_server(
+                    servers[mode].target,
+                    workload,
+                    "caption",
+                    concurrency,
+                    channels=options.channels,
+                    timeout=options.timeout,
+                    **_load(options),
+                )
+                points.append(Point(repeat, mode, result))
+                say(f"repeat {repeat + 1}/{options.repeats}  {_point_line(mode, result)}")
+    return CaptionReport(options, _described(workload), _environment(), served, points)
+
+
+def render_caption_markdown(report: CaptionReport) -> str:
+    options, summary = report.options, report.summary()
+    words = report.servers.get("batched", {}).get("mean_caption_words", 0.0)
+    lines = [
+        f"## {options.model}: beam search with iteration-level batching vs each request decoded alone",
+        "",
+        _method(report.workload, options, "alone, then batched"),
+        "",
+        f"Caption RPC, the model's default beam size and max length, one image per request; captions "
+        f"{words:.1f} words on average. images/s is captions/s. {_machine(report.environment)}",
+        "",
+        *_points_table(summary["points"], CAPTION_MODE_NAMES),
+        "",
+        *_paired_table(summary["batching"], "alone", "batched"),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def _environment() -> dict[str, Any]:
@@ -1278,6 +1435,13 @@ def _progress(line: str) -> None:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
+    if args.api == "caption":
+        options = _load_options(args)
+        options["concurrencies"] = args.concurrency or CAPTION_CONCURRENCY
+        caption_report = run_caption_compare(LoadOptions(**options), progress=_progress)
+        return _report(
+            args, caption_report.to_dict(), render_caption_markdown(caption_report), caption_report.points
+        )
     report = run_compare(CompareOptions(api=args.api, **_load_options(args)), progress=_progress)
     return _report(args, report.to_dict(), render_markdown(report), report.points)
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 
 from service import __version__, bench
@@ -70,6 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--json", action="store_true", help="print a JSON summary")
     client_flags(generate)
+
+    caption = commands.add_parser("caption", help="caption an image with a captioner model (beam search)")
+    caption.add_argument("image", type=Path, help="PNG, JPEG or BMP file")
+    caption.add_argument("--model", default="captioner", help="model name (default: captioner)")
+    caption.add_argument("--model-version", default="", help="model version (default: newest ready)")
+    caption.add_argument("--beam", type=int, help="beam size (default: the model's, 3; 1 is greedy)")
+    caption.add_argument("--max-length", type=int, help="most words (default: the model's max_length)")
+    caption.add_argument("--count", type=int, help="captions to print, best first (default: 1)")
+    caption.add_argument("--json", action="store_true", help="one JSON object")
+    caption.add_argument(
+        "--attention",
+        type=Path,
+        metavar="PNG",
+        help="write the best caption's attention: one panel per word, the map over the image",
+    )
+    client_flags(caption)
 
     models = commands.add_parser("models", help="list the server's models")
     models.add_argument("--json", action="store_true", help="JSON output")
@@ -171,7 +188,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return bench.main(args)
     try:
         with VisionClient(args.target, timeout=args.timeout) as client:
-            commands = {"classify": _classify, "generate": _generate, "models": _models, "health": _health}
+            commands = {
+                "classify": _classify,
+                "generate": _generate,
+                "caption": _caption,
+                "models": _models,
+                "health": _health,
+            }
             return commands[args.command](client, args)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
@@ -256,6 +279,37 @@ def _generate(client: VisionClient, args: argparse.Namespace) -> int:
     else:
         files = ", ".join(map(str, paths))
         print(f"seed {response.seed}: {len(labels)} image(s) of {' '.join(labels)} -> {files}")
+    return 0
+
+
+def _caption(client: VisionClient, args: argparse.Namespace) -> int:
+    response = client.caption(
+        [args.image],
+        model=args.model,
+        version=args.model_version,
+        beam_size=args.beam,
+        max_length=args.max_length,
+        count=args.count,
+        attention=args.attention is not None,
+    )
+    captions = response.results[0].captions
+    if args.attention is not None:
+        from service.attention import attention_png  # Pillow only
+
+        best = captions[0]
+        maps = [np.asarray(a.weights, np.float32).reshape(a.rows, a.columns) for a in best.attention]
+        args.attention.write_bytes(attention_png(args.image.read_bytes(), list(best.words), maps))
+    if args.json:
+        record = {"image": str(args.image), "model": response.model, "version": response.version}
+        rows = [{"text": c.text, "words": list(c.words), "log_prob": round(c.log_prob, 6)} for c in captions]
+        if args.attention is not None:
+            record["attention"] = str(args.attention)
+        print(json.dumps({**record, "captions": rows}))
+    else:
+        for c in captions:
+            print(f"{c.text}    ({c.log_prob:.3f})")
+        if args.attention is not None:
+            print(f"attention: {args.attention}")
     return 0
 
 

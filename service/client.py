@@ -59,6 +59,27 @@ def generate_request(
     return request
 
 
+def caption_request(
+    images: Sequence[ImageLike],
+    model: str,
+    version: str = "",
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    count: int | None = None,
+    attention: bool = False,
+) -> pb.CaptionRequest:
+    request = pb.CaptionRequest(
+        model=model, version=version, images=[to_image(i) for i in images], return_attention=attention
+    )
+    if beam_size is not None:
+        request.beam_size = beam_size
+    if max_length is not None:
+        request.max_length = max_length
+    if count is not None:
+        request.count = count
+    return request
+
+
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -103,6 +124,21 @@ class VisionClient:
     ) -> pb.GenerateResponse:
         request = generate_request(model, count, labels, seed, grid, version)
         return self._vision.Generate(request, timeout=timeout or self.timeout)
+
+    def caption(
+        self,
+        images: Sequence[ImageLike],
+        model: str = "captioner",
+        version: str = "",
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        count: int | None = None,
+        attention: bool = False,
+        timeout: float | None = None,
+    ) -> pb.CaptionResponse:
+        """The `count` best captions per image (server-side beam search); unset: the model's defaults."""
+        request = caption_request(images, model, version, beam_size, max_length, count, attention)
+        return self._vision.Caption(request, timeout=timeout or self.timeout)
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
         return self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
@@ -161,6 +197,20 @@ class AsyncVisionClient:
     ) -> pb.GenerateResponse:
         request = generate_request(model, count, labels, seed, grid, version)
         return await self._vision.Generate(request, timeout=timeout or self.timeout)
+
+    async def caption(
+        self,
+        images: Sequence[ImageLike],
+        model: str = "captioner",
+        version: str = "",
+        beam_size: int | None = None,
+        max_length: int | None = None,
+        count: int | None = None,
+        attention: bool = False,
+        timeout: float | None = None,
+    ) -> pb.CaptionResponse:
+        request = caption_request(images, model, version, beam_size, max_length, count, attention)
+        return await self._vision.Caption(request, timeout=timeout or self.timeout)
 
     async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
         return await self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)

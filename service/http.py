@@ -63,6 +63,7 @@ def build_app(kserve: KServeServicer, vision: VisionServicer, max_body_bytes: in
         ("POST", "/v2/repository/models/{name}/unload", routes.unload, "RepositoryModelUnload"),
         ("POST", "/v1/classify", routes.classify, "Classify"),
         ("POST", "/v1/generate", routes.generate, "Generate"),
+        ("POST", "/v1/caption", routes.caption, "Caption"),
     ]
     for base in (model, versioned):
         table += [
@@ -259,6 +260,29 @@ class Routes:
         png = response.grid_png or response.images[0].png
         headers = {"x-seed": str(response.seed), "x-labels": ",".join(i.label for i in response.images)}
         return web.Response(body=png, content_type="image/png", headers=headers)
+
+    async def caption(self, request: web.Request) -> web.Response:
+        """POST an image as the body: ?model=captioner&beam=3&max_length=24&count=1&attention=1."""
+        query = request.query
+        caption = vision_pb.CaptionRequest(
+            model=query.get("model", "captioner"),
+            version=query.get("version", ""),
+            images=[vision_pb.Image(encoded=await request.read())],
+            return_attention=query.get("attention", "").lower() in ("1", "true", "yes"),
+        )
+        for name, field in (("beam", "beam_size"), ("max_length", "max_length"), ("count", "count")):
+            if name in query:
+                setattr(caption, field, _int(query[name], name))
+        response = await self.vision.caption(caption, _deadline(request))
+        captions = []
+        for c in response.results[0].captions:
+            entry: dict[str, Any] = {"text": c.text, "words": list(c.words), "log_prob": c.log_prob}
+            if c.attention:
+                entry["attention"] = [
+                    {"rows": a.rows, "columns": a.columns, "weights": list(a.weights)} for a in c.attention
+                ]
+            captions.append(entry)
+        return web.json_response({"model": response.model, "version": response.version, "captions": captions})
 
 
 def _model(request: web.Request) -> tuple[str, str]:

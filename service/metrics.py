@@ -94,3 +94,32 @@ MODEL_LOAD_FAILURES = Counter(
     "Model versions that failed to load.",
     ["model"],
 )
+DECODE_ACTIVE_HYPOTHESES = Histogram(
+    "convserve_decode_active_hypotheses",
+    "Caption decode loop: hypotheses (rows) advanced by one decoder step, over every request in it.",
+    ["model", "version"],
+    buckets=BATCH_BUCKETS,
+)
+DECODE_ACTIVE_REQUESTS = Histogram(
+    "convserve_decode_active_requests",
+    "Caption decode loop: images (one beam each) advanced by one decoder step.",
+    ["model", "version"],
+    buckets=BATCH_BUCKETS,
+)
+DECODE_STEPS = Histogram(
+    "convserve_decode_steps",
+    "Caption decode loop: decoder steps one image's beam search took (finished, expired or cancelled).",
+    ["model", "version"],
+    buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128),
+)
+DECODE_STEP_DURATION = Histogram(
+    "convserve_decode_step_duration_seconds",
+    "Caption decode loop: one step, from gathering the hypotheses to the beam bookkeeping after the run.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+DECODE_DROPPED = Counter(
+    "convserve_decode_dropped",
+    "Caption decode loop: images that left the loop unfinished, by reason (cancelled, deadline_exceeded).",
+    ["model", "version", "reason"],
+)

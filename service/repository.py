@@ -24,18 +24,20 @@ from pydantic import ValidationError
 
 from service import metrics
 from service.batching import BatchingOptions, DynamicBatcher
+from service.decoding import DecodeLoop, DecodingOptions
 from service.errors import ModelNotFound, ModelNotReady
 from service.manifest import CONFIG_FILE, Manifest, load_manifest
-from service.pipelines import Pipeline, build_pipeline
+from service.pipelines import CaptionerPipeline, Pipeline, build_pipeline
 from service.runtime import ModelLoadError, ModelSession, SessionOptions
 from service.statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
-#: Kinds served from a single model.onnx. A captioner's encoder and decoder graphs need the
-#: Caption RPC's decode loop; until then its versions fail to load with a message that says so.
-SERVABLE_KINDS = ("classifier", "generator", "tensor")
+#: Kinds the server serves: a single model.onnx, or (captioner) an encoder and a decoder graph.
+SERVABLE_KINDS = ("classifier", "generator", "captioner", "tensor")
+#: A captioner's graphs are also KServe v2 tensor models of their own: `<captioner>.encoder`, ...
+CAPTIONER_PARTS = ("encoder", "decoder")
 #: How long a retired version may take to finish the requests it already accepted.
 DRAIN_SECONDS = 30.0
 
@@ -63,15 +65,20 @@ class ModelVersion:
     batcher: DynamicBatcher | None = None
     stats: VersionStatistics | None = None
     active: int = 0  # requests that chose this version and have not answered yet
+    #: A captioner's graphs as tensor models of their own ("encoder", "decoder"), named `<model>.<part>`.
+    parts: dict[str, ModelVersion] = field(default_factory=dict)
+    parent: ModelVersion | None = None  # the captioner version a part belongs to
+    model_file: str = MODEL_FILE  # the ONNX file behind `session`, as ModelConfig names it
 
     @contextmanager
     def in_use(self) -> Iterator[ModelVersion]:
         """Hold the version for one request: retiring waits for it before releasing the session."""
-        self.active += 1
+        holder = self.parent or self
+        holder.active += 1
         try:
             yield self
         finally:
-            self.active -= 1
+            holder.active -= 1
 
 
 @dataclass
@@ -93,12 +100,18 @@ class ModelRepository:
     """Scans the repository folder and loads the versions each model's policy asks for."""
 
     def __init__(
-        self, root: Path, options: SessionOptions, batching: BatchingOptions, warmup: bool = True
+        self,
+        root: Path,
+        options: SessionOptions,
+        batching: BatchingOptions,
+        warmup: bool = True,
+        decoding: DecodingOptions | None = None,
     ) -> None:
         self.root = root
         self.options = options
         self.batching = batching
         self.warmup = warmup
+        self.decoding = decoding or DecodingOptions()
         self._entries: dict[str, ModelEntry] = {}
         self._listeners: list[StateListener] = []
         self._lock = asyncio.Lock()
@@ -116,8 +129,14 @@ class ModelRepository:
         return entry is not None and any(v.state is VersionState.READY for v in entry.versions.values())
 
     def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version that should answer: the given one, or the newest ready one."""
+        """The version that should answer: the given one, or the newest ready one.
+
+        `<captioner>.encoder` and `<captioner>.decoder` name a captioner version's graphs.
+        """
         entry = self._entries.get(name)
+        base, _, part = name.rpartition(".")
+        if entry is None and part in CAPTIONER_PARTS and self._is_captioner(base):
+            return self.get(base, version).parts[part]
         if entry is None:
             known = ", ".join(sorted(self._entries)) or "none"
             raise ModelNotFound(f"model {name!r} not found (models: {known})")
@@ -138,6 +157,10 @@ class ModelRepository:
         if newest:
             raise ModelNotReady(_not_ready_message(newest[0]))
         raise ModelNotReady(f"model {name!r} has no version yet")
+
+    def _is_captioner(self, name: str) -> bool:
+        entry = self._entries.get(name)
+        return entry is not None and entry.manifest is not None and entry.manifest.kind == "captioner"
 
     async def refresh(self) -> None:
         """Bring the served set in line with the disk, except models unloaded by request."""
@@ -247,8 +270,59 @@ class ModelRepository:
         loading.stats = VersionStatistics(entry.name, version)
         loading.batcher = self._batcher(manifest, session, loading.stats)
         loading.provider = session.provider
+        if isinstance(pipeline, CaptionerPipeline):
+            self._captioner_parts(loading, manifest, pipeline)
         log.info("model %s version %s ready on %s", entry.name, version, loading.provider)
         self._set_state(loading, VersionState.READY, "")
+
+    def _captioner_parts(
+        self, version: ModelVersion, manifest: Manifest, pipeline: CaptionerPipeline
+    ) -> None:
+        """The decode loop, and the encoder and decoder as tensor models of their own.
+
+        The encoder part shares the version's session, batcher and statistics (Caption requests
+        run their images through that batcher); the decoder part has its own batcher for KServe
+        calls, and its statistics also count the decode loop's steps.
+        """
+        assert manifest.captioner is not None and version.stats is not None
+        spec = manifest.captioner
+        version.model_file = spec.encoder_file
+        encoder = ModelVersion(
+            model=f"{version.model}.encoder",
+            version=version.version,
+            path=version.path,
+            state=VersionState.READY,
+            manifest=manifest,
+            session=pipeline.encoder,
+            batcher=version.batcher,
+            stats=version.stats,
+            provider=pipeline.encoder.provider,
+            parent=version,
+            model_file=spec.encoder_file,
+        )
+        decoder_stats = VersionStatistics(f"{version.model}.decoder", version.version)
+        decoder = ModelVersion(
+            model=f"{version.model}.decoder",
+            version=version.version,
+            path=version.path,
+            state=VersionState.READY,
+            manifest=manifest,
+            session=pipeline.decoder,
+            batcher=self._batcher(manifest, pipeline.decoder, decoder_stats),
+            stats=decoder_stats,
+            provider=pipeline.decoder.provider,
+            parent=version,
+            model_file=spec.decoder_file,
+        )
+        version.parts = {"encoder": encoder, "decoder": decoder}
+        pipeline.loop = DecodeLoop(
+            pipeline.decoder.run,
+            pipeline.decoder.output_names,
+            self.decoding,
+            version.model,
+            version.version,
+            on_step=decoder_stats.ran,
+        )
 
     def _build(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline | None]:
         if manifest.kind not in SERVABLE_KINDS:
@@ -256,6 +330,8 @@ class ModelRepository:
             raise ModelLoadError(
                 f"this server cannot serve models of kind {manifest.kind!r} (it serves: {served})"
             )
+        if manifest.kind == "captioner":
+            return self._build_captioner(manifest, version_dir)
         model_file = version_dir / MODEL_FILE
         if not model_file.is_file():
             raise ModelLoadError(f"{model_file.name} is missing in version folder {version_dir.name}")
@@ -266,6 +342,19 @@ class ModelRepository:
             if pipeline is not None:
                 pipeline.warmup()
         return session, pipeline
+
+    def _build_captioner(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline]:
+        """The encoder session (the version's own, behind its batcher) and the captioner pipeline."""
+        assert manifest.captioner is not None
+        files = [version_dir / manifest.captioner.encoder_file, version_dir / manifest.captioner.decoder_file]
+        for path in files:
+            if not path.is_file():
+                raise ModelLoadError(f"{path.name} is missing in version folder {version_dir.name}")
+        encoder, decoder = (ModelSession(path, self.options) for path in files)
+        pipeline = CaptionerPipeline(manifest, encoder, decoder)
+        if self.warmup:
+            pipeline.warmup()
+        return encoder, pipeline
 
     def _batcher(self, manifest: Manifest, session: ModelSession, stats: VersionStatistics) -> DynamicBatcher:
         """Server defaults, overridden by the model's config; no batch axis means no merging."""
@@ -298,10 +387,16 @@ class ModelRepository:
             deadline = time.monotonic() + DRAIN_SECONDS
             while version.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            batcher = version.batcher
+            batcher, pipeline, parts = version.batcher, version.pipeline, version.parts
             version.batcher = version.pipeline = version.session = None
+            version.parts = {}
+            if isinstance(pipeline, CaptionerPipeline):
+                await pipeline.close()
             if batcher is not None:
                 await batcher.close()
+            for part in parts.values():
+                if part.batcher is not None and part.batcher is not batcher:
+                    await part.batcher.close()
 
         task = asyncio.get_running_loop().create_task(drain())
         draining = self._retiring.setdefault(version.model, set())

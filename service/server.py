@@ -24,6 +24,7 @@ from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.batching import BatchingOptions
+from service.decoding import DecodingOptions
 from service.http import build_app
 from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
@@ -86,6 +87,7 @@ class ConvserveServer:
                 instances=settings.instances,
             ),
             warmup=settings.warmup,
+            decoding=DecodingOptions(max_rows=settings.max_decode_batch, batching=settings.caption_batching),
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -108,7 +110,9 @@ class ConvserveServer:
             options=grpc_server_options(settings),
         )
         vision = VisionServicer(self.repository, settings)
-        kserve = KServeServicer(self.repository, lambda: self._ready, settings.max_message_bytes)
+        kserve = KServeServicer(
+            self.repository, lambda: self._ready, settings.max_message_bytes, settings=settings
+        )
         vision_pb2_grpc.add_VisionServicer_to_server(vision, server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

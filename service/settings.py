@@ -68,6 +68,24 @@ class Settings(BaseSettings):
     max_generate_count: int = Field(
         default=256, gt=0, description="Most images one Generate call may ask for."
     )
+    max_beam_size: int = Field(
+        default=10, gt=0, description="Caption: the largest beam_size a request may ask for."
+    )
+    max_caption_length: int = Field(
+        default=50,
+        gt=0,
+        description="Caption: the most words a request may ask for (the model's own max_length caps it too).",
+    )
+    max_decode_batch: int = Field(
+        default=256,
+        gt=0,
+        description="Caption: most hypotheses (rows) per decoder step; requests beyond it join a later step.",
+    )
+    caption_batching: bool = Field(
+        default=True,
+        description="Caption: advance every active request's hypotheses in one decoder call per step "
+        "(iteration-level batching); off, each request is decoded alone, one after another.",
+    )
     default_top_k: int = Field(default=3, gt=0, description="Classify's top_k when a request sets none.")
     max_image_pixels: int = Field(
         default=16_000_000,

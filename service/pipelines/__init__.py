@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from service.manifest import Manifest
+from service.pipelines.captioner import CaptionerPipeline
 from service.pipelines.classifier import ClassifierPipeline
 from service.pipelines.generator import GeneratorPipeline
 from service.runtime import ModelSession
 
-Pipeline = ClassifierPipeline | GeneratorPipeline
+Pipeline = ClassifierPipeline | GeneratorPipeline | CaptionerPipeline
 
 
 def build_pipeline(manifest: Manifest, session: ModelSession) -> Pipeline | None:
-    """The task pipeline for a manifest's kind; None for `tensor` models (KServe v2 only)."""
+    """The task pipeline for a single-graph kind; None for `tensor` models (KServe v2 only).
+
+    A captioner has two graphs: the repository builds its CaptionerPipeline itself.
+    """
     if manifest.kind == "classifier":
         return ClassifierPipeline(manifest, session)
     if manifest.kind == "generator":

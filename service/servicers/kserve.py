@@ -7,20 +7,24 @@ answers logits), through the same batcher as the task API.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 import numpy as np
 
-from service import __version__, tensors
+from service import __version__, codecs, tensors
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as config_pb
 from service.errors import ConvserveError, InvalidArgument, ModelNotFound, status_for
 from service.interceptors import current_call, observe_message
-from service.repository import ModelRepository, ModelVersion, VersionState
+from service.pipelines import CaptionerPipeline
+from service.pipelines.captioner import KSERVE_INPUT, KSERVE_OUTPUT, caption, caption_options
+from service.repository import CAPTIONER_PARTS, ModelRepository, ModelVersion, VersionState
 from service.runtime import CUDA, ModelSession, TensorSpec
 from service.servicers.common import deadline_of, resolve
+from service.settings import Settings
 from service.statistics import Duration
 
 SERVER_NAME = "convserve"
@@ -31,6 +35,8 @@ INLINE_BYTES = 64 * 1024
 STREAM_CONCURRENCY = 64
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 PLATFORM = "onnxruntime_onnx"
+#: A captioner as a whole: encoded images in, captions out, with the beam search in the server.
+CAPTIONER_PLATFORM = "convserve_captioner"
 _INDEX_STATES = {
     VersionState.LOADING: "LOADING",
     VersionState.READY: "READY",
@@ -41,11 +47,16 @@ _INDEX_STATES = {
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
-        self, repository: ModelRepository, is_ready: Callable[[], bool], max_message_bytes: int
+        self,
+        repository: ModelRepository,
+        is_ready: Callable[[], bool],
+        max_message_bytes: int,
+        settings: Settings | None = None,
     ) -> None:
         self._repository = repository
         self._is_ready = is_ready
         self._max_elements = max_message_bytes  # every element costs at least a byte on the wire
+        self._settings = settings or Settings()
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -75,15 +86,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         served = resolve(self._repository, request.name, request.version, inference=False)
-        session = _session(served)
-        entry = next(e for e in self._repository.entries() if e.name == served.model)
+        inputs, outputs, _batchable = _signature(served)
+        owner = (served.parent or served).model
+        entry = next(e for e in self._repository.entries() if e.name == owner)
         ready = [v.version for v in entry.newest_first() if v.state is VersionState.READY]
         return pb.ModelMetadataResponse(
             name=served.model,
             versions=ready,
-            platform=PLATFORM,
-            inputs=[_metadata(t) for t in session.inputs],
-            outputs=[_metadata(t) for t in session.outputs],
+            platform=_platform(served),
+            inputs=[_metadata(t) for t in inputs],
+            outputs=[_metadata(t) for t in outputs],
         )
 
     async def ModelInfer(
@@ -145,6 +157,10 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         entries = self._repository.entries()
         if request.name:
             entries = [e for e in entries if e.name == request.name]
+            if not entries and request.name.rpartition(".")[2] in CAPTIONER_PARTS:
+                with contextlib.suppress(ConvserveError):  # a captioner's graph, e.g. captioner.encoder
+                    part = self._repository.get(request.name, request.version)
+                    return pb.ModelStatisticsResponse(model_stats=[_model_statistics(part)])
             if not entries:
                 current_call().model = "unknown"
                 raise ModelNotFound(f"model {request.name!r} not found")
@@ -200,6 +216,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer_on(
         self, served: ModelVersion, request: pb.ModelInferRequest, deadline: float | None
     ) -> pb.ModelInferResponse:
+        if isinstance(served.pipeline, CaptionerPipeline):
+            return await self._caption_on(served, served.pipeline, request, deadline)
         session, batcher, stats = _session(served), served.batcher, served.stats
         assert batcher is not None and stats is not None, "a READY version has a batcher and statistics"
         wanted = _requested_outputs(request, session.output_names)
@@ -217,6 +235,58 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             outputs = await batcher.submit(feeds, deadline)
         with stats.output_stage():
             return _response(request, served, wanted, dict(zip(session.output_names, outputs, strict=True)))
+
+    async def _caption_on(
+        self,
+        served: ModelVersion,
+        pipeline: CaptionerPipeline,
+        request: pb.ModelInferRequest,
+        deadline: float | None,
+    ) -> pb.ModelInferResponse:
+        """`captioner` itself: encoded images (BYTES, N x 1) in, best captions (BYTES, N x 1) out."""
+        batcher, stats = served.batcher, served.stats
+        assert batcher is not None and stats is not None
+        wanted = _requested_outputs(request, [KSERVE_OUTPUT.name])
+        settings = self._settings
+        options = caption_options(
+            pipeline, None, None, None, False, settings.max_beam_size, settings.max_caption_length
+        )
+        with stats.input_stage():
+            rows = _check_headers(request, [KSERVE_INPUT], True)
+            if rows == 0:
+                raise InvalidArgument(f"input {KSERVE_INPUT.name!r} holds no images")
+            batcher.admit(rows)
+            feeds = tensors.decode_inputs(request, max_elements=self._max_elements)
+            images = list(feeds[KSERVE_INPUT.name].ravel())
+            batch = await asyncio.to_thread(_prepare_encoded, pipeline, images, settings.max_image_pixels)
+        current_call().images = rows
+        with stats.pending.track_inprogress():
+            results = await caption(pipeline, batcher, batch, options, deadline)
+        with stats.output_stage():
+            texts = np.array([[pipeline.text(best[0]).encode()] for best in results], dtype=object)
+            return _response(request, served, wanted, {KSERVE_OUTPUT.name: texts})
+
+
+def _prepare_encoded(pipeline: CaptionerPipeline, images: list[bytes], max_pixels: int) -> np.ndarray:
+    prepared = []
+    for index, data in enumerate(images):
+        try:
+            prepared.append(pipeline.prepare(codecs.decode_encoded(bytes(data), max_pixels)))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"image {index}: {exc}") from None
+    return np.stack(prepared)
+
+
+def _signature(served: ModelVersion) -> tuple[list[TensorSpec], list[TensorSpec], bool]:
+    """A model's KServe inputs, outputs and whether it has a batch axis."""
+    if isinstance(served.pipeline, CaptionerPipeline):
+        return [KSERVE_INPUT], [KSERVE_OUTPUT], True
+    session = _session(served)
+    return session.inputs, session.outputs, session.batchable
+
+
+def _platform(served: ModelVersion) -> str:
+    return CAPTIONER_PLATFORM if isinstance(served.pipeline, CaptionerPipeline) else PLATFORM
 
 
 def _session(served: ModelVersion) -> ModelSession:
@@ -281,8 +351,9 @@ def _response(
 
 def _model_config(served: ModelVersion) -> config_pb.ModelConfig:
     """Triton's view of the model: what perf_analyzer and tritonclient read to build requests."""
-    session, batcher = _session(served), served.batcher
+    batcher = served.batcher
     assert batcher is not None
+    inputs, outputs, _batchable = _signature(served)
     options = batcher.options
     batched = options.max_batch_size > 0
 
@@ -297,17 +368,16 @@ def _model_config(served: ModelVersion) -> config_pb.ModelConfig:
         if served.provider == CUDA
         else config_pb.ModelInstanceGroup.KIND_CPU
     )
+    captioner = isinstance(served.pipeline, CaptionerPipeline)
     config = config_pb.ModelConfig(
         name=served.model,
-        platform=PLATFORM,
-        backend="onnxruntime",
+        platform=_platform(served),
+        backend="convserve" if captioner else "onnxruntime",
         max_batch_size=options.max_batch_size,
-        input=[config_pb.ModelInput(name=s.name, data_type=dtype(s), dims=dims(s)) for s in session.inputs],
-        output=[
-            config_pb.ModelOutput(name=s.name, data_type=dtype(s), dims=dims(s)) for s in session.outputs
-        ],
+        input=[config_pb.ModelInput(name=s.name, data_type=dtype(s), dims=dims(s)) for s in inputs],
+        output=[config_pb.ModelOutput(name=s.name, data_type=dtype(s), dims=dims(s)) for s in outputs],
         instance_group=[config_pb.ModelInstanceGroup(count=options.instances, kind=kind)],
-        default_model_filename="model.onnx",
+        default_model_filename="" if captioner else served.model_file,
     )
     if batched:
         config.dynamic_batching.max_queue_delay_microseconds = int(options.max_queue_delay * 1e6)

@@ -15,7 +15,8 @@ from service._proto.convserve.v1 import vision_pb2 as pb
 from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
 from service.errors import InvalidArgument
 from service.interceptors import current_call
-from service.pipelines import ClassifierPipeline
+from service.pipelines import CaptionerPipeline, ClassifierPipeline
+from service.pipelines.captioner import caption, caption_options
 from service.pipelines.generator import GeneratorPipeline, grid_png, to_png
 from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
 from service.servicers.common import deadline_of, resolve
@@ -126,12 +127,75 @@ class VisionServicer(pb_grpc.VisionServicer):
                 grid_png=encoded.grid,
             )
 
+    async def Caption(
+        self, request: pb.CaptionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CaptionResponse:
+        return await self.caption(request, deadline_of(context))
+
+    async def caption(self, request: pb.CaptionRequest, deadline: float | None) -> pb.CaptionResponse:
+        """Caption, for any transport; `deadline` on the event loop's clock."""
+        if not request.model:
+            raise InvalidArgument("model is required, e.g. 'captioner'")
+        if not request.images:
+            raise InvalidArgument("no images in the request")
+        served = resolve(self._repository, request.model, request.version)
+        with served.in_use():
+            pipeline, batcher, stats = served.pipeline, served.batcher, served.stats
+            if not isinstance(pipeline, CaptionerPipeline) or batcher is None or stats is None:
+                kind = served.manifest.kind if served.manifest is not None else "model"
+                raise InvalidArgument(f"model {served.model!r} is a {kind}, not a captioner")
+            settings = self._settings
+            options = caption_options(
+                pipeline,
+                request.beam_size if request.HasField("beam_size") else None,
+                request.max_length if request.HasField("max_length") else None,
+                request.count if request.HasField("count") else None,
+                request.return_attention,
+                settings.max_beam_size,
+                settings.max_caption_length,
+            )
+            current_call().images = len(request.images)
+            with stats.input_stage():
+                batcher.admit(len(request.images))
+                if sum(len(i.encoded) + len(i.raw.data) for i in request.images) <= INLINE_BYTES:
+                    batch = self._prepare_batch(pipeline, request.images)
+                else:
+                    batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
+            with stats.pending.track_inprogress():
+                results = await caption(pipeline, batcher, batch, options, deadline)
+            with stats.output_stage():
+                rows, columns = pipeline.spec.grid
+                return pb.CaptionResponse(
+                    model=served.model,
+                    version=served.version,
+                    results=[
+                        pb.Captions(
+                            captions=[
+                                pb.GeneratedCaption(
+                                    text=pipeline.text(h),
+                                    words=pipeline.words(h),
+                                    tokens=h.tokens,
+                                    log_prob=h.log_prob,
+                                    attention=[
+                                        pb.AttentionMap(rows=rows, columns=columns, weights=a.tolist())
+                                        for a in h.attention
+                                    ],
+                                )
+                                for h in hypotheses
+                            ]
+                        )
+                        for hypotheses in results
+                    ],
+                )
+
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[_model_info(entry) for entry in self._repository.entries()])
 
-    def _prepare_batch(self, pipeline: ClassifierPipeline, images: Sequence[pb.Image]) -> np.ndarray:
+    def _prepare_batch(
+        self, pipeline: ClassifierPipeline | CaptionerPipeline, images: Sequence[pb.Image]
+    ) -> np.ndarray:
         """Decode and pre-process every image; blocking (PIL), so it runs off the event loop."""
         return np.stack([pipeline.prepare(self._decode(image, i)) for i, image in enumerate(images)])
 

@@ -100,7 +100,7 @@ def test_broken_model_is_marked_failed_and_others_stay_ready(model_repository, t
             models = {m.name: m for m in client.list_models().models}
             assert models["broken"].versions[0].reason.startswith("onnxruntime could not load")
             reason = models["captioner"].versions[0].reason
-            assert "cannot serve models of kind 'captioner'" in reason  # not a missing-file puzzle
+            assert reason == "encoder.onnx is missing in version folder 1"  # names the missing file
     finally:
         server.stop()
 

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onvserve/v1/vision.proto\x12\x0c\x63onvserve.v1\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.convserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"t\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.convserve.v1.Prediction\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\x89\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\x05\x63ount\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04grid\x18\x06 \x01(\x08\x42\x08\n\x06_countB\x07\n\x05_seed\"A\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x13\n\x0blabel_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\"\x80\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12,\n\x06images\x18\x04 \x03(\x0b\x32\x1c.convserve.v1.GeneratedImage\x12\x10\n\x08grid_png\x18\x05 \x01(\x0c\"\x13\n\x11ListModelsRequest\"j\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.convserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\"^\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x12\n\ncolor_mode\x18\x05 \x01(\t\"\x8d\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.convserve.v1.ModelVersion\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x0e\n\x06labels\x18\x05 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.convserve.v1.ModelInfo*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xef\x01\n\x06Vision\x12I\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\x12I\n\x08Generate\x12\x1d.convserve.v1.GenerateRequest\x1a\x1e.convserve.v1.GenerateResponse\x12O\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63onvserve/v1/vision.proto\x12\x0c\x63onvserve.v1\"I\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.convserve.v1.RawImageH\x00\x42\x06\n\x04\x64\x61ta\"I\n\x08RawImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\"t\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x08\n\x06_top_k\"9\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\"?\n\x0e\x43lassification\x12-\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x18.convserve.v1.Prediction\"a\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12-\n\x07results\x18\x03 \x03(\x0b\x32\x1c.convserve.v1.Classification\"\x89\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\x05\x63ount\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06labels\x18\x04 \x03(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04grid\x18\x06 \x01(\x08\x42\x08\n\x06_countB\x07\n\x05_seed\"A\n\x0eGeneratedImage\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x13\n\x0blabel_index\x18\x02 \x01(\x05\x12\r\n\x05label\x18\x03 \x01(\t\"\x80\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12,\n\x06images\x18\x04 \x03(\x0b\x32\x1c.convserve.v1.GeneratedImage\x12\x10\n\x08grid_png\x18\x05 \x01(\x0c\"\xf5\x01\n\x0e\x43\x61ptionRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12#\n\x06images\x18\x03 \x03(\x0b\x32\x13.convserve.v1.Image\x12\x16\n\tbeam_size\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x17\n\nmax_length\x18\x05 \x01(\x05H\x01\x88\x01\x01\x12\x12\n\x05\x63ount\x18\x06 \x01(\x05H\x02\x88\x01\x01\x12\x1d\n\x10return_attention\x18\x07 \x01(\x08H\x03\x88\x01\x01\x42\x0c\n\n_beam_sizeB\r\n\x0b_max_lengthB\x08\n\x06_countB\x13\n\x11_return_attention\">\n\x0c\x41ttentionMap\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0f\n\x07\x63olumns\x18\x02 \x01(\r\x12\x0f\n\x07weights\x18\x03 \x03(\x02\"\x80\x01\n\x10GeneratedCaption\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05words\x18\x02 \x03(\t\x12\x0e\n\x06tokens\x18\x03 \x03(\x05\x12\x10\n\x08log_prob\x18\x04 \x01(\x01\x12-\n\tattention\x18\x05 \x03(\x0b\x32\x1a.convserve.v1.AttentionMap\"<\n\x08\x43\x61ptions\x12\x30\n\x08\x63\x61ptions\x18\x01 \x03(\x0b\x32\x1e.convserve.v1.GeneratedCaption\"Z\n\x0f\x43\x61ptionResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\x07results\x18\x03 \x03(\x0b\x32\x16.convserve.v1.Captions\"\x13\n\x11ListModelsRequest\"j\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.convserve.v1.ModelState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\"^\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x12\n\ncolor_mode\x18\x05 \x01(\t\"\x8d\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12,\n\x08versions\x18\x03 \x03(\x0b\x32\x1a.convserve.v1.ModelVersion\x12&\n\x05input\x18\x04 \x01(\x0b\x32\x17.convserve.v1.InputSpec\x12\x0e\n\x06labels\x18\x05 \x03(\t\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.convserve.v1.ModelInfo*\x8b\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x04\x32\xb7\x02\n\x06Vision\x12I\n\x08\x43lassify\x12\x1d.convserve.v1.ClassifyRequest\x1a\x1e.convserve.v1.ClassifyResponse\x12I\n\x08Generate\x12\x1d.convserve.v1.GenerateRequest\x1a\x1e.convserve.v1.GenerateResponse\x12\x46\n\x07\x43\x61ption\x12\x1c.convserve.v1.CaptionRequest\x1a\x1d.convserve.v1.CaptionResponse\x12O\n\nListModels\x12\x1f.convserve.v1.ListModelsRequest\x1a .convserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'convserve.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=1305
-  _globals['_MODELSTATE']._serialized_end=1444
+  _globals['_MODELSTATE']._serialized_start=1902
+  _globals['_MODELSTATE']._serialized_end=2041
   _globals['_IMAGE']._serialized_start=43
   _globals['_IMAGE']._serialized_end=116
   _globals['_RAWIMAGE']._serialized_start=118
@@ -51,16 +51,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDIMAGE']._serialized_end=739
   _globals['_GENERATERESPONSE']._serialized_start=742
   _globals['_GENERATERESPONSE']._serialized_end=870
-  _globals['_LISTMODELSREQUEST']._serialized_start=872
-  _globals['_LISTMODELSREQUEST']._serialized_end=891
-  _globals['_MODELVERSION']._serialized_start=893
-  _globals['_MODELVERSION']._serialized_end=999
-  _globals['_INPUTSPEC']._serialized_start=1001
-  _globals['_INPUTSPEC']._serialized_end=1095
-  _globals['_MODELINFO']._serialized_start=1098
-  _globals['_MODELINFO']._serialized_end=1239
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1241
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1302
-  _globals['_VISION']._serialized_start=1447
-  _globals['_VISION']._serialized_end=1686
+  _globals['_CAPTIONREQUEST']._serialized_start=873
+  _globals['_CAPTIONREQUEST']._serialized_end=1118
+  _globals['_ATTENTIONMAP']._serialized_start=1120
+  _globals['_ATTENTIONMAP']._serialized_end=1182
+  _globals['_GENERATEDCAPTION']._serialized_start=1185
+  _globals['_GENERATEDCAPTION']._serialized_end=1313
+  _globals['_CAPTIONS']._serialized_start=1315
+  _globals['_CAPTIONS']._serialized_end=1375
+  _globals['_CAPTIONRESPONSE']._serialized_start=1377
+  _globals['_CAPTIONRESPONSE']._serialized_end=1467
+  _globals['_LISTMODELSREQUEST']._serialized_start=1469
+  _globals['_LISTMODELSREQUEST']._serialized_end=1488
+  _globals['_MODELVERSION']._serialized_start=1490
+  _globals['_MODELVERSION']._serialized_end=1596
+  _globals['_INPUTSPEC']._serialized_start=1598
+  _globals['_INPUTSPEC']._serialized_end=1692
+  _globals['_MODELINFO']._serialized_start=1695
+  _globals['_MODELINFO']._serialized_end=1836
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1838
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1899
+  _globals['_VISION']._serialized_start=2044
+  _globals['_VISION']._serialized_end=2355
 # @@protoc_insertion_point(module_scope)

@@ -118,6 +118,64 @@ class GenerateResponse(_message.Message):
     grid_png: bytes
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., seed: _Optional[int] = ..., images: _Optional[_Iterable[_Union[GeneratedImage, _Mapping]]] = ..., grid_png: _Optional[bytes] = ...) -> None: ...
 
+class CaptionRequest(_message.Message):
+    __slots__ = ("model", "version", "images", "beam_size", "max_length", "count", "return_attention")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    beam_size: int
+    max_length: int
+    count: int
+    return_attention: bool
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., beam_size: _Optional[int] = ..., max_length: _Optional[int] = ..., count: _Optional[int] = ..., return_attention: _Optional[bool] = ...) -> None: ...
+
+class AttentionMap(_message.Message):
+    __slots__ = ("rows", "columns", "weights")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    columns: int
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, rows: _Optional[int] = ..., columns: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GeneratedCaption(_message.Message):
+    __slots__ = ("text", "words", "tokens", "log_prob", "attention")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    words: _containers.RepeatedScalarFieldContainer[str]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    log_prob: float
+    attention: _containers.RepeatedCompositeFieldContainer[AttentionMap]
+    def __init__(self, text: _Optional[str] = ..., words: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[int]] = ..., log_prob: _Optional[float] = ..., attention: _Optional[_Iterable[_Union[AttentionMap, _Mapping]]] = ...) -> None: ...
+
+class Captions(_message.Message):
+    __slots__ = ("captions",)
+    CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    captions: _containers.RepeatedCompositeFieldContainer[GeneratedCaption]
+    def __init__(self, captions: _Optional[_Iterable[_Union[GeneratedCaption, _Mapping]]] = ...) -> None: ...
+
+class CaptionResponse(_message.Message):
+    __slots__ = ("model", "version", "results")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: str
+    results: _containers.RepeatedCompositeFieldContainer[Captions]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., results: _Optional[_Iterable[_Union[Captions, _Mapping]]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

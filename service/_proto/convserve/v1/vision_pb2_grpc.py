@@ -44,6 +44,11 @@ class VisionStub:
                 request_serializer=convserve_dot_v1_dot_vision__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=convserve_dot_v1_dot_vision__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Caption = channel.unary_unary(
+                '/convserve.v1.Vision/Caption',
+                request_serializer=convserve_dot_v1_dot_vision__pb2.CaptionRequest.SerializeToString,
+                response_deserializer=convserve_dot_v1_dot_vision__pb2.CaptionResponse.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/convserve.v1.Vision/ListModels',
                 request_serializer=convserve_dot_v1_dot_vision__pb2.ListModelsRequest.SerializeToString,
@@ -68,6 +73,14 @@ class VisionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Caption(self, request, context):
+        """Caption one or more images with a captioner model: server-side beam search, the decoder steps
+        of every caption in flight batched together.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListModels(self, request, context):
         """Every model in the repository with its versions, readiness and input spec.
         """
@@ -87,6 +100,11 @@ def add_VisionServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=convserve_dot_v1_dot_vision__pb2.GenerateRequest.FromString,
                     response_serializer=convserve_dot_v1_dot_vision__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Caption': grpc.unary_unary_rpc_method_handler(
+                    servicer.Caption,
+                    request_deserializer=convserve_dot_v1_dot_vision__pb2.CaptionRequest.FromString,
+                    response_serializer=convserve_dot_v1_dot_vision__pb2.CaptionResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -148,6 +166,33 @@ class Vision:
             '/convserve.v1.Vision/Generate',
             convserve_dot_v1_dot_vision__pb2.GenerateRequest.SerializeToString,
             convserve_dot_v1_dot_vision__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Caption(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/convserve.v1.Vision/Caption',
+            convserve_dot_v1_dot_vision__pb2.CaptionRequest.SerializeToString,
+            convserve_dot_v1_dot_vision__pb2.CaptionResponse.FromString,
             options,
             channel_credentials,
             insecure,
