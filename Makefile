@@ -31,7 +31,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 # Models `make serve` trains before serving (fast), and models it trains in the background while
 # the first ones are already served (the server picks them up when they are published).
 FOREGROUND_MODELS ?= lenet5
-BACKGROUND_MODELS ?= scenes-resnet dcgan
+BACKGROUND_MODELS ?= scenes-resnet dcgan captioner
 
 .PHONY: help install serve test models bench protos lint format clean container-test
 

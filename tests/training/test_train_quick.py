@@ -65,6 +65,8 @@ def test_all_missing_trains_what_is_absent(tmp_path: Path) -> None:
     assert load_manifest(repository / "dcgan").kind == "generator"
     scenes = load_manifest(repository / "scenes-resnet")
     assert scenes.kind == "classifier" and scenes.input.color_mode == "RGB" and len(scenes.labels) == 12
+    assert load_manifest(repository / "captioner").kind == "captioner"
+    assert (repository / "captioner" / "1" / "decoder.onnx").is_file()
 
 
 def test_no_export_publishes_nothing(tmp_path: Path) -> None:
