@@ -16,6 +16,7 @@ from pathlib import Path
 from service.manifest import CONFIG_FILE
 from training import train_captioner, train_classifier, train_gan, train_scenes_resnet
 from training.export import published_versions
+from training.runs import CHECKPOINT_FILE
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ TRAINERS: dict[str, Trainer] = {
 #: dcgan joins these once the server can serve generators (the Generate RPC).
 def train_dcgan(run_dir: Path, **kwargs: object) -> dict:
     """The DCGAN, judged by the LeNet-5 that `all` trained beside it when there is one."""
-    judge = run_dir.parent / train_classifier.MODEL_NAME / train_classifier.CHECKPOINT_FILE
+    judge = run_dir.parent / train_classifier.MODEL_NAME / CHECKPOINT_FILE
     return train_gan.run(run_dir=run_dir, classifier_checkpoint=judge if judge.is_file() else None, **kwargs)
 
 

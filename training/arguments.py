@@ -27,3 +27,31 @@ def add_output_arguments(parser: argparse.ArgumentParser, model: str, run_conten
         "--threads", type=int, default=1, help="torch intra-op threads; 0 keeps torch's default (default: 1)"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: off)")
+
+
+def add_training_arguments(
+    parser: argparse.ArgumentParser, model: str, default_epochs: int, quick_epochs: int, quick_help: str
+) -> None:
+    """--seed, --epochs, --quick and the output flags, as every trainer has them."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"epochs to train (default: {default_epochs}, or {quick_epochs} with --quick)",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"{quick_help} (default: off)")
+    add_output_arguments(parser, model, "checkpoint, metrics and curves")
+
+
+def run_arguments(args: argparse.Namespace) -> dict:
+    """The keyword arguments of a trainer's run() that the shared flags give."""
+    return {
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "run_dir": args.run_dir,
+        "repository": None if args.no_export else args.repository,
+        "quick": args.quick,
+        "progress": not args.no_progress,
+        "threads": args.threads or None,
+    }

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from training.arguments import add_output_arguments
+from training.arguments import add_training_arguments, run_arguments
 from training.caption_decoding import beam_search, greedy_decode, words
 from training.caption_metrics import bleu, cider_d, tokenize
 from training.data.scenes import SceneSplit, load_scene_split, parse_caption
 from training.models.captioner import END, PAD, SPECIAL_TOKENS, START, UNKNOWN, Captioner, CaptionerConfig
-from training.train_classifier import CHECKPOINT_FILE, CURVES_FILE, METRICS_FILE, _write_json, seed_everything
+from training.runs import CURVES_FILE, finish_run, seed_everything
 
 MODEL_NAME = "captioner"
 DEFAULT_EPOCHS = 8
@@ -258,29 +258,16 @@ def run(
         f"CIDEr-D {test['cider_d']}; compositional {compositional['semantic_accuracy']:.4f} "
         f"(epoch {best_epoch}, {train_seconds:.0f} s training)"
     )
-    checkpoint = run_dir / CHECKPOINT_FILE
-    torch.save(
-        {
-            "model": MODEL_NAME,
-            "config": asdict(config),
-            "state_dict": model.state_dict(),
-            "seed": seed,
-            "hyperparameters": asdict(hp),
-            "metrics": _flat_metrics(table),
-            "selection": f"epoch {best_epoch} of {epochs}, best greedy semantic accuracy on validation",
-        },
-        checkpoint,
-    )
-    plot_curves(metrics, run_dir / CURVES_FILE)
-    _write_json(run_dir / METRICS_FILE, metrics)
-
-    if repository is not None:
-        from training.export import export_checkpoint  # onnx and onnxruntime only when exporting
-
-        result = export_checkpoint(checkpoint, Path(repository))
-        metrics["export"] = result.as_dict()
-        _write_json(run_dir / METRICS_FILE, metrics)
-    return metrics
+    checkpoint = {
+        "model": MODEL_NAME,
+        "config": asdict(config),
+        "state_dict": model.state_dict(),
+        "seed": seed,
+        "hyperparameters": asdict(hp),
+        "metrics": _flat_metrics(table),
+        "selection": f"epoch {best_epoch} of {epochs}, best greedy semantic accuracy on validation",
+    }
+    return finish_run(run_dir, checkpoint, metrics, plot_curves, CURVES_FILE, repository)
 
 
 def head(split: SceneSplit, count: int) -> SceneSplit:
@@ -302,27 +289,11 @@ def _flat_metrics(table: dict[str, dict]) -> dict[str, float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The trainer's flags; shared with `convserve-train captioner`."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"epochs to train (default: {DEFAULT_EPOCHS}, or {QUICK_EPOCHS} with --quick)",
+    add_training_arguments(
+        parser, MODEL_NAME, DEFAULT_EPOCHS, QUICK_EPOCHS, "few epochs on small splits, for tests"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="few epochs on small splits, for tests (default: off)"
-    )
-    add_output_arguments(parser, MODEL_NAME, "checkpoint, metrics and curves")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    run(
-        seed=args.seed,
-        epochs=args.epochs,
-        run_dir=args.run_dir,
-        repository=None if args.no_export else args.repository,
-        quick=args.quick,
-        progress=not args.no_progress,
-        threads=args.threads or None,
-    )
+    run(**run_arguments(args))
     return 0

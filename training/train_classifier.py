@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -20,17 +19,15 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from training.arguments import add_output_arguments
+from training.arguments import add_training_arguments, run_arguments
 from training.data.digits import load_digit_splits
 from training.evaluate import classification_accuracy, predict_logits
 from training.models.lenet import LeNet5, LeNetConfig
+from training.runs import CURVES_FILE, finish_run, seed_everything
 
 MODEL_NAME = "lenet5"
 DEFAULT_EPOCHS = 150
 QUICK_EPOCHS = 8
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "curves.png"
 
 
 @dataclass(frozen=True)
@@ -44,13 +41,6 @@ class Hyperparameters:
     max_scale_change: float = 0.15  # zoom in or out by up to this fraction
     max_shift_px: float = 3.0  # in the 32x32 input
     stroke_change: float = 0.5  # probability of a thinner (half of it) or thicker (other half) stroke
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch and numpy; return the generator that drives shuffling and augmentation."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def augment(images: torch.Tensor, hp: Hyperparameters, generator: torch.Generator) -> torch.Tensor:
@@ -196,57 +186,24 @@ def run(
     }
     print(f"{MODEL_NAME}: test accuracy {test:.4f} (epoch {best_epoch}, val {best_val:.4f}), {seconds:.1f} s")
 
-    checkpoint = run_dir / CHECKPOINT_FILE
-    torch.save(
-        {
-            "model": MODEL_NAME,
-            "config": asdict(config),
-            "state_dict": model.state_dict(),
-            "seed": seed,
-            "hyperparameters": asdict(hp),
-            "metrics": {"test_accuracy": test, "val_accuracy": best_val, "epoch": best_epoch},
-        },
-        checkpoint,
-    )
-    plot_curves(metrics, run_dir / CURVES_FILE)
-    _write_json(run_dir / METRICS_FILE, metrics)
-
-    if repository is not None:
-        from training.export import export_checkpoint  # onnx and onnxruntime only when exporting
-
-        result = export_checkpoint(checkpoint, Path(repository))
-        metrics["export"] = result.as_dict()
-        _write_json(run_dir / METRICS_FILE, metrics)
-    return metrics
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    checkpoint = {
+        "model": MODEL_NAME,
+        "config": asdict(config),
+        "state_dict": model.state_dict(),
+        "seed": seed,
+        "hyperparameters": asdict(hp),
+        "metrics": {"test_accuracy": test, "val_accuracy": best_val, "epoch": best_epoch},
+    }
+    return finish_run(run_dir, checkpoint, metrics, plot_curves, CURVES_FILE, repository)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The trainer's flags; shared with `convserve-train classifier`."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"epochs to train (default: {DEFAULT_EPOCHS}, or {QUICK_EPOCHS} with --quick)",
-    )
-    parser.add_argument("--quick", action="store_true", help="a few epochs only, for tests (default: off)")
-    add_output_arguments(parser, MODEL_NAME, "checkpoint, metrics and curves")
+    add_training_arguments(parser, MODEL_NAME, DEFAULT_EPOCHS, QUICK_EPOCHS, "a few epochs only, for tests")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    run(
-        seed=args.seed,
-        epochs=args.epochs,
-        run_dir=args.run_dir,
-        repository=None if args.no_export else args.repository,
-        quick=args.quick,
-        progress=not args.no_progress,
-        threads=args.threads or None,
-    )
+    run(**run_arguments(args))
     return 0
 
 

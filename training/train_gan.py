@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from training.models.dcgan import (
     to_uint8,
 )
 from training.models.lenet import LeNet5, LeNetConfig
+from training.runs import CHECKPOINT_FILE, finish_run, seed_everything
 
 MODEL_NAME = "dcgan"
 DEFAULT_EPOCHS = 220  # FID was still falling at 110 epochs; ~13 min on one core
@@ -47,8 +47,6 @@ SELECTION_RULE = (
     f"lowest FID among evaluated checkpoints with label accuracy >= {MIN_LABEL_ACCURACY} and diversity "
     f"ratio >= {MIN_DIVERSITY} (if none qualifies: the highest label accuracy, then the lowest FID)"
 )
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.json"
 LOSSES_FILE = "losses.png"
 SAMPLES_DIR = "samples"
 BEST_GRID_FILE = "samples_selected.png"
@@ -63,13 +61,6 @@ class Hyperparameters:
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch and numpy; return the generator that drives shuffling and latents."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -252,7 +243,7 @@ def run(
         train_classifier.run(
             seed=seed, run_dir=classifier_dir, repository=None, quick=quick, progress=False, threads=threads
         )
-        classifier_checkpoint = classifier_dir / train_classifier.CHECKPOINT_FILE
+        classifier_checkpoint = classifier_dir / CHECKPOINT_FILE
     classifier = load_classifier(Path(classifier_checkpoint))
     classifier_seconds = time.perf_counter() - started
 
@@ -335,37 +326,20 @@ def run(
     grid = run_dir / BEST_GRID_FILE
     save_grid(generate(generator, grid_z, grid_labels), config.num_classes, grid)
     metrics["grid"] = str(grid)
-    checkpoint = run_dir / CHECKPOINT_FILE
-    torch.save(
-        {
-            "model": MODEL_NAME,
-            "config": asdict(config),
-            "state_dict": generator.state_dict(),
-            "seed": seed,
-            "hyperparameters": asdict(hp),
-            "metrics": {**final, "selected_epoch": selected_epoch, "epochs": len(history["d_loss"])},
-            "selection": selection,
-        },
-        checkpoint,
-    )
-    plot_losses(metrics, run_dir / LOSSES_FILE)
-    _write_json(run_dir / METRICS_FILE, metrics)
-
-    if repository is not None:
-        from training.export import export_checkpoint  # onnx and onnxruntime only when exporting
-
-        result = export_checkpoint(checkpoint, Path(repository))
-        metrics["export"] = result.as_dict()
-        _write_json(run_dir / METRICS_FILE, metrics)
-    return metrics
+    checkpoint = {
+        "model": MODEL_NAME,
+        "config": asdict(config),
+        "state_dict": generator.state_dict(),
+        "seed": seed,
+        "hyperparameters": asdict(hp),
+        "metrics": {**final, "selected_epoch": selected_epoch, "epochs": len(history["d_loss"])},
+        "selection": selection,
+    }
+    return finish_run(run_dir, checkpoint, metrics, plot_losses, LOSSES_FILE, repository)
 
 
 def _grid_path(run_dir: Path, epoch: int) -> Path:
     return run_dir / SAMPLES_DIR / f"epoch_{epoch:04d}.png"
-
-
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

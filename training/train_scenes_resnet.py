@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from training.arguments import add_output_arguments
+from training.arguments import add_training_arguments, run_arguments
 from training.data.scenes import CLASS_LABELS, load_classification_split
 from training.evaluate import classification_accuracy, predict_logits
 from training.models.resnet import ResNet, ResNetConfig
-from training.train_classifier import CHECKPOINT_FILE, CURVES_FILE, METRICS_FILE, _write_json, seed_everything
+from training.runs import CURVES_FILE, finish_run, seed_everything
 
 MODEL_NAME = "scenes-resnet"
 DEFAULT_EPOCHS = 5
@@ -165,53 +165,24 @@ def run(
     }
     print(f"{MODEL_NAME}: test accuracy {test:.4f} (epoch {best_epoch}, val {best_val:.4f}), {seconds:.1f} s")
 
-    checkpoint = run_dir / CHECKPOINT_FILE
-    torch.save(
-        {
-            "model": MODEL_NAME,
-            "config": asdict(config),
-            "state_dict": model.state_dict(),
-            "seed": seed,
-            "hyperparameters": asdict(hp),
-            "metrics": {"test_accuracy": test, "val_accuracy": best_val, "epoch": best_epoch},
-        },
-        checkpoint,
-    )
-    plot_curves(metrics, run_dir / CURVES_FILE)
-    _write_json(run_dir / METRICS_FILE, metrics)
-
-    if repository is not None:
-        from training.export import export_checkpoint  # onnx and onnxruntime only when exporting
-
-        result = export_checkpoint(checkpoint, Path(repository))
-        metrics["export"] = result.as_dict()
-        _write_json(run_dir / METRICS_FILE, metrics)
-    return metrics
+    checkpoint = {
+        "model": MODEL_NAME,
+        "config": asdict(config),
+        "state_dict": model.state_dict(),
+        "seed": seed,
+        "hyperparameters": asdict(hp),
+        "metrics": {"test_accuracy": test, "val_accuracy": best_val, "epoch": best_epoch},
+    }
+    return finish_run(run_dir, checkpoint, metrics, plot_curves, CURVES_FILE, repository)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The trainer's flags; shared with `convserve-train scenes-resnet`."""
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help=f"epochs to train (default: {DEFAULT_EPOCHS}, or {QUICK_EPOCHS} with --quick)",
+    add_training_arguments(
+        parser, MODEL_NAME, DEFAULT_EPOCHS, QUICK_EPOCHS, "few epochs on a small split, for tests"
     )
-    parser.add_argument(
-        "--quick", action="store_true", help="few epochs on a small split, for tests (default: off)"
-    )
-    add_output_arguments(parser, MODEL_NAME, "checkpoint, metrics and curves")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    run(
-        seed=args.seed,
-        epochs=args.epochs,
-        run_dir=args.run_dir,
-        repository=None if args.no_export else args.repository,
-        quick=args.quick,
-        progress=not args.no_progress,
-        threads=args.threads or None,
-    )
+    run(**run_arguments(args))
     return 0
