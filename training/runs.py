@@ -24,6 +24,30 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def start_run(
+    run_dir: Path,
+    seed: int,
+    epochs: int | None,
+    quick: bool,
+    default_epochs: int,
+    quick_epochs: int,
+    threads: int | None,
+) -> tuple[Path, int, torch.Generator]:
+    """Threads, the epoch count (defaults for a full or a --quick run), the run directory and the seed.
+
+    Returns (run_dir, epochs, the generator that drives shuffling and augmentation).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if epochs is None:
+        epochs = quick_epochs if quick else default_epochs
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, epochs, seed_everything(seed)
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 

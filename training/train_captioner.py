@@ -29,7 +29,7 @@ from training.caption_decoding import beam_search, greedy_decode, words
 from training.caption_metrics import bleu, cider_d, tokenize
 from training.data.scenes import SceneSplit, load_scene_split, parse_caption
 from training.models.captioner import END, PAD, SPECIAL_TOKENS, START, UNKNOWN, Captioner, CaptionerConfig
-from training.runs import CURVES_FILE, finish_run, seed_everything
+from training.runs import CURVES_FILE, finish_run, start_run
 
 MODEL_NAME = "captioner"
 DEFAULT_EPOCHS = 8
@@ -176,15 +176,9 @@ def run(
 ) -> dict:
     """Train, evaluate, write checkpoint/metrics/curves into run_dir, publish into repository unless None."""
     hp = hp or Hyperparameters()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if epochs is None:
-        epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(seed)
+    run_dir, epochs, generator = start_run(
+        run_dir, seed, epochs, quick, DEFAULT_EPOCHS, QUICK_EPOCHS, threads
+    )
     rng = np.random.default_rng(seed)
 
     def split(name: str) -> SceneSplit:

@@ -23,7 +23,7 @@ from training.arguments import add_training_arguments, run_arguments
 from training.data.digits import load_digit_splits
 from training.evaluate import classification_accuracy, predict_logits
 from training.models.lenet import LeNet5, LeNetConfig
-from training.runs import CURVES_FILE, finish_run, seed_everything
+from training.runs import CURVES_FILE, finish_run, start_run
 
 MODEL_NAME = "lenet5"
 DEFAULT_EPOCHS = 150
@@ -136,15 +136,9 @@ def run(
     Returns the metrics (as written to metrics.json), with an "export" entry when published.
     """
     hp = hp or Hyperparameters()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if epochs is None:
-        epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(seed)
+    run_dir, epochs, generator = start_run(
+        run_dir, seed, epochs, quick, DEFAULT_EPOCHS, QUICK_EPOCHS, threads
+    )
     splits = load_digit_splits()
     images, labels = torch.tensor(splits.train.images), torch.tensor(splits.train.labels)
 

@@ -22,7 +22,7 @@ from training.arguments import add_training_arguments, run_arguments
 from training.data.scenes import CLASS_LABELS, load_classification_split
 from training.evaluate import classification_accuracy, predict_logits
 from training.models.resnet import ResNet, ResNetConfig
-from training.runs import CURVES_FILE, finish_run, seed_everything
+from training.runs import CURVES_FILE, finish_run, start_run
 
 MODEL_NAME = "scenes-resnet"
 DEFAULT_EPOCHS = 5
@@ -106,15 +106,9 @@ def run(
 ) -> dict:
     """Train, write checkpoint/metrics/curves into run_dir, publish into repository unless None."""
     hp = hp or Hyperparameters()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    if epochs is None:
-        epochs = QUICK_EPOCHS if quick else DEFAULT_EPOCHS
-    if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    generator = seed_everything(seed)
+    run_dir, epochs, generator = start_run(
+        run_dir, seed, epochs, quick, DEFAULT_EPOCHS, QUICK_EPOCHS, threads
+    )
 
     def split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = load_classification_split(name, DATA_SEED, QUICK_SIZES[name] if quick else None)
