@@ -273,18 +273,16 @@ class DecodeLoop:
         jobs = self._active
         if not jobs:
             return
-        feeds = _merge([job.search for job in jobs])
-        rows = len(feeds["token"])
-        run_started = time.perf_counter()
-        try:
-            outputs = await loop.run_in_executor(self._pool, self._run, feeds)
+        searches = [job.search for job in jobs]
+        rows = sum(search.rows for search in searches)
+        try:  # merging copies the features once per hypothesis: off the event loop too
+            outputs, run_seconds = await loop.run_in_executor(self._pool, self._merge_and_run, searches)
         except Exception as exc:  # an error in a run fails exactly the searches in it
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
             self._active = []
             return
-        run_seconds = time.perf_counter() - run_started
         log_probs, h, c, alpha = (outputs[i] for i in self._outputs)
         offset = 0
         for job in jobs:
@@ -302,6 +300,13 @@ class DecodeLoop:
         self._hypotheses.observe(rows)
         self._requests.observe(len(jobs))
         self._duration.observe(time.perf_counter() - started)
+
+    def _merge_and_run(self, searches: list[BeamSearch]) -> tuple[Sequence[np.ndarray], float]:
+        """In the decoder thread: one batch of every live hypothesis, run; returns outputs and run time."""
+        feeds = _merge(searches)
+        started = time.perf_counter()
+        outputs = self._run(feeds)
+        return outputs, time.perf_counter() - started
 
 
 def _merge(searches: list[BeamSearch]) -> Feeds:

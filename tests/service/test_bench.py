@@ -52,7 +52,7 @@ def test_workload_uses_held_out_digits_and_falls_back_to_random() -> None:
         bench.workload_images("other", (1, -1, -1), "UINT8")
 
 
-@pytest.mark.parametrize("api", bench.APIS)
+@pytest.mark.parametrize("api", [api for api in bench.APIS if api != "caption"])  # caption: test_caption.py
 def test_bench_server_for_a_second(server, api: str) -> None:
     workload = _workload(server.target)
     assert (workload.input_name, workload.datatype) == ("image", "UINT8")

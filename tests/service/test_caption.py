@@ -21,7 +21,7 @@ import pytest
 from conftest import RunningServer, start_server
 from PIL import Image
 
-from service import metrics
+from service import bench, metrics
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import AsyncVisionClient, VisionClient
@@ -366,3 +366,12 @@ def test_cli_caption_json_and_attention_picture(
     panels = len(words) + 1  # the image, then one panel per word
     assert width == min(panels, 6) * (128 + 4)
     assert height == -(-panels // 6) * (128 + 18 + 4)
+
+
+def test_bench_captions_for_a_second(cap_server: RunningServer) -> None:
+    workload = asyncio.run(bench.caption_workload(cap_server.target, "captioner", timeout=10))
+    result = asyncio.run(
+        bench.bench_server(cap_server.target, workload, "caption", 4, duration=1.0, warmup=0.2)
+    )
+    assert result.requests > 0 and result.errors == {}
+    assert 0 < result.p50_ms <= result.p99_ms
