@@ -40,6 +40,7 @@ help:
 	@echo "make test     set up and run the whole test suite"
 	@echo "make models   train and publish the default models at full quality (a new version each time)"
 	@echo "make bench    batching off / on / in-process onnxruntime, one interleaved run (bench-results/)"
+	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff check and format check"
 	@echo "make container-test  build the image, run it read-only and call it, compose up convserve + Prometheus (docker, else podman)"
@@ -94,8 +95,21 @@ bench: install
 	$(BIN)/convserve bench --compare --model-repository $(MODELS) \
 		--json bench-results/compare.json --markdown bench-results/compare.md
 
+SOAK_REQUESTS ?= 100000
+.PHONY: soak
+soak: install
+	$(BIN)/convserve-train all --missing --only $(FOREGROUND_MODELS) --repository $(MODELS)
+	@mkdir -p bench-results
+	$(BIN)/python tools/soak.py --model-repository $(MODELS) --requests $(SOAK_REQUESTS) \
+		--json bench-results/soak.json
+
 protos: install
 	$(BIN)/python tools/gen_protos.py
+
+.PHONY: proto-check
+# buf breaking (@bufbuild/buf from npm, into the git-ignored build/buf) against the baseline commit.
+proto-check: install
+	$(BIN)/python -m pytest -q tests/test_proto_contract.py
 
 lint: install
 	$(BIN)/ruff check .

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="deadline in seconds (default: %(default)s)",
         )
 
+    def security_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--token",
+            default=os.environ.get("CONVSERVE_TOKEN") or None,
+            help="bearer token (default: $CONVSERVE_TOKEN); prefer the variable: flags show in `ps`",
+        )
+        sub.add_argument("--tls", action="store_true", help="TLS, trusting the system's CA certificates")
+        sub.add_argument("--tls-ca", type=Path, help="TLS, trusting this PEM CA bundle")
+        sub.add_argument("--tls-cert", type=Path, help="client certificate (PEM) for mutual TLS")
+        sub.add_argument("--tls-key", type=Path, help="client private key (PEM) for mutual TLS")
+
     classify = commands.add_parser("classify", help="classify image files")
     classify.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or BMP files")
     classify.add_argument("--model", default="lenet5", help="model name (default: lenet5)")
@@ -51,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
     classify.add_argument("--json", action="store_true", help="one JSON object per image")
     client_flags(classify)
+    security_flags(classify)
 
     generate = commands.add_parser("generate", help="generate images with a generator model (dcgan)")
     generate.add_argument("--model", default="dcgan", help="model name (default: dcgan)")
@@ -71,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--json", action="store_true", help="print a JSON summary")
     client_flags(generate)
+    security_flags(generate)
 
     caption = commands.add_parser("caption", help="caption an image with a captioner model (beam search)")
     caption.add_argument("image", type=Path, help="PNG, JPEG or BMP file")
@@ -87,14 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the best caption's attention: one panel per word, the map over the image",
     )
     client_flags(caption)
+    security_flags(caption)
 
     models = commands.add_parser("models", help="list the server's models")
     models.add_argument("--json", action="store_true", help="JSON output")
     client_flags(models)
+    security_flags(models)
 
     health = commands.add_parser("health", help="exit 0 when the server (or one model) is SERVING")
     health.add_argument("--service", default="", help="health entry: '' (ready), 'liveness' or a model name")
     client_flags(health)
+    security_flags(health)
 
     bench_parser = commands.add_parser(
         "bench",
@@ -187,7 +204,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "bench":
         return bench.main(args)
     try:
-        with VisionClient(args.target, timeout=args.timeout) as client:
+        with VisionClient(
+            args.target,
+            timeout=args.timeout,
+            token=args.token,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        ) as client:
             commands = {
                 "classify": _classify,
                 "generate": _generate,
@@ -199,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -237,7 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

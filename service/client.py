@@ -2,6 +2,9 @@
 
 with VisionClient("127.0.0.1:8001") as client:
     response = client.classify([Path("digit.png")], model="lenet5", top_k=3)
+
+TLS: `tls_ca=` (PEM path or bytes; implies TLS), `tls=True` (system roots), `tls_cert=`/`tls_key=`
+(mutual TLS); bearer token: `token=` (sent as `authorization: Bearer ...` metadata on every call).
 """
 
 from __future__ import annotations
@@ -80,6 +83,35 @@ def caption_request(
     return request
 
 
+PemLike = Path | str | bytes
+
+
+def _pem(value: PemLike | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(
+    tls: bool = False,
+    tls_ca: PemLike | None = None,
+    tls_cert: PemLike | None = None,
+    tls_key: PemLike | None = None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS option is given (None: plaintext); cert and key go together."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("a client certificate needs its key, and the key its certificate")
+    if not (tls or tls_ca is not None or tls_cert is not None):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert)
+    )
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
 def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -95,9 +127,22 @@ class VisionClient:
         target: str = DEFAULT_TARGET,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         max_message_bytes: int = 64 * 1024 * 1024,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: PemLike | None = None,
+        tls_cert: PemLike | None = None,
+        tls_key: PemLike | None = None,
     ) -> None:
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._metadata = _auth_metadata(token)
+        options = _channel_options(max_message_bytes)
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        self._channel = (
+            grpc.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.secure_channel(target, credentials, options=options)
+        )
         self._vision = pb_grpc.VisionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -110,7 +155,7 @@ class VisionClient:
         timeout: float | None = None,
     ) -> pb.ClassifyResponse:
         request = classify_request(images, model, version, top_k)
-        return self._vision.Classify(request, timeout=timeout or self.timeout)
+        return self._vision.Classify(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     def generate(
         self,
@@ -123,7 +168,7 @@ class VisionClient:
         timeout: float | None = None,
     ) -> pb.GenerateResponse:
         request = generate_request(model, count, labels, seed, grid, version)
-        return self._vision.Generate(request, timeout=timeout or self.timeout)
+        return self._vision.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     def caption(
         self,
@@ -138,15 +183,19 @@ class VisionClient:
     ) -> pb.CaptionResponse:
         """The `count` best captions per image (server-side beam search); unset: the model's defaults."""
         request = caption_request(images, model, version, beam_size, max_length, count, attention)
-        return self._vision.Caption(request, timeout=timeout or self.timeout)
+        return self._vision.Caption(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+        return self._vision.ListModels(
+            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The status name of a health entry: "SERVING", "NOT_SERVING", ..."""
         response = self._health.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout or self.timeout
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=timeout or self.timeout,
+            metadata=self._metadata,
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
@@ -168,9 +217,22 @@ class AsyncVisionClient:
         target: str = DEFAULT_TARGET,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         max_message_bytes: int = 64 * 1024 * 1024,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        tls_ca: PemLike | None = None,
+        tls_cert: PemLike | None = None,
+        tls_key: PemLike | None = None,
     ) -> None:
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=_channel_options(max_message_bytes))
+        self._metadata = _auth_metadata(token)
+        options = _channel_options(max_message_bytes)
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
+        self._channel = (
+            grpc.aio.insecure_channel(target, options=options)
+            if credentials is None
+            else grpc.aio.secure_channel(target, credentials, options=options)
+        )
         self._vision = pb_grpc.VisionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -183,7 +245,7 @@ class AsyncVisionClient:
         timeout: float | None = None,
     ) -> pb.ClassifyResponse:
         request = classify_request(images, model, version, top_k)
-        return await self._vision.Classify(request, timeout=timeout or self.timeout)
+        return await self._vision.Classify(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     async def generate(
         self,
@@ -196,7 +258,7 @@ class AsyncVisionClient:
         timeout: float | None = None,
     ) -> pb.GenerateResponse:
         request = generate_request(model, count, labels, seed, grid, version)
-        return await self._vision.Generate(request, timeout=timeout or self.timeout)
+        return await self._vision.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     async def caption(
         self,
@@ -210,14 +272,16 @@ class AsyncVisionClient:
         timeout: float | None = None,
     ) -> pb.CaptionResponse:
         request = caption_request(images, model, version, beam_size, max_length, count, attention)
-        return await self._vision.Caption(request, timeout=timeout or self.timeout)
+        return await self._vision.Caption(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
     async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return await self._vision.ListModels(pb.ListModelsRequest(), timeout=timeout or self.timeout)
+        return await self._vision.ListModels(
+            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+        )
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
         request = health_pb2.HealthCheckRequest(service=service)
-        response = await self._health.Check(request, timeout=timeout or self.timeout)
+        response = await self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     async def close(self) -> None:

@@ -25,8 +25,10 @@ from google.protobuf.message import Message
 from service import tensors
 from service._proto.convserve.v1 import vision_pb2 as vision_pb
 from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service.auth import AuthError, AuthPolicy, http_middleware
 from service.errors import InvalidArgument, status_for
 from service.interceptors import REQUEST_ID_KEY, CallInfo, begin_call, end_call, new_request_id, record_call
+from service.servicers.common import default_deadline
 from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer
 
@@ -48,9 +50,16 @@ HTTP_STATUS = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(kserve: KServeServicer, vision: VisionServicer, max_body_bytes: int) -> web.Application:
-    """The routes; each is named after the gRPC method it shares, for metrics and the access log."""
-    app = web.Application(middlewares=[_serving_middleware], client_max_size=max_body_bytes)
+def build_app(
+    kserve: KServeServicer, vision: VisionServicer, max_body_bytes: int, policy: AuthPolicy | None = None
+) -> web.Application:
+    """The routes; each is named after the gRPC method it shares, for metrics and the access log.
+
+    `policy`: bearer-token rules (service/auth.py), applied inside the serving middleware so refusals
+    (401/403) are logged and counted; none: open.
+    """
+    middlewares = [_serving_middleware, http_middleware(policy or AuthPolicy())]
+    app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     routes = Routes(kserve, vision)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
@@ -91,6 +100,11 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
     code, message = grpc.StatusCode.OK, ""
     try:
         response = await handler(request)
+    except AuthError as exc:
+        code, message = exc.code, str(exc)
+        response = _error(HTTP_STATUS[code], message)
+        if code is grpc.StatusCode.UNAUTHENTICATED:
+            response.headers["WWW-Authenticate"] = "Bearer"
     except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
         code, message = (
             grpc.StatusCode.NOT_FOUND if exc.status == 404 else grpc.StatusCode.INVALID_ARGUMENT,
@@ -146,10 +160,10 @@ def _scalar(field: FieldDescriptor, value: Any) -> Any:
 
 
 def _deadline(request: web.Request) -> float | None:
-    """An optional `timeout` query parameter, in seconds, as the request's deadline."""
+    """An optional `timeout` query parameter, in seconds, as the request's deadline (else the default)."""
     timeout = request.query.get("timeout")
     if timeout is None:
-        return None
+        return default_deadline()
     try:
         seconds = float(timeout)
     except ValueError:

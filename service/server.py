@@ -4,6 +4,10 @@ Health entries (grpc.health.v1):
 - "" (readiness): SERVING once every model present at start is loaded or marked failed;
 - "<model>": SERVING while at least one version of that model is ready;
 - "liveness": SERVING while the process answers at all.
+
+With TLS (CONVSERVE_TLS_CERT_FILE/KEY_FILE, optionally CLIENT_CA_FILE for mutual TLS) the gRPC and HTTP
+ports speak TLS only, and a plaintext port (CONVSERVE_HEALTH_PORT, 8003 by default then) serves the
+Health service and nothing else, for kubelet's gRPC probes, which cannot speak TLS.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 
 import grpc
 from aiohttp import web
@@ -23,12 +28,14 @@ from service import metrics
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service.auth import AuthInterceptor, AuthPolicy
 from service.batching import BatchingOptions
 from service.decoding import DecodingOptions
 from service.http import build_app
 from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
+from service.servicers.common import set_default_timeout
 from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer
 from service.settings import Settings
@@ -37,6 +44,57 @@ log = logging.getLogger(__name__)
 
 LIVENESS = "liveness"
 OVERALL = ""
+#: The plaintext health port when TLS is on and CONVSERVE_HEALTH_PORT is unset.
+DEFAULT_TLS_HEALTH_PORT = 8003
+
+
+def tls_enabled(settings: Settings) -> bool:
+    """Whether the gRPC and HTTP ports speak TLS; a half-configured TLS is an error, never plaintext."""
+    cert, key, ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    if (cert is None) != (key is None):
+        raise ValueError("TLS needs both CONVSERVE_TLS_CERT_FILE and CONVSERVE_TLS_KEY_FILE")
+    if ca is not None and cert is None:
+        raise ValueError("CONVSERVE_TLS_CLIENT_CA_FILE (mutual TLS) needs a server certificate and key too")
+    return cert is not None
+
+
+def health_port(settings: Settings) -> int:
+    """The plaintext health-only port: -1 when off."""
+    if settings.health_port is not None:
+        return settings.health_port
+    return DEFAULT_TLS_HEALTH_PORT if tls_enabled(settings) else -1
+
+
+def _read(path: object, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:  # type: ignore[call-overload]
+            return f.read()
+    except OSError as exc:
+        raise OSError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials:
+    """TLS credentials of the gRPC port; with a client CA, client certificates are required and verified."""
+    cert = _read(settings.tls_cert_file, "TLS certificate")
+    key = _read(settings.tls_key_file, "TLS key")
+    ca = _read(settings.tls_client_ca_file, "client CA") if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def http_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """The HTTP port's TLS: the same certificate, and the same client CA for mutual TLS."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+        if settings.tls_client_ca_file is not None:
+            context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(f"cannot load the TLS certificate, key or client CA: {exc}") from None
+    return context
 
 
 def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -95,6 +153,8 @@ class ConvserveServer:
         self.metrics_port = 0
         self._http: web.AppRunner | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port = 0
         self._metrics_server = None
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -104,9 +164,13 @@ class ConvserveServer:
     async def start(self) -> None:
         """Bind the ports, answer liveness at once, load the models, then report ready."""
         settings = self.settings
+        set_default_timeout(settings.default_timeout_seconds)
+        tls = tls_enabled(settings)
+        policy = AuthPolicy.from_settings(settings)
         self._start_metrics()
         server = grpc.aio.server(
-            interceptors=[ServingInterceptor()],
+            # the auth interceptor inside the serving one: refusals are logged and counted too
+            interceptors=[ServingInterceptor(), AuthInterceptor(policy)],
             options=grpc_server_options(settings),
         )
         vision = VisionServicer(self.repository, settings)
@@ -127,16 +191,28 @@ class ConvserveServer:
         )
         address = f"{settings.host}:{settings.grpc_port}"
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if tls:
+                self.grpc_port = server.add_secure_port(address, grpc_server_credentials(settings))
+            else:
+                self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address} (is another server using the port?)") from exc
+        ssl_context = http_ssl_context(settings) if tls else None
         self.repository.add_listener(self._on_version_change)
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(OVERALL, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.start()
         self._server = server
-        log.info("gRPC listening on %s:%d", settings.host, self.grpc_port)
-        await self._start_http(build_app(kserve, vision, settings.max_message_bytes))
+        log.info(
+            "gRPC listening on %s:%d (%s; auth %s, repository control %s)",
+            settings.host,
+            self.grpc_port,
+            ("mutual TLS" if settings.tls_client_ca_file else "TLS") if tls else "plaintext",
+            "on" if policy.enabled else "off",
+            settings.repository_control,
+        )
+        await self._start_health_port()
+        await self._start_http(build_app(kserve, vision, settings.max_message_bytes, policy), ssl_context)
         await self.repository.refresh()
         without_gpu = self._versions_without_gpu()
         if without_gpu:  # a GPU deployment on a node without working CUDA must not take traffic
@@ -179,6 +255,8 @@ class ConvserveServer:
                 await self._poller
         grace = self.settings.shutdown_grace_seconds
         stopping = [self._server.stop(grace)] if self._server is not None else []
+        if self._health_server is not None:
+            stopping.append(self._health_server.stop(grace))
         if self._http is not None:
             stopping.append(self._http.cleanup())
         await asyncio.gather(*stopping)
@@ -188,13 +266,31 @@ class ConvserveServer:
             self._metrics_server.server_close()
         log.info("stopped")
 
-    async def _start_http(self, app: web.Application) -> None:
+    async def _start_health_port(self) -> None:
+        """The plaintext port with the Health service only (same entries), for kubelet's gRPC probes."""
+        port = health_port(self.settings)
+        if port < 0:
+            return
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.settings.host}:{port}"
+        try:
+            self.health_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on health port {address}: {exc}") from exc
+        await server.start()
+        self._health_server = server
+        log.info("plaintext health (grpc.health.v1 only) on %s:%d", self.settings.host, self.health_port)
+
+    async def _start_http(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> None:
         """KServe v2 over HTTP/REST on the same event loop, batchers and metrics as gRPC."""
         if self.settings.http_port < 0:
             return
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_seconds)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.http_port, reuse_port=False)
+        site = web.TCPSite(
+            runner, self.settings.host, self.settings.http_port, reuse_port=False, ssl_context=ssl_context
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         default=64 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent."
     )
+    default_timeout_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="Deadline of a request whose client set none (gRPC: no deadline; HTTP: no `timeout` "
+        "parameter), so queued work never waits forever; 0: no default deadline.",
+    )
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -127,6 +133,41 @@ class Settings(BaseSettings):
         ge=0,
         description="gRPC: how long RPCs (streams included) still running on a connection sent GOAWAY "
         "for its age may take to finish before the connection is closed.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM server certificate (chain); with tls_key_file, the gRPC and HTTP ports speak TLS.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: clients must present a certificate it signed (mutual TLS).",
+    )
+    health_port: int | None = Field(
+        default=None,
+        ge=-1,
+        le=65535,
+        description="Plaintext port serving grpc.health.v1 only (for kubelet probes); unset: 8003 when TLS "
+        "is on, off otherwise; -1 turns it off; 0 picks a free one.",
+    )
+    auth_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated bearer tokens; with any (here or in the file), tokens are required.",
+    )
+    auth_tokens_file: Path | None = Field(default=None, description="File with bearer tokens, one per line.")
+    admin_tokens: SecretStr = Field(
+        default=SecretStr(""),
+        description="Comma-separated admin bearer tokens: accepted everywhere, and the only ones that may "
+        "load/unload models when repository_control is admin.",
+    )
+    admin_tokens_file: Path | None = Field(default=None, description="File with admin tokens, one per line.")
+    auth_health: bool = Field(
+        default=False, description="Require tokens for health checks and reflection too (not on health_port)."
+    )
+    repository_control: Literal["enabled", "disabled", "admin"] = Field(
+        default="enabled",
+        description="Model load/unload over the network: enabled, disabled (PERMISSION_DENIED), or admin "
+        "(admin tokens only).",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
     log_format: Literal["json", "text"] = Field(

@@ -57,6 +57,7 @@ class RunningServer:
     metrics_url: str
     log_path: Path
     http_url: str
+    health_target: str | None = None  # the plaintext health-only port, when start_server opened one
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -68,11 +69,22 @@ class RunningServer:
 
 
 def start_server(
-    repository: Path, log_path: Path, extra_env: dict[str, str] | None = None, wait_for: str = ""
+    repository: Path,
+    log_path: Path,
+    extra_env: dict[str, str] | None = None,
+    wait_for: str = "",
+    plaintext_health: bool = False,
 ) -> RunningServer:
-    """`convserve serve` in a subprocess; returns once health entry `wait_for` (overall: "") is SERVING."""
+    """`convserve serve` in a subprocess; returns once health entry `wait_for` (overall: "") is SERVING.
+
+    `plaintext_health`: also open the plaintext health-only port (CONVSERVE_HEALTH_PORT) and wait on
+    it instead of the gRPC port (which may speak TLS or ask for tokens).
+    """
     grpc_port, http_port, metrics_port = free_port(), free_port(), free_port()
     env = {**os.environ, "CONVSERVE_LOG_FORMAT": "json", **(extra_env or {})}
+    health_port = free_port() if plaintext_health else None
+    if health_port is not None:
+        env["CONVSERVE_HEALTH_PORT"] = str(health_port)
     command = [
         sys.executable, "-m", "service", "serve",
         "--model-repository", str(repository),
@@ -90,6 +102,7 @@ def start_server(
         f"http://127.0.0.1:{metrics_port}/metrics",
         log_path,
         f"http://127.0.0.1:{http_port}",
+        f"127.0.0.1:{health_port}" if health_port is not None else None,
     )
     wait_until_serving(server, wait_for)
     return server
@@ -97,7 +110,7 @@ def start_server(
 
 def wait_until_serving(server: RunningServer, service: str = "", timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    with VisionClient(server.target, timeout=2) as client:
+    with VisionClient(server.health_target or server.target, timeout=2) as client:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.log()}")

@@ -17,6 +17,7 @@ from service import __version__, codecs, tensors
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as config_pb
+from service.auth import check_model_name
 from service.errors import ConvserveError, InvalidArgument, ModelNotFound, status_for
 from service.interceptors import current_call, observe_message
 from service.pipelines import CaptionerPipeline
@@ -196,14 +197,14 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        _no_overrides(request.parameters)
+        _check_control_request(request)
         await self._repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelUnloadResponse:
-        _no_overrides(request.parameters)
+        _check_control_request(request)
         await self._repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
@@ -413,7 +414,18 @@ def _model_statistics(version: ModelVersion) -> pb.ModelStatistics:
     )
 
 
+def _check_control_request(
+    request: pb.RepositoryModelLoadRequest | pb.RepositoryModelUnloadRequest,
+) -> None:
+    """Load/unload name one plain model of the one repository, and override nothing."""
+    check_model_name(request.model_name)
+    if request.repository_name:
+        raise InvalidArgument("repository_name is not supported: the server has one repository")
+    _no_overrides(request.parameters)
+
+
 def _no_overrides(parameters: object) -> None:
     """Loading takes the model's own files only: no config or file overrides from the network."""
-    if parameters:
-        raise InvalidArgument(f"repository parameters are not supported (got {sorted(parameters)})")
+    if parameters:  # Triton's "config" and "file:<path>" overrides among them: all refused
+        names = sorted(str(name)[:64] for name in parameters)[:8]  # never echo their values
+        raise InvalidArgument(f"repository parameters are not supported (got {names})")

@@ -18,6 +18,18 @@ K8S = REPO / "deploy" / "k8s"
 OVERLAYS = sorted(f"overlays/{path.parent.name}" for path in (K8S / "overlays").glob("*/kustomization.yaml"))
 KUSTOMIZATIONS = ["base", *OVERLAYS]
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+#: overlays/tls: the plaintext health-only port the probes use (the gRPC port speaks TLS).
+HEALTH_PORT = 8003
+
+
+def container_ports(name: str) -> dict[str, int]:
+    return {**PORTS, "grpc-health": HEALTH_PORT} if name == "overlays/tls" else PORTS
+
+
+def probe_port(name: str) -> int:
+    return HEALTH_PORT if name == "overlays/tls" else PORTS["grpc"]
+
+
 #: The oldest Kubernetes the manifests are for (the preStop sleep action is on by default from 1.30)
 #: and the newest kubernetes-validate knows.
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
@@ -173,7 +185,7 @@ def test_the_server_container(rendered: dict[str, Path], name: str) -> None:
     spec = deployment["spec"]["template"]["spec"]
     (container,) = spec["containers"]
     assert container["image"] == ("convserve:gpu" if name == "overlays/gpu" else "convserve:cpu")
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == PORTS
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == container_ports(name)
     # the only writable place: an emptyDir at /tmp
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     assert "/tmp" in mounts
@@ -192,9 +204,9 @@ def test_probes_use_the_grpc_health_entries(rendered: dict[str, Path], name: str
     models already answers SERVING, behind a startup probe: warming up never gets a pod killed."""
     (container,) = only(resources(rendered, name), "Deployment")["spec"]["template"]["spec"]["containers"]
     readiness, liveness, startup = (container[p] for p in ("readinessProbe", "livenessProbe", "startupProbe"))
-    assert readiness["grpc"] == {"port": PORTS["grpc"], "service": ""}
-    assert liveness["grpc"] == {"port": PORTS["grpc"], "service": "liveness"}
-    assert startup["grpc"] == {"port": PORTS["grpc"], "service": "liveness"}
+    assert readiness["grpc"] == {"port": probe_port(name), "service": ""}
+    assert liveness["grpc"] == {"port": probe_port(name), "service": "liveness"}
+    assert startup["grpc"] == {"port": probe_port(name), "service": "liveness"}
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 60
 
 
@@ -301,3 +313,33 @@ def test_the_gpu_overlay_asks_for_a_gpu_node(rendered: dict[str, Path]) -> None:
     base = only(resources(rendered, "base"), "Deployment")["spec"]["template"]["spec"]
     assert "nvidia.com/gpu" not in base["containers"][0]["resources"]["limits"]
     assert "tolerations" not in base and "nodeSelector" not in base
+
+
+def test_the_tls_overlay_mounts_the_secret_and_probes_the_plaintext_health_port(
+    rendered: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS settings name files in the mounted Secret; the probes use the health port the settings open."""
+    from service.server import health_port, tls_enabled
+
+    docs = resources(rendered, "overlays/tls")
+    data = only(docs, "ConfigMap")["data"]
+    spec = only(docs, "Deployment")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    (volume,) = [v for v in spec["volumes"] if "secret" in v]
+    assert mounts[volume["name"]]["readOnly"] is True
+    folder = mounts[volume["name"]]["mountPath"]
+    files = {f"{folder}/{item['path']}" for item in volume["secret"]["items"]}
+    keys = ("CONVSERVE_TLS_CERT_FILE", "CONVSERVE_TLS_KEY_FILE", "CONVSERVE_TLS_CLIENT_CA_FILE")
+    assert {data[key] for key in keys} == files
+    for key in list(Settings.model_fields):
+        monkeypatch.delenv(f"CONVSERVE_{key.upper()}", raising=False)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings()
+    assert tls_enabled(settings)
+    assert health_port(settings) == HEALTH_PORT == container["readinessProbe"]["grpc"]["port"]
+    for service in (d for d in docs if d["kind"] == "Service"):  # probes only: no Service exposes it
+        assert HEALTH_PORT not in {port["port"] for port in service["spec"]["ports"]}
+    base = only(resources(rendered, "base"), "ConfigMap")["data"]
+    assert not any(key.startswith("CONVSERVE_TLS") for key in base)

@@ -1,0 +1,235 @@
+"""Bearer-token auth for gRPC (a server interceptor) and HTTP (an aiohttp middleware), one policy for both.
+
+- Tokens come from CONVSERVE_AUTH_TOKENS (comma-separated) and/or CONVSERVE_AUTH_TOKENS_FILE (one per
+  line); none configured: the data plane is open (the default).
+- Admin tokens (CONVSERVE_ADMIN_TOKENS / _FILE) are accepted wherever a token is, and are the only
+  ones allowed to load and unload models when CONVSERVE_REPOSITORY_CONTROL=admin.
+- Health (grpc.health.v1, KServe ServerLive/ServerReady/ModelReady, /v2/health/*) and reflection are
+  open unless CONVSERVE_AUTH_HEALTH=true.
+- A presented token is compared with every configured token (SHA-256 digests, hmac.compare_digest,
+  no early exit), so timing tells neither which token nor how much of one matched.
+
+Tokens are never logged: errors say "missing bearer token" / "invalid bearer token" only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from service.errors import InvalidArgument
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+AUTHORIZATION = "authorization"
+MISSING = "missing bearer token"
+INVALID = "invalid bearer token"
+NOT_ADMIN = "repository control needs an admin token"
+CONTROL_DISABLED = "repository control (model load/unload) is disabled on this server"
+
+#: A model name the repository may be asked to load or unload: one plain folder name.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+#: Methods (the last part of a gRPC method, or an HTTP route's method name) by access class.
+HEALTH_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
+CONTROL_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+_OPEN_GRPC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
+class AuthError(Exception):
+    """A request that may not proceed; `code` is UNAUTHENTICATED or PERMISSION_DENIED."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def check_model_name(name: str) -> None:
+    """INVALID_ARGUMENT unless `name` is a plain model name (no path separators, no "..")."""
+    if not MODEL_NAME.match(name) or ".." in name or len(name) > 255:
+        raise InvalidArgument(
+            f"invalid model name {name[:64]!r}: a plain name (letters, digits, '_', '.', '-') is expected"
+        )
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def read_tokens(inline: str, file: Path | None) -> list[str]:
+    """Tokens from a comma-separated string and a file (one per line; blank lines and #comments skipped)."""
+    tokens = [t.strip() for t in inline.split(",")]
+    if file is not None:
+        try:
+            lines = Path(file).read_text().splitlines()
+        except OSError as exc:
+            raise OSError(f"cannot read token file {file}: {exc.strerror}") from None
+        tokens += [line.strip() for line in lines if not line.strip().startswith("#")]
+    return [t for t in tokens if t]
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    """Who may call what. Built once from the settings; `check` is all the transports use."""
+
+    tokens: tuple[bytes, ...] = ()  # SHA-256 digests of the user tokens
+    admin_tokens: tuple[bytes, ...] = ()  # and of the admin tokens
+    protect_health: bool = False
+    repository_control: str = "enabled"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AuthPolicy:
+        users = read_tokens(settings.auth_tokens.get_secret_value(), settings.auth_tokens_file)
+        admins = read_tokens(settings.admin_tokens.get_secret_value(), settings.admin_tokens_file)
+        if settings.repository_control == "admin" and not admins:
+            log.warning("repository_control is 'admin' but no admin token is configured: load/unload refused")
+        return cls(
+            tokens=tuple(_digest(t) for t in users),
+            admin_tokens=tuple(_digest(t) for t in admins),
+            protect_health=settings.auth_health,
+            repository_control=settings.repository_control,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the data plane asks for tokens at all (any user token configured)."""
+        return bool(self.tokens)
+
+    def check(self, method: str, authorization: str | None, *, health: bool = False) -> None:
+        """Raise AuthError unless a call of `method` with this Authorization value may proceed."""
+        if method in CONTROL_METHODS:
+            self._check_control(authorization)
+        elif health and not self.protect_health:
+            return
+        elif self.enabled:
+            self._authenticate(authorization)
+
+    def _check_control(self, authorization: str | None) -> None:
+        if self.repository_control == "admin":
+            if self._authenticate(authorization) != "admin":
+                raise AuthError(grpc.StatusCode.PERMISSION_DENIED, NOT_ADMIN)
+            return
+        if self.enabled:
+            self._authenticate(authorization)
+        if self.repository_control == "disabled":
+            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, CONTROL_DISABLED)
+
+    def _authenticate(self, authorization: str | None) -> str:
+        """'admin' or 'user' for a known token; AuthError UNAUTHENTICATED otherwise."""
+        token = _bearer(authorization)
+        if token is None:
+            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, MISSING)
+        given = _digest(token)
+        user = _matches(given, self.tokens)
+        admin = _matches(given, self.admin_tokens)
+        if admin:
+            return "admin"
+        if user:
+            return "user"
+        raise AuthError(grpc.StatusCode.UNAUTHENTICATED, INVALID)
+
+
+def _matches(given: bytes, known: Iterable[bytes]) -> bool:
+    """Compare with every known digest, without stopping at the first match."""
+    found = False
+    for digest in known:
+        found |= hmac.compare_digest(given, digest)
+    return found
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
+# gRPC --------------------------------------------------------------------------------------------
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls the policy does not allow, before the servicer sees them.
+
+    Put it after ServingInterceptor, so refusals are logged and counted like any other failure.
+    """
+
+    def __init__(self, policy: AuthPolicy) -> None:
+        self._policy = policy
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        full_method = details.method
+        method = full_method.rsplit("/", 1)[-1]
+        open_service = full_method.startswith(_OPEN_GRPC_PREFIXES)
+        health = open_service or (full_method.startswith("/inference.") and method in HEALTH_METHODS)
+        authorization = _metadata_value(details.invocation_metadata, AUTHORIZATION)
+        try:
+            self._policy.check(method, authorization, health=health)
+        except AuthError as exc:
+            return _refusal(handler, exc)
+        return handler
+
+
+def _metadata_value(metadata: Any, key: str) -> str | None:
+    for item_key, value in metadata or ():
+        if item_key == key:
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that only aborts with the error."""
+
+    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(error.code, str(error))
+
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(abort, **serializers)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(abort, **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(abort, **serializers)
+    return grpc.stream_stream_rpc_method_handler(abort, **serializers)
+
+
+# HTTP --------------------------------------------------------------------------------------------
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def http_middleware(policy: AuthPolicy) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """The same rules on HTTP: `Authorization: Bearer ...`; raises AuthError (the serving middleware
+    answers 401/403 with {"error": ...}). /v2/health/* and model readiness are health routes."""
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = request.match_info.route.name or ""
+        method = route.split(".", 1)[0]
+        if method:  # unknown routes answer 404 as before
+            policy.check(method, request.headers.get("Authorization"), health=method in HEALTH_METHODS)
+        return await handler(request)
+
+    return auth_middleware
