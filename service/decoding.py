@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service import metrics
-from service.errors import DeadlineExceeded, ModelNotReady
+from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ Feeds = dict[str, np.ndarray]
 class DecodingOptions:
     max_rows: int = 256  # hypotheses per decoder step; searches beyond it wait for the next step
     batching: bool = True  # False: one search at a time, decoded alone to the end
+    max_queue: int = 1024  # searches waiting for or in the loop; beyond it a request is refused at once
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ class DecodeLoop:
     async def decode(self, search: BeamSearch, deadline: float | None = None) -> list[Hypothesis]:
         if self._closed:
             raise ModelNotReady("the model version was unloaded")
+        if self.active >= self.options.max_queue:
+            raise QueueFull(f"the decode loop holds {self.active} captions (max_decode_queue); retry later")
         loop = asyncio.get_running_loop()
         job = _Job(search, deadline, loop.create_future())
         self._waiting.append(job)

@@ -111,6 +111,7 @@ def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
         ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
         ("grpc.keepalive_time_ms", ms(settings.keepalive_time_seconds)),
         ("grpc.keepalive_timeout_ms", ms(settings.keepalive_timeout_seconds)),
         # Our own pings also on idle connections; clients may ping idle connections too, this often:
@@ -145,7 +146,11 @@ class ConvserveServer:
                 instances=settings.instances,
             ),
             warmup=settings.warmup,
-            decoding=DecodingOptions(max_rows=settings.max_decode_batch, batching=settings.caption_batching),
+            decoding=DecodingOptions(
+                max_rows=settings.max_decode_batch,
+                batching=settings.caption_batching,
+                max_queue=settings.max_decode_queue,
+            ),
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0

@@ -51,11 +51,17 @@ class VisionServicer(pb_grpc.VisionServicer):
             raise InvalidArgument(f"top_k must be > 0, got {top_k}")
         if not request.model:
             raise InvalidArgument("model is required, e.g. 'lenet5'")
-        if not request.images:
-            raise InvalidArgument("no images in the request")
+        self._check_image_count(len(request.images))
         served = resolve(self._repository, request.model, request.version)
         with served.in_use():
             return await self._classify(served, request, top_k, deadline)
+
+    def _check_image_count(self, count: int) -> None:
+        if count == 0:
+            raise InvalidArgument("no images in the request")
+        limit = self._settings.max_images_per_request
+        if count > limit:
+            raise InvalidArgument(f"{count} images in one request; at most {limit} (max_images_per_request)")
 
     async def _classify(
         self, served: ModelVersion, request: pb.ClassifyRequest, top_k: int, deadline: float | None
@@ -136,8 +142,7 @@ class VisionServicer(pb_grpc.VisionServicer):
         """Caption, for any transport; `deadline` on the event loop's clock."""
         if not request.model:
             raise InvalidArgument("model is required, e.g. 'captioner'")
-        if not request.images:
-            raise InvalidArgument("no images in the request")
+        self._check_image_count(len(request.images))
         served = resolve(self._repository, request.model, request.version)
         with served.in_use():
             pipeline, batcher, stats = served.pipeline, served.batcher, served.stats

@@ -95,7 +95,7 @@ def _with_non_utf8_id(request: kpb.ModelInferRequest) -> bytes:
 
 #: Known gap: grpc's own deserializer fails before any servicer runs, and the client gets UNKNOWN.
 NON_UTF8 = "non-UTF-8 id"
-_many_images = [_image(GOOD_PNG)] * 1025  # one more than the default max_queue_size
+_many_images = [_image(GOOD_PNG)] * 257  # one more than the default max_images_per_request
 
 CASES = [
     # --- Vision.Classify ---
@@ -196,7 +196,7 @@ CASES = [
     ),
     Case(
         "Vision/Classify",
-        "more images than the queue holds",
+        "more images than one request may carry",
         vpb.ClassifyRequest(model="lenet5", images=_many_images),
         INVALID,
     ),

@@ -26,7 +26,7 @@ from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import AsyncVisionClient, VisionClient
 from service.decoding import BeamSearch, DecodeLoop, DecodingOptions
-from service.errors import DeadlineExceeded
+from service.errors import DeadlineExceeded, QueueFull
 from service.tensors import decode_output, encode_bytes
 
 SCENES = 16
@@ -375,3 +375,19 @@ def test_bench_captions_for_a_second(cap_server: RunningServer) -> None:
     )
     assert result.requests > 0 and result.errors == {}
     assert 0 < result.p50_ms <= result.p99_ms
+
+
+def test_a_full_decode_loop_refuses_at_once() -> None:
+    async def main() -> None:
+        decoder = _EndlessDecoder()
+        loop = DecodeLoop(decoder.run, decoder.output_names, DecodingOptions(max_queue=2), "toy", "1")
+        first = asyncio.ensure_future(loop.decode(_search()))
+        second = asyncio.ensure_future(loop.decode(_search()))
+        await asyncio.sleep(0)  # both have joined the queue
+        with pytest.raises(QueueFull, match="max_decode_queue"):
+            await loop.decode(_search())
+        await asyncio.gather(first, second)  # the two admitted ones are unaffected
+        await loop.decode(_search())  # and there is room again
+        await loop.close()
+
+    asyncio.run(main())
