@@ -52,7 +52,12 @@ def test_request_without_deadline_gets_the_default_and_never_runs(model_reposito
                 raise AssertionError("a request without a deadline outlived the server's default")
             except grpc.RpcError as exc:
                 assert exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED, exc.details()
+        # The server counts the failure after the status is on its way: wait for it, generously.
+        deadline = time.monotonic() + 15
+        while _metric(server, expired) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert _metric(server, expired) == 1
+        time.sleep(3.5)  # past the batch window: had the rows stayed queued, they would have run now
         assert _metric(server, inferences) == before  # its rows never reached onnxruntime
         with VisionClient(server.target) as client:  # a client deadline still wins over the default
             assert client.classify([DIGIT], top_k=1, timeout=30).results[0].predictions[0].label == "4"
