@@ -66,10 +66,12 @@ class Settings(BaseSettings):
     )
     instances: int = Field(default=1, gt=0, description="Default concurrent onnxruntime runs per model.")
     max_images_per_request: int = Field(
-        default=256, gt=0, description="Most images one Classify or Caption call may carry."
+        default=1024, gt=0, description="Most images one Classify or Caption call may carry."
     )
     max_concurrent_streams: int = Field(
-        default=256, gt=0, description="Most RPCs in flight on one gRPC connection (HTTP/2 streams)."
+        default=1024,
+        gt=0,
+        description="Most RPCs in flight on one gRPC connection (HTTP/2 streams); more get UNAVAILABLE.",
     )
     max_decode_queue: int = Field(
         default=1024, gt=0, description="Caption: most images waiting for or in the decode loop, per model."

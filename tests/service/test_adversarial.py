@@ -95,7 +95,7 @@ def _with_non_utf8_id(request: kpb.ModelInferRequest) -> bytes:
 
 #: Known gap: grpc's own deserializer fails before any servicer runs, and the client gets UNKNOWN.
 NON_UTF8 = "non-UTF-8 id"
-_many_images = [_image(GOOD_PNG)] * 257  # one more than the default max_images_per_request
+_many_images = [_image(GOOD_PNG)] * 1025  # one more than the default max_images_per_request
 
 CASES = [
     # --- Vision.Classify ---

@@ -135,6 +135,6 @@ def test_a_connection_is_closed_after_its_maximum_age_and_the_client_reconnects(
 
 
 def test_streams_per_connection_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert dict(grpc_server_options(Settings()))["grpc.max_concurrent_streams"] == 256
+    assert dict(grpc_server_options(Settings()))["grpc.max_concurrent_streams"] == 1024
     monkeypatch.setenv("CONVSERVE_MAX_CONCURRENT_STREAMS", "8")
     assert dict(grpc_server_options(Settings()))["grpc.max_concurrent_streams"] == 8
