@@ -96,7 +96,7 @@ echo "container-test: engine $ENGINE"
 install_podman() {
     local packages=(podman runc netavark aardvark-dns debootstrap) missing=() p
     for p in "${packages[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+        [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"install ok installed"* ]] || missing+=("$p")
     done
     if ((${#missing[@]})); then
         ((EUID == 0)) || fail "podman needs: apt-get install ${missing[*]} (as root)"
@@ -266,8 +266,10 @@ check_server() {
     classify "$grpc"
     every_model_ready "$grpc"
     curl -fsS "http://127.0.0.1:$http/v2/health/ready" >/dev/null || fail "HTTP /v2/health/ready"
-    curl -fsS "http://127.0.0.1:$metrics/metrics" | grep -q '^convserve_requests_total{' ||
-        fail "no convserve_requests_total on the metrics port"
+    # Read the whole page first: `curl | grep -q` under pipefail fails when grep stops reading early.
+    local page
+    page=$(curl -fsS "http://127.0.0.1:$metrics/metrics") || fail "the metrics port does not answer"
+    grep -q '^convserve_requests_total{' <<<"$page" || fail "no convserve_requests_total on the metrics port"
     engine_healthcheck "$CONTAINER"
     echo "healthcheck: healthy"
 }
