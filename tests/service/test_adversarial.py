@@ -93,8 +93,7 @@ def _with_non_utf8_id(request: kpb.ModelInferRequest) -> bytes:
     return request.SerializeToString() + b"\x1a\x02\xff\xfe"
 
 
-#: Known gap: grpc's own deserializer fails before any servicer runs, and the client gets UNKNOWN.
-NON_UTF8 = "non-UTF-8 id"
+NON_UTF8 = "non-UTF-8 id"  # grpc cannot parse it: the server parses requests itself to say so
 _many_images = [_image(GOOD_PNG)] * 1025  # one more than the default max_images_per_request
 
 CASES = [
@@ -445,14 +444,7 @@ def channel(server):
         yield ch
 
 
-def _param(case: Case) -> object:
-    if case.name == NON_UTF8:
-        reason = "unparseable requests get UNKNOWN from grpc's deserializer (server.py), not INVALID_ARGUMENT"
-        return pytest.param(case, id=case.id, marks=pytest.mark.xfail(strict=True, reason=reason))
-    return pytest.param(case, id=case.id)
-
-
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_adversarial_request_gets_its_status(channel: grpc.Channel, case: Case) -> None:
     result = _call(channel, case)
     print(f"| {case.rpc} | {case.name} | {case.expected} | {result} |")
