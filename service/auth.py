@@ -160,59 +160,28 @@ def _bearer(authorization: str | None) -> str | None:
 # gRPC --------------------------------------------------------------------------------------------
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls the policy does not allow, before the servicer sees them.
+class MethodAccess:
+    """The policy's check for one gRPC method, with what can be known before a call worked out once."""
 
-    Put it after ServingInterceptor, so refusals are logged and counted like any other failure.
-    """
-
-    def __init__(self, policy: AuthPolicy) -> None:
+    def __init__(self, policy: AuthPolicy, full_method: str) -> None:
         self._policy = policy
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        full_method = details.method
-        method = full_method.rsplit("/", 1)[-1]
+        self._method = full_method.rsplit("/", 1)[-1]
         open_service = full_method.startswith(_OPEN_GRPC_PREFIXES)
-        health = open_service or (full_method.startswith("/inference.") and method in HEALTH_METHODS)
-        authorization = _metadata_value(details.invocation_metadata, AUTHORIZATION)
-        try:
-            self._policy.check(method, authorization, health=health)
-        except AuthError as exc:
-            return _refusal(handler, exc)
-        return handler
+        self._health = open_service or (
+            full_method.startswith("/inference.") and self._method in HEALTH_METHODS
+        )
+
+    def check(self, metadata: Any) -> None:
+        """Raise AuthError unless a call with this invocation metadata may proceed."""
+        self._policy.check(self._method, metadata_value(metadata, AUTHORIZATION), health=self._health)
 
 
-def _metadata_value(metadata: Any, key: str) -> str | None:
+def metadata_value(metadata: Any, key: str) -> str | None:
+    """The first value of `key` in gRPC metadata, as text."""
     for item_key, value in metadata or ():
         if item_key == key:
             return value if isinstance(value, str) else value.decode(errors="replace")
     return None
-
-
-def _refusal(handler: grpc.RpcMethodHandler, error: AuthError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that only aborts with the error."""
-
-    async def abort(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(error.code, str(error))
-
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(abort, **serializers)
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(abort, **serializers)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(abort, **serializers)
-    return grpc.stream_stream_rpc_method_handler(abort, **serializers)
 
 
 # HTTP --------------------------------------------------------------------------------------------

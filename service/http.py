@@ -26,8 +26,8 @@ from service import tensors
 from service._proto.convserve.v1 import vision_pb2 as vision_pb
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service.auth import AuthError, AuthPolicy, http_middleware
+from service.calls import REQUEST_ID_KEY, CallInfo, begin_call, end_call, new_request_id, record_call
 from service.errors import InvalidArgument, status_for
-from service.interceptors import REQUEST_ID_KEY, CallInfo, begin_call, end_call, new_request_id, record_call
 from service.servicers.common import default_deadline
 from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer

@@ -21,18 +21,18 @@ import ssl
 import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
 from service import metrics
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.auth import AuthInterceptor, AuthPolicy
+from service.auth import AuthPolicy
 from service.batching import BatchingOptions
+from service.calls import register
 from service.decoding import DecodingOptions
 from service.http import build_app
-from service.interceptors import ServingInterceptor
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
 from service.servicers.common import set_default_timeout
@@ -144,6 +144,7 @@ class ConvserveServer:
                 max_queue_delay=settings.max_queue_delay,
                 max_queue_size=settings.max_queue_size,
                 instances=settings.instances,
+                inline=__import__("os").environ.get("XINLINE") == "1",
             ),
             warmup=settings.warmup,
             decoding=DecodingOptions(
@@ -173,26 +174,26 @@ class ConvserveServer:
         tls = tls_enabled(settings)
         policy = AuthPolicy.from_settings(settings)
         self._start_metrics()
-        server = grpc.aio.server(
-            # the auth interceptor inside the serving one: refusals are logged and counted too
-            interceptors=[ServingInterceptor(), AuthInterceptor(policy)],
-            options=grpc_server_options(settings),
-        )
+        server = grpc.aio.server(options=grpc_server_options(settings))
         vision = VisionServicer(self.repository, settings)
         kserve = KServeServicer(
             self.repository, lambda: self._ready, settings.max_message_bytes, settings=settings
         )
-        vision_pb2_grpc.add_VisionServicer_to_server(vision, server)
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(kserve, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name,
-                kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
+        # each method wrapped once: access control, request id, errors, access log, metrics
+        register(server, vision_pb2_grpc.add_VisionServicer_to_server, vision, policy)
+        register(server, kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, policy)
+        register(server, health_pb2_grpc.add_HealthServicer_to_server, self.health, policy)
+        services = [
+            vision_pb2.DESCRIPTOR.services_by_name["Vision"].full_name,
+            kserve_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        register(
             server,
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(services),
+            policy,
         )
         address = f"{settings.host}:{settings.grpc_port}"
         try:

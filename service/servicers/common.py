@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 
+from service.calls import current_call
 from service.errors import ModelNotFound
-from service.interceptors import current_call
 from service.metrics import UNKNOWN_MODEL
 from service.repository import ModelRepository, ModelVersion
 

@@ -18,8 +18,8 @@ from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as config_pb
 from service.auth import check_model_name
+from service.calls import current_call, observe_message
 from service.errors import ConvserveError, InvalidArgument, ModelNotFound, status_for
-from service.interceptors import current_call, observe_message
 from service.pipelines import CaptionerPipeline
 from service.pipelines.captioner import KSERVE_INPUT, KSERVE_OUTPUT, caption, caption_options
 from service.repository import CAPTIONER_PARTS, ModelRepository, ModelVersion, VersionState

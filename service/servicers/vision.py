@@ -13,8 +13,8 @@ import numpy as np
 from service import codecs
 from service._proto.convserve.v1 import vision_pb2 as pb
 from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
+from service.calls import current_call
 from service.errors import InvalidArgument
-from service.interceptors import current_call
 from service.pipelines import CaptionerPipeline, ClassifierPipeline
 from service.pipelines.captioner import caption, caption_options
 from service.pipelines.generator import GeneratorPipeline, grid_png, to_png

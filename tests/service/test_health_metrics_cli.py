@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 
 import grpc
@@ -50,14 +51,22 @@ def test_metrics_count_requests_by_model_version_method_and_code(server, client:
     client.classify([png_bytes(draw_digit("1"))])
     with pytest.raises(grpc.RpcError):
         client.classify([b"junk"])
-    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    samples = {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"
-    }
     series = (
         'convserve_requests_total{{code="{}",method="Classify",model="lenet5",transport="grpc",version="1"}}'
     )
     ok, bad = series.format("OK"), series.format("INVALID_ARGUMENT")
+    # The status goes to the client before the call is counted: wait for the count.
+    deadline = time.monotonic() + 10
+    while True:
+        text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+        samples = {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line[:1] != "#"
+        }
+        if samples.get(bad, 0) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert samples[ok] >= 1
     assert samples[bad] >= 1
     assert (

@@ -1,17 +1,19 @@
-"""One interceptor for every unary RPC: request id, the error table, access log, request metrics.
+"""What every RPC goes through, wrapped around each servicer method once at registration.
 
-The servicer fills in the model and version it used (`current_call()`), so the log line and the
-metrics carry them without the servicer knowing about either.
+Unary calls get a request id, access control, the error table, the access log and request
+metrics; streaming calls get access control. The servicer fills in the model and version it used
+(`current_call()`), so the log line and the metrics carry them without the servicer knowing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -20,6 +22,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service import metrics
+from service.auth import AuthError, AuthPolicy, MethodAccess, metadata_value
 from service.errors import InvalidArgument, status_for
 from service.statistics import VersionStatistics
 
@@ -53,37 +56,109 @@ def current_call() -> CallInfo:
     return call if call is not None else CallInfo(request_id="", method="")
 
 
-class ServingInterceptor(grpc.aio.ServerInterceptor):
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        quiet = details.method.startswith(_QUIET_PREFIXES)
-        parse = handler.request_deserializer
-        wrapped = _wrap_unary(handler.unary_unary, details.method, _request_id(details), quiet, parse)
+def register(
+    server: grpc.aio.Server, add_to_server: Callable[[Any, Any], None], servicer: object, policy: AuthPolicy
+) -> None:
+    """Register a servicer through its generated `add_*_to_server`, each method wrapped once.
+
+    Wrapping at registration, rather than with grpc.aio interceptors, costs nothing per call
+    beyond the wrapper itself: an interceptor chain runs for every call and builds a new handler
+    each time (measured: about 7% of a no-op server's throughput on one core).
+    """
+    registrar = _Registrar(server, policy)
+    add_to_server(servicer, registrar)
+    if not registrar.services:
+        raise RuntimeError(f"{add_to_server.__name__} registered no service by name")
+
+
+class _Registrar:
+    """Stands in for the server in generated `add_*_to_server` functions.
+
+    They hand the same handlers over twice, as a generic handler and by service name; the named
+    ones are wrapped and registered both ways on the real server.
+    """
+
+    def __init__(self, server: grpc.aio.Server, policy: AuthPolicy) -> None:
+        self._server = server
+        self._policy = policy
+        self.services: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Ignored: the same methods come by name in add_registered_method_handlers."""
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        wrapped = {
+            name: wrap_handler(f"/{service}/{name}", handler, self._policy)
+            for name, handler in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, wrapped),))
+        self._server.add_registered_method_handlers(service, wrapped)
+        self.services.append(service)
+
+
+def wrap_handler(
+    full_method: str, handler: grpc.RpcMethodHandler, policy: AuthPolicy
+) -> grpc.RpcMethodHandler:
+    """Unary calls: access control, request id, the error table, log and metrics; streams: access control."""
+    access = MethodAccess(policy, full_method)
+    if handler.unary_unary is not None:
+        quiet = full_method.startswith(_QUIET_PREFIXES)
+        wrapped = _wrap_unary(handler.unary_unary, full_method, quiet, handler.request_deserializer, access)
         # The request arrives as bytes and is parsed inside the call: a message grpc cannot parse
         # (e.g. invalid UTF-8 in a string field) is then INVALID_ARGUMENT, counted and logged,
         # instead of grpc's own UNKNOWN before any of our code runs.
         return grpc.unary_unary_rpc_method_handler(
             wrapped, request_deserializer=None, response_serializer=handler.response_serializer
         )
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(_guard(handler.unary_stream, access), **serializers)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(_guard(handler.stream_unary, access), **serializers)
+    return grpc.stream_stream_rpc_method_handler(_guard(handler.stream_stream, access), **serializers)
 
 
-def _request_id(details: grpc.HandlerCallDetails) -> str:
-    offered = dict(details.invocation_metadata or ()).get(REQUEST_ID_KEY)
-    return new_request_id(offered if isinstance(offered, str) else None)
+def _guard(behavior: Callable[..., Any], access: MethodAccess) -> Callable[..., Any]:
+    """A streaming method behind the access check; it keeps its kind (async generator or coroutine)."""
+    if inspect.isasyncgenfunction(behavior):
+
+        async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await _check_access(access, context)
+            async for item in behavior(request, context):
+                yield item
+
+        return generator
+
+    async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await _check_access(access, context)
+        return await behavior(request, context)
+
+    return coroutine
+
+
+async def _check_access(access: MethodAccess, context: grpc.aio.ServicerContext) -> None:
+    try:
+        access.check(context.invocation_metadata())
+    except AuthError as exc:
+        await context.abort(exc.code, str(exc))
+
+
+def _request_id(metadata: Any) -> str:
+    offered = metadata_value(metadata, REQUEST_ID_KEY)
+    return new_request_id(offered)
 
 
 def _wrap_unary(
     behavior: Callable[..., Any],
     full_method: str,
-    request_id: str,
     quiet: bool,
-    parse: Callable[[bytes], Any] | None = None,
+    parse: Callable[[bytes], Any] | None,
+    access: MethodAccess,
 ) -> Callable:
     method = full_method.rsplit("/", 1)[-1]
 
@@ -96,6 +171,8 @@ def _wrap_unary(
             raise InvalidArgument(f"the request is not a valid {method} message") from None
 
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        metadata = context.invocation_metadata()
+        request_id = _request_id(metadata)
         call = CallInfo(request_id=request_id, method=method)
         token = _current.set(call)
         start = time.perf_counter()
@@ -103,6 +180,7 @@ def _wrap_unary(
         trailing = ((REQUEST_ID_KEY, request_id),)
         context.set_trailing_metadata(trailing)
         try:
+            access.check(metadata)
             return await behavior(parsed(request), context)
         except asyncio.CancelledError:  # grpc cancels the handler at the client's deadline too
             remaining = context.time_remaining()
@@ -114,6 +192,9 @@ def _wrap_unary(
         except grpc.aio.AbortError:
             code, message = context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
             raise
+        except AuthError as exc:
+            code, message = exc.code, str(exc)
+            await context.abort(code, message, trailing_metadata=trailing)
         except Exception as exc:
             code, message = status_for(exc)
             if code is grpc.StatusCode.INTERNAL:
