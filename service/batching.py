@@ -37,6 +37,7 @@ class BatchingOptions:
     max_queue_delay: float = 0.0
     max_queue_size: int = 1024
     instances: int = 1
+    inline: bool = False  # run on the event loop, not in a thread: for a process with one core
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,10 @@ class DynamicBatcher:
         self._running |= requests
         started = time.perf_counter()
         try:
-            outputs = await loop.run_in_executor(self._pool, self._run, _merge(slices))
+            if self.options.inline:  # one usable core: a thread would only add a hand-off
+                outputs = self._run(_merge(slices))
+            else:
+                outputs = await loop.run_in_executor(self._pool, self._run, _merge(slices))
         except Exception as exc:
             for request in requests:
                 if not request.finished():

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import yaml
@@ -369,9 +369,10 @@ class ModelRepository:
             else chosen.max_queue_delay,
             max_queue_size=chosen.max_queue_size or defaults.max_queue_size,
             instances=chosen.instances or defaults.instances,
+            inline=defaults.inline,
         )
         if not session.batchable:
-            options = BatchingOptions(0, 0.0, options.max_queue_size, options.instances)
+            options = replace(options, max_batch_size=0, max_queue_delay=0.0)
         return DynamicBatcher(
             session.run,
             options,

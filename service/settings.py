@@ -5,6 +5,7 @@ Nothing here runs at import time; `Settings()` reads the environment when it is 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -44,6 +45,11 @@ class Settings(BaseSettings):
     ort_spinning: bool = Field(
         default=False,
         description="Let onnxruntime's idle pool threads busy-wait (faster hand-off, but they take CPU).",
+    )
+    execution: Literal["auto", "thread", "inline"] = Field(
+        default="auto",
+        description="Where onnxruntime runs: a thread per model, or inline on the event loop (no hand-off; "
+        "for a process on one core); auto: inline when the process may use only one CPU.",
     )
     warmup: bool = Field(default=True, description="Run one batch through each model before it is ready.")
     repository_poll_seconds: float = Field(
@@ -184,3 +190,14 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one object per line (for log pipelines); text: for people."
     )
+
+
+def runs_inline(execution: str) -> bool:
+    """Whether onnxruntime runs on the event loop: asked for, or auto with a single usable CPU.
+
+    With one core a worker thread adds only a hand-off per run (measured: about 10% of lenet5's
+    throughput at concurrency 64 on a pinned core).
+    """
+    if execution != "auto":
+        return execution == "inline"
+    return len(os.sched_getaffinity(0)) == 1
