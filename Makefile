@@ -39,7 +39,7 @@ help:
 	@echo "make serve    set up, train the default models if missing, serve on HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT)"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make models   train and publish the default models at full quality (a new version each time)"
-	@echo "make bench    batching off / on / in-process onnxruntime, one interleaved run (bench-results/)"
+	@echo "make bench    the performance suite: convserve vs transport and compute limits (bench-results/)"
 	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff check and format check"
@@ -90,10 +90,10 @@ system-deps:
 		echo "kubectl is missing: tests/deploy renders deploy/k8s with kubectl kustomize" >&2; exit 1; }
 
 bench: install
-	$(BIN)/convserve-train all --missing --only $(FOREGROUND_MODELS) --repository $(MODELS)
+	$(BIN)/convserve-train all --missing --repository $(MODELS)
 	@mkdir -p bench-results
-	$(BIN)/convserve bench --compare --model-repository $(MODELS) \
-		--json bench-results/compare.json --markdown bench-results/compare.md
+	$(BIN)/convserve bench --suite --model-repository $(MODELS) \
+		--json bench-results/suite.json --markdown bench-results/suite.md
 
 SOAK_REQUESTS ?= 100000
 .PHONY: soak

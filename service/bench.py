@@ -40,6 +40,7 @@ from urllib.parse import quote
 import aiohttp
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
@@ -711,19 +712,28 @@ def start_server(repository: Path, log_path: Path, env: dict[str, str]) -> Serve
     return ServerProcess(process, f"127.0.0.1:{port}", log_path, f"127.0.0.1:{http_port}")
 
 
-def wait_until_serving(server: ServerProcess, timeout: float = SERVER_START_SECONDS) -> None:
-    """Poll the readiness health entry until SERVING; fail with the server's log if it exits."""
+def wait_until_serving(
+    server: ServerProcess, timeout: float = SERVER_START_SECONDS, poll_seconds: float = 0.2
+) -> None:
+    """Poll the readiness health entry until SERVING; fail with the server's log if it exits.
+
+    The channel retries a refused connection every 20-50 ms instead of gRPC's default backoff
+    (up to seconds), so the time to SERVING is seen as it is (the bench suite reports it).
+    """
     deadline = time.monotonic() + timeout
-    with VisionClient(server.target, timeout=2) as client:
+    options = [("grpc.initial_reconnect_backoff_ms", 20), ("grpc.max_reconnect_backoff_ms", 50)]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 raise BenchError(f"server exited with {server.process.returncode}:\n{server.log_tail()}")
             try:
-                if client.health() == "SERVING":
+                answer = stub.Check(health_pb2.HealthCheckRequest(), timeout=2, wait_for_ready=True)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.RpcError:
                 pass
-            time.sleep(0.2)
+            time.sleep(poll_seconds)
     raise BenchError(f"server not SERVING after {timeout:.0f} s:\n{server.log_tail()}")
 
 
@@ -880,7 +890,7 @@ def _load(options: LoadOptions) -> dict[str, Any]:
     }
 
 
-def _described(workload: Workload) -> str:
+def describe_workload(workload: Workload) -> str:
     return f"{workload.model} version {workload.version}, {workload.source}"
 
 
@@ -926,7 +936,7 @@ async def _compare(
                         **_load(options),
                     )
                 points.append(Point(repeat, mode, result))
-                say(f"repeat {repeat + 1}/{options.repeats}  {_point_line(mode, result)}")
+                say(f"repeat {repeat + 1}/{options.repeats}  {point_line(mode, result)}")
         seconds_each = max(options.duration / len(options.batch_sizes), 0.1)
         for size in options.batch_sizes:
             rate = await asyncio.to_thread(batch_throughput, session, workload, size, seconds_each)
@@ -937,8 +947,8 @@ async def _compare(
         )
     return CompareReport(
         options=options,
-        workload=_described(workload),
-        environment=_environment(),
+        workload=describe_workload(workload),
+        environment=environment(),
         servers=served,
         points=points,
         sweep=sweep,
@@ -974,11 +984,11 @@ async def _transports(
                     **_load(options),
                 )
                 points.append(Point(repeat, api, result))
-                say(f"repeat {repeat + 1}/{options.repeats}  {_point_line(api, result)}")
+                say(f"repeat {repeat + 1}/{options.repeats}  {point_line(api, result)}")
     return TransportsReport(
         options=options,
-        workload=_described(workload),
-        environment=_environment(),
+        workload=describe_workload(workload),
+        environment=environment(),
         server=served,
         points=points,
     )
@@ -1049,8 +1059,8 @@ async def _caption_compare(
                     **_load(options),
                 )
                 points.append(Point(repeat, mode, result))
-                say(f"repeat {repeat + 1}/{options.repeats}  {_point_line(mode, result)}")
-    return CaptionReport(options, _described(workload), _environment(), served, points)
+                say(f"repeat {repeat + 1}/{options.repeats}  {point_line(mode, result)}")
+    return CaptionReport(options, describe_workload(workload), environment(), served, points)
 
 
 def render_caption_markdown(report: CaptionReport) -> str:
@@ -1071,7 +1081,7 @@ def render_caption_markdown(report: CaptionReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _environment() -> dict[str, Any]:
+def environment() -> dict[str, Any]:
     from service.runtime import onnxruntime
 
     return {
@@ -1084,7 +1094,7 @@ def _environment() -> dict[str, Any]:
     }
 
 
-def _spread(values: Sequence[float]) -> dict[str, float | None]:
+def spread(values: Sequence[float]) -> dict[str, float | None]:
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return {"median": None, "min": None, "max": None}
@@ -1115,11 +1125,11 @@ def point_rows(
                 {
                     "mode": mode,
                     "concurrency": concurrency,
-                    "requests_per_second": _spread([r.requests_per_second for r in results]),
-                    "images_per_second": _spread([r.images_per_second for r in results]),
-                    "p50_ms": _spread([r.p50_ms for r in results]),
-                    "p99_ms": _spread([r.p99_ms for r in results]),
-                    "cpu_percent": _spread([r.cpu_percent for r in results]),
+                    "requests_per_second": spread([r.requests_per_second for r in results]),
+                    "images_per_second": spread([r.images_per_second for r in results]),
+                    "p50_ms": spread([r.p50_ms for r in results]),
+                    "p99_ms": spread([r.p99_ms for r in results]),
+                    "cpu_percent": spread([r.cpu_percent for r in results]),
                     "errors": dict(errors),
                 }
             )
@@ -1139,10 +1149,10 @@ def paired(
         rows.append(
             {
                 "concurrency": concurrency,
-                "throughput_ratio": _spread(
+                "throughput_ratio": spread(
                     [b.images_per_second / a.images_per_second for a, b in pairs if a.images_per_second > 0]
                 ),
-                "p50_difference_ms": _spread([b.p50_ms - a.p50_ms for a, b in pairs]),
+                "p50_difference_ms": spread([b.p50_ms - a.p50_ms for a, b in pairs]),
             }
         )
     return rows
@@ -1155,7 +1165,7 @@ def summarize(
     by_size: dict[int, list[float]] = {}
     for s in sweep:
         by_size.setdefault(s.batch_size, []).append(s.images_per_second)
-    sizes = {size: _spread(rates) for size, rates in by_size.items()}
+    sizes = {size: spread(rates) for size, rates in by_size.items()}
     best = max(sizes, key=lambda size: sizes[size]["median"] or 0.0) if sizes else None
     return {
         "points": point_rows(points, concurrencies, MODES),
@@ -1175,7 +1185,7 @@ def summarize_transports(points: Sequence[Point], concurrencies: Sequence[int]) 
 # --- rendering -----------------------------------------------------------------------------------
 
 
-def _fmt(spread: dict[str, float | None], digits: int, signed: bool = False) -> str:
+def format_spread(spread: dict[str, float | None], digits: int, signed: bool = False) -> str:
     if spread["median"] is None:
         return "-"
     sign = "+" if signed else ""
@@ -1209,9 +1219,10 @@ def _points_table(rows: Sequence[dict[str, Any]], names: dict[str, str]) -> list
     for row in rows:
         errors = ", ".join(f"{code} {n}" for code, n in row["errors"].items()) or "0"
         lines.append(
-            f"| {row['concurrency']} | {names[row['mode']]} | {_fmt(row['requests_per_second'], 0)} "
-            f"| {_fmt(row['images_per_second'], 0)} | {_fmt(row['p50_ms'], 2)} | {_fmt(row['p99_ms'], 2)} "
-            f"| {_fmt(row['cpu_percent'], 0)} | {errors} |"
+            f"| {row['concurrency']} | {names[row['mode']]} | {format_spread(row['requests_per_second'], 0)} "
+            f"| {format_spread(row['images_per_second'], 0)} | {format_spread(row['p50_ms'], 2)} "
+            f"| {format_spread(row['p99_ms'], 2)} "
+            f"| {format_spread(row['cpu_percent'], 0)} | {errors} |"
         )
     return lines
 
@@ -1223,8 +1234,8 @@ def _paired_table(rows: Sequence[dict[str, Any]], base: str, other: str) -> list
     ]
     for row in rows:
         lines.append(
-            f"| {row['concurrency']} | {_fmt(row['throughput_ratio'], 2)} "
-            f"| {_fmt(row['p50_difference_ms'], 2, signed=True)} |"
+            f"| {row['concurrency']} | {format_spread(row['throughput_ratio'], 2)} "
+            f"| {format_spread(row['p50_difference_ms'], 2, signed=True)} |"
         )
     return lines
 
@@ -1255,7 +1266,7 @@ def render_markdown(report: CompareReport) -> str:
         lines += [
             "",
             f"In-process compute limit (one session.run at a time): best batch {limit['best_batch_size']}, "
-            f"{_fmt(best, 0)} images/s. Median images/s by batch size: {each}.",
+            f"{format_spread(best, 0)} images/s. Median images/s by batch size: {each}.",
         ]
     return "\n".join(lines) + "\n"
 
@@ -1282,7 +1293,7 @@ def render_transports_markdown(report: TransportsReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _point_line(mode: str, result: LoadResult) -> str:
+def point_line(mode: str, result: LoadResult) -> str:
     errors = sum(result.errors.values())
     return (
         f"concurrency {result.concurrency:>3}  {mode:<9}  {result.requests_per_second:8.0f} req/s  "
@@ -1328,6 +1339,8 @@ def main(args: argparse.Namespace) -> int:
     """`convserve bench`: exit 0 when requests succeeded, 1 when none did or the bench could not run."""
     try:
         _check(args)
+        if args.suite:
+            return _suite_command(args)
         if args.compare:
             return _compare_command(args)
         return _transports_command(args) if args.transports else _bench_command(args)
@@ -1349,11 +1362,15 @@ def _check(args: argparse.Namespace) -> None:
         ("--warmup must be >= 0", args.warmup < 0),
         ("--channels must be >= 1", args.channels < 1),
         ("--repeats must be >= 1", args.repeats < 1),
-        ("--compare and --transports are separate runs: choose one", args.compare and args.transports),
         (
-            "--compare and --transports measure --duration seconds per point, not --requests",
-            (args.compare or args.transports) and args.requests,
+            "--compare, --transports and --suite are separate runs: choose one",
+            sum((args.compare, args.transports, args.suite)) > 1,
         ),
+        (
+            "--compare, --transports and --suite measure --duration seconds per point, not --requests",
+            (args.compare or args.transports or args.suite) and args.requests,
+        ),
+        ("--models is for --suite", args.models is not None and not args.suite),
     ]
     for message, failed in problems:
         if failed:
@@ -1449,6 +1466,24 @@ def _compare_command(args: argparse.Namespace) -> int:
 def _transports_command(args: argparse.Namespace) -> int:
     report = run_transports(LoadOptions(**_load_options(args)), progress=_progress)
     return _report(args, report.to_dict(), render_transports_markdown(report), report.points)
+
+
+def _suite_command(args: argparse.Namespace) -> int:
+    from service import bench_suite  # it builds on this module
+
+    options = bench_suite.SuiteOptions(
+        repository=args.model_repository,
+        models=args.models or bench_suite.SUITE_MODELS,
+        concurrencies=args.concurrency or bench_suite.SUITE_CONCURRENCY,
+        repeats=args.repeats,
+        duration=args.duration if args.duration is not None else COMPARE_DURATION_SECONDS,
+        warmup=args.warmup,
+        channels=args.channels,
+        timeout=args.timeout,
+    )
+    report = bench_suite.run_suite(options, progress=_progress)
+    points = [Point(p.repeat, p.target, p.result) for p in report.points]
+    return _report(args, report.to_dict(), bench_suite.render_markdown(report), points)
 
 
 def _report(args: argparse.Namespace, record: dict[str, Any], table: str, points: Sequence[Point]) -> int:

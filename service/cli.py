@@ -175,22 +175,34 @@ def build_parser() -> argparse.ArgumentParser:
         "(binary tensors)",
     )
     bench_parser.add_argument(
+        "--suite",
+        action="store_true",
+        help="the performance suite: convserve beside a no-op KServe v2 server (transport limit) and "
+        "in-process onnxruntime (compute limit), pinned to separate cores, for --models",
+    )
+    bench_parser.add_argument(
+        "--models",
+        type=lambda text: tuple(m for m in text.split(",") if m),
+        default=None,
+        help="--suite: comma-separated models (default: lenet5,scenes-resnet)",
+    )
+    bench_parser.add_argument(
         "--model-repository",
         type=Path,
         default=Path("models"),
-        help="--compare, --transports: repository to serve (default: models)",
+        help="--compare, --transports, --suite: repository to serve (default: models)",
     )
     bench_parser.add_argument(
         "--repeats",
         type=int,
         default=bench.COMPARE_REPEATS,
-        help="--compare, --transports: repeats (default: %(default)s)",
+        help="--compare, --transports, --suite: repeats (default: %(default)s)",
     )
     bench_parser.add_argument(
         "--markdown",
         type=Path,
         metavar="PATH",
-        help="--compare, --transports: also write the table to PATH",
+        help="--compare, --transports, --suite: also write the table to PATH",
     )
     client_flags(bench_parser)
     bench_parser.set_defaults(target=None)  # chosen by --api: the gRPC or the HTTP port
