@@ -35,7 +35,7 @@ import numpy as np
 
 from service import bench
 from service.bench import BenchError, LoadResult, Progress, ServerProcess, Workload
-from service.client import DEFAULT_TIMEOUT_SECONDS
+from service.client import DEFAULT_TIMEOUT_SECONDS, VisionClient
 from service.runtime import ModelSession, SessionOptions
 from service.settings import Settings
 
@@ -187,7 +187,11 @@ def compute_in_child(
         ",".join(str(b) for b in batch_sizes), str(seconds),
     ]  # fmt: skip
     done = subprocess.run(
-        command, capture_output=True, text=True, preexec_fn=_pin(cores), timeout=60 + 4 * seconds * 10
+        command,
+        capture_output=True,
+        text=True,
+        preexec_fn=_pin(cores),
+        timeout=60 + 2 * seconds * len(batch_sizes),
     )
     if done.returncode != 0:
         raise BenchError(f"the in-process onnxruntime run failed:\n{done.stderr[-2000:]}")
@@ -321,8 +325,6 @@ def run_suite(options: SuiteOptions, progress: Progress | None = None) -> SuiteR
 
 def served_models(target: str) -> tuple[list[str], dict[str, str]]:
     """The models the server has READY and the execution provider each really got."""
-    from service.client import VisionClient
-
     with VisionClient(target, timeout=10) as client:
         models = client.list_models().models
     providers = {m.name: m.versions[0].provider for m in models if m.versions}

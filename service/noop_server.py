@@ -1,8 +1,8 @@
 """A do-nothing KServe v2 gRPC server: the transport limit the bench suite measures us against.
 
 It is built from the same pieces as `convserve serve` (grpc.aio, the generated KServe v2 stubs,
-the same channel arguments, the same raw-tensor decoding and encoding) but runs no model: ModelInfer
-checks the request against the model's signature and answers zeros of the output shapes. Its
+the same channel arguments, header checks, raw-tensor decoding and encoding) but runs no model:
+ModelInfer checks the request against the model's signature and answers zeros of the output shapes. Its
 throughput is what one core can do with gRPC and our protocol code alone, so a real server's
 throughput over it shows the cost of everything else (batching, onnxruntime, bookkeeping).
 
@@ -26,9 +26,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from service import tensors
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.errors import ConvserveError, InvalidArgument, ModelNotFound, status_for
+from service.errors import ConvserveError, ModelNotFound, status_for
 from service.runtime import CPU, ModelSession, SessionOptions, TensorSpec
 from service.server import grpc_server_options
+from service.servicers.kserve import check_headers
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,8 @@ class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         try:
             version, signature = self._model(request.model_name)
-            feeds = tensors.decode_inputs(request, max_elements=self._max_elements)
-            rows = _rows(feeds, signature)
+            rows = check_headers(request, list(signature.inputs.values()), batchable=True)
+            tensors.decode_inputs(request, max_elements=self._max_elements)  # as the real server does
         except ConvserveError as exc:
             await _abort(context, exc)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
@@ -114,25 +115,6 @@ class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.append(tensor)
             response.raw_output_contents.append(raw)
         return response
-
-
-def _rows(feeds: dict[str, np.ndarray], signature: Signature) -> int:
-    """The batch size, after checking names, dtypes and item shapes as the real server does."""
-    if set(feeds) != set(signature.inputs):
-        raise InvalidArgument(f"the model takes inputs {sorted(signature.inputs)}, got {sorted(feeds)}")
-    rows = set()
-    for name, array in feeds.items():
-        spec = signature.inputs[name]
-        if array.dtype != spec.dtype or array.ndim != len(spec.shape):
-            raise InvalidArgument(f"input {name!r}: expected {spec.dtype} of rank {len(spec.shape)}")
-        if any(w not in (-1, g) for w, g in zip(spec.shape[1:], array.shape[1:], strict=True)):
-            raise InvalidArgument(
-                f"input {name!r}: expected shape {list(spec.shape)}, got {list(array.shape)}"
-            )
-        rows.add(array.shape[0])
-    if len(rows) != 1:
-        raise InvalidArgument("inputs must share their first (batch) dimension")
-    return rows.pop()
 
 
 def _metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

@@ -223,7 +223,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         assert batcher is not None and stats is not None, "a READY version has a batcher and statistics"
         wanted = _requested_outputs(request, session.output_names)
         with stats.input_stage():
-            rows = _check_headers(request, session.inputs, session.batchable)
+            rows = check_headers(request, session.inputs, session.batchable)
             batcher.admit(rows)  # refuse before decoding what cannot be queued
             if request.ByteSize() <= INLINE_BYTES:  # raw data is wrapped, not copied: cheap on the loop
                 feeds = tensors.decode_inputs(request, max_elements=self._max_elements)
@@ -253,7 +253,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             pipeline, None, None, None, False, settings.max_beam_size, settings.max_caption_length
         )
         with stats.input_stage():
-            rows = _check_headers(request, [KSERVE_INPUT], True)
+            rows = check_headers(request, [KSERVE_INPUT], True)
             if rows == 0:
                 raise InvalidArgument(f"input {KSERVE_INPUT.name!r} holds no images")
             batcher.admit(rows)
@@ -301,7 +301,7 @@ def _metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     )
 
 
-def _check_headers(request: pb.ModelInferRequest, specs: list[TensorSpec], batchable: bool) -> int:
+def check_headers(request: pb.ModelInferRequest, specs: list[TensorSpec], batchable: bool) -> int:
     """Names, datatypes and shapes against the graph, before any data is read; returns the rows."""
     expected = {spec.name: spec for spec in specs}
     given = [tensor.name for tensor in request.inputs]
