@@ -38,7 +38,7 @@ from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
 from service.servicers.common import set_default_timeout
 from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer
-from service.settings import Settings
+from service.settings import Settings, runs_inline
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class ConvserveServer:
                 max_queue_delay=settings.max_queue_delay,
                 max_queue_size=settings.max_queue_size,
                 instances=settings.instances,
-                inline=__import__("os").environ.get("XINLINE") == "1",
+                inline=runs_inline(settings.execution),
             ),
             warmup=settings.warmup,
             decoding=DecodingOptions(

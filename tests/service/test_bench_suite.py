@@ -19,7 +19,8 @@ from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.batching import BatchingOptions, DynamicBatcher
 from service.cli import main
-from service.settings import runs_inline
+from service.server import ConvserveServer
+from service.settings import Settings, runs_inline
 
 
 def test_limit_is_the_harmonic_combination_of_both_costs() -> None:
@@ -110,6 +111,12 @@ def test_execution_auto_is_inline_only_with_one_usable_cpu() -> None:
         check=True,
     )
     assert pinned.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("execution", ["inline", "thread"])
+def test_server_batchers_follow_the_execution_setting(execution: str, tmp_path) -> None:
+    server = ConvserveServer(Settings(model_repository=tmp_path, execution=execution))
+    assert server.repository.batching.inline is (execution == "inline")
 
 
 @pytest.mark.parametrize("inline", [True, False])
