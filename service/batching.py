@@ -148,6 +148,8 @@ class DynamicBatcher:
         rows = 1 if self.options.max_batch_size == 0 else _rows(feeds)
         self.admit(rows)
         loop = asyncio.get_running_loop()
+        if self._runs_now(rows):
+            return self._run_now(loop, feeds, rows, deadline)
         signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
         request = _Request(feeds, rows, signature, deadline, loop.time(), loop.create_future())
         self._queue.append(request)
@@ -160,6 +162,30 @@ class DynamicBatcher:
             if not request.future.done():  # we were cancelled: leave the queue, run nothing more
                 request.future.cancel()
             self._forget(request)
+
+    def _runs_now(self, rows: int) -> bool:
+        """Inline, nothing queued or running and no wait for a fuller batch: the queue would
+        hand this request to the worker only for it to run alone, one loop iteration later."""
+        options = self.options
+        return (
+            options.inline
+            and options.max_queue_delay <= 0
+            and not self._queue
+            and not self._running
+            and rows <= max(options.max_batch_size, 1)
+        )
+
+    def _run_now(
+        self, loop: asyncio.AbstractEventLoop, feeds: Feeds, rows: int, deadline: float | None
+    ) -> list[np.ndarray]:
+        """The queue's path for a request that is alone, without the queue: same checks, same reports."""
+        if deadline is not None and loop.time() >= deadline:
+            raise DeadlineExceeded("deadline passed while the request was queued")
+        self._on_dequeue(QueueReport(0.0))
+        started = time.perf_counter()
+        outputs = list(self._run(feeds))
+        self._on_run(RunReport(rows, 1, time.perf_counter() - started))
+        return outputs
 
     def _forget(self, request: _Request) -> None:
         """Drop a finished request's rows that never reached a run."""

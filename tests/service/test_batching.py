@@ -261,3 +261,33 @@ def test_failed_runs_are_not_reported_as_inferences() -> None:
 
     asyncio.run(main())
     assert [r.rows for r in reports] == [1]
+
+
+def test_inline_request_alone_runs_at_once_with_the_queues_checks_and_reports() -> None:
+    model = Model(poison=7)
+    runs: list[RunReport] = []
+    waits: list[float] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(
+            model,
+            BatchingOptions(max_batch_size=4, inline=True),
+            on_run=runs.append,
+            on_dequeue=lambda report: waits.append(report.seconds),
+        )
+        doubled, _ = await batcher.submit(rows(1, 2))
+        np.testing.assert_array_equal(doubled, [[2, 2], [4, 4]])
+        assert not batcher._workers, "a request alone needs no worker"
+        loop = asyncio.get_running_loop()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(rows(3), deadline=loop.time() - 1)
+        with pytest.raises(RuntimeError, match="poisoned"):
+            await batcher.submit(rows(7))
+        split = await batcher.submit(rows(*range(6)))  # more rows than a run takes: queued and split
+        np.testing.assert_array_equal(split[1], [2 * v for v in range(6)])
+        await batcher.close()
+
+    asyncio.run(main())
+    assert [len(run) for run in model.runs] == [2, 1, 4, 2]
+    assert [(r.rows, r.requests) for r in runs] == [(2, 1), (4, 1), (2, 1)]  # the failed run is not reported
+    assert waits[:2] == [0.0, 0.0] and len(waits) == 3
