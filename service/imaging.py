@@ -42,8 +42,10 @@ def levels_to_uint8(levels: np.ndarray, max_level: int) -> np.ndarray:
 
 def is_bright_on_dark(gray: np.ndarray) -> bool:
     """True when the border (the background) is darker than mid-grey."""
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    return float(np.median(border)) < 128.0
+    border = np.sort(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
+    middle = border.size // 2  # the median as np.median takes it, without its generic machinery
+    median = (int(border[(border.size - 1) // 2]) + int(border[middle])) / 2
+    return median < 128.0
 
 
 def adapt_digit(gray: np.ndarray, spec: DigitAdaptation, height: int, width: int) -> np.ndarray:
@@ -56,9 +58,10 @@ def adapt_digit(gray: np.ndarray, spec: DigitAdaptation, height: int, width: int
     then resize to the model input.
     """
     in_training_size = gray.shape in ((spec.source_size, spec.source_size), (height, width))
-    if in_training_size and is_bright_on_dark(gray):
+    bright_on_dark = is_bright_on_dark(gray)
+    if in_training_size and bright_on_dark:
         return resize(gray, height, width)
-    if not is_bright_on_dark(gray):
+    if not bright_on_dark:
         gray = 255 - gray
     ink = _binarise(gray)
     if not ink.any():

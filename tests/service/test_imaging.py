@@ -23,6 +23,15 @@ def test_training_representation_is_only_resized() -> None:
     np.testing.assert_array_equal(imaging.adapt_digit(upsampled, SPEC, 32, 32), upsampled)
 
 
+def test_polarity_is_the_border_median_below_mid_grey() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        height, width = rng.integers(1, 12, 2)
+        gray = rng.choice(np.array([0, 126, 127, 128, 129, 255], np.uint8), (height, width))
+        border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+        assert imaging.is_bright_on_dark(gray) == (float(np.median(border)) < 128.0), gray
+
+
 def test_polarity_is_detected_and_fixed() -> None:
     dark_on_light = np.asarray(draw_digit("7"))
     light_on_dark = 255 - dark_on_light
