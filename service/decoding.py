@@ -32,9 +32,12 @@ from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
 
 log = logging.getLogger(__name__)
 
-#: The decoder graph's inputs and outputs (training/export_captioner.py writes them so).
-DECODER_INPUTS = ("token", "h", "c", "features", "projected")
+#: The decoder graph's inputs and outputs (training/export_captioner.py writes them so): token, h,
+#: c and image_index per hypothesis, features and projected per image (the graph gathers them).
+DECODER_INPUTS = ("token", "h", "c", "features", "projected", "image_index")
 DECODER_OUTPUTS = ("log_probs", "next_h", "next_c", "alpha")
+#: Decoder graphs exported before image_index take features and projected once per hypothesis.
+PER_HYPOTHESIS_DECODER_INPUTS = DECODER_INPUTS[:5]
 Feeds = dict[str, np.ndarray]
 
 
@@ -163,9 +166,11 @@ class DecodeLoop:
         model: str,
         version: str,
         on_step: StepReport | None = None,
+        input_names: Sequence[str] = DECODER_INPUTS,
     ) -> None:
         self._run = run
         self._outputs = [list(output_names).index(name) for name in DECODER_OUTPUTS]
+        self._by_image = "image_index" in input_names  # else features are repeated per hypothesis
         self.options = options
         self._on_step = on_step or (lambda rows, seconds: None)
         self._waiting: deque[_Job] = deque()
@@ -278,7 +283,7 @@ class DecodeLoop:
             return
         searches = [job.search for job in jobs]
         rows = sum(search.rows for search in searches)
-        try:  # merging copies the features once per hypothesis: off the event loop too
+        try:  # merging copies every search's features: off the event loop too
             outputs, run_seconds = await loop.run_in_executor(self._pool, self._merge_and_run, searches)
         except Exception as exc:  # an error in a run fails exactly the searches in it
             for job in jobs:
@@ -306,25 +311,29 @@ class DecodeLoop:
 
     def _merge_and_run(self, searches: list[BeamSearch]) -> tuple[Sequence[np.ndarray], float]:
         """In the decoder thread: one batch of every live hypothesis, run; returns outputs and run time."""
-        feeds = _merge(searches)
+        feeds = merge(searches, self._by_image)
         started = time.perf_counter()
         outputs = self._run(feeds)
         return outputs, time.perf_counter() - started
 
 
-def _merge(searches: list[BeamSearch]) -> Feeds:
-    """One decoder batch: every live hypothesis of every search (the image features repeated per row)."""
+def merge(searches: list[BeamSearch], by_image: bool) -> Feeds:
+    """One decoder batch: every live hypothesis of every search, and each search's image features.
 
-    def repeated(name: str) -> np.ndarray:
-        parts = [getattr(s, name) for s in searches]
-        return np.concatenate(
-            [np.broadcast_to(p, (s.rows, *p.shape[1:])) for p, s in zip(parts, searches, strict=True)]
-        )
-
-    return {
+    by_image: the features once per search and, per hypothesis, the index of its search's row
+    (the graph gathers them); else, for older graphs, the features repeated per hypothesis.
+    """
+    rows = [s.rows for s in searches]
+    feeds = {
         "token": np.concatenate([s.tokens for s in searches]),
         "h": np.concatenate([s.h for s in searches]),
         "c": np.concatenate([s.c for s in searches]),
-        "features": repeated("features"),
-        "projected": repeated("projected"),
     }
+    if by_image:
+        feeds["features"] = np.concatenate([s.features for s in searches])
+        feeds["projected"] = np.concatenate([s.projected for s in searches])
+        feeds["image_index"] = np.repeat(np.arange(len(searches), dtype=np.int64), rows)
+    else:
+        feeds["features"] = np.repeat(np.concatenate([s.features for s in searches]), rows, axis=0)
+        feeds["projected"] = np.repeat(np.concatenate([s.projected for s in searches]), rows, axis=0)
+    return feeds

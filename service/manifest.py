@@ -119,8 +119,10 @@ class CaptionerSpec(_Strict):
     """An image captioner as two graphs: the encoder (once per image) and one decoder step (per word).
 
     encoder: uint8 image (N, 3, H, W) -> features (N, L, D), projected features (N, L, A) and the
-    initial LSTM state h, c (N, hidden). decoder: token (N,) int64, h, c, features, projected ->
-    log-probabilities of the next word (N, V), the next h, c and the attention weights (N, L).
+    initial LSTM state h, c (N, hidden). decoder, for K hypotheses over M images: token (K,) int64,
+    h, c (K, hidden), features (M, L, D), projected (M, L, A), image_index (K,) int64 -> log-probabilities
+    of the next word (K, V), the next h, c and the attention weights (K, L). (Older decoders take
+    features and projected per hypothesis, without image_index.)
     """
 
     encoder_file: str = "encoder.onnx"

@@ -120,6 +120,11 @@ class ModelSession:
             )
         if options.require_gpu and self.provider != CUDA:
             raise ModelLoadError(f"{REQUIRE_GPU_FAILURE} but {path.name} runs on {self.provider}")
+        # Named leading dimensions of the inputs: inputs that name different ones (a decoder's
+        # hypotheses and images) cannot be cut into requests along their first axis.
+        self._input_batch_names = {
+            i.shape[0] for i in self._session.get_inputs() if i.shape and isinstance(i.shape[0], str)
+        }
         self.inputs = [_tensor_spec(i) for i in self._session.get_inputs()]
         self.outputs = [_tensor_spec(o) for o in self._session.get_outputs()]
         self.input_names = [t.name for t in self.inputs]
@@ -127,8 +132,9 @@ class ModelSession:
 
     @property
     def batchable(self) -> bool:
-        """True when every input and output has a free leading (batch) dimension."""
-        return all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
+        """True when every input and output has a free leading dimension, the same one for every input."""
+        free = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
+        return free and len(self._input_batch_names) <= 1
 
     def warmup(self) -> None:
         """One run on zeros (free dimensions set to 1), so the first request pays no lazy set-up."""

@@ -25,7 +25,8 @@ from training.models.captioner import END, START, Captioner, CaptionerConfig, De
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 ENCODER_INPUTS, ENCODER_OUTPUTS = ("image",), ("features", "projected", "h", "c")
-DECODER_INPUTS = ("token", "h", "c", "features", "projected")
+#: features and projected come once per image; image_index says which image each hypothesis reads.
+DECODER_INPUTS = ("token", "h", "c", "features", "projected", "image_index")
 DECODER_OUTPUTS = ("log_probs", "next_h", "next_c", "alpha")
 #: Largest |onnxruntime - torch| allowed on any output of either graph.
 PARITY_TOLERANCE = 1e-4
@@ -47,7 +48,13 @@ class EncoderGraph(nn.Module):
 
 
 class DecoderGraph(nn.Module):
-    """One step: token, h, c, features, projected -> log-probabilities, next h, next c, attention."""
+    """One step: token, h, c, features, projected, image_index -> log-probabilities, next h, c, attention.
+
+    token, h, c and image_index have one row per hypothesis; features and projected one row per
+    image, gathered in the graph by image_index. A beam search of k hypotheses over one image then
+    sends that image's features once, not k times: copying them per hypothesis cost as much as
+    the step itself on a CPU.
+    """
 
     def __init__(self, model: Captioner) -> None:
         super().__init__()
@@ -60,21 +67,25 @@ class DecoderGraph(nn.Module):
         c: torch.Tensor,
         features: torch.Tensor,
         projected: torch.Tensor,
+        image_index: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        features, projected = features[image_index], projected[image_index]
         logits, state, alpha = self.model.decoder.step(token, DecoderState(h, c), features, projected)
         return torch.log_softmax(logits, dim=1), state.h, state.c, alpha
 
 
 def example_inputs(config: CaptionerConfig, n: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """An encoder input and decoder inputs of batch n, shaped as the graphs expect."""
+    """An encoder input and decoder inputs of n images with two hypotheses each, as the graphs expect."""
     cells = config.grid_size**2
     image = torch.zeros(n, 3, config.image_size, config.image_size, dtype=torch.uint8)
+    rows = 2 * n  # more hypotheses than images, so the two batch axes are traced apart
     step = (
-        torch.full((n,), START, dtype=torch.int64),
-        torch.zeros(n, config.hidden_dim),
-        torch.zeros(n, config.hidden_dim),
+        torch.full((rows,), START, dtype=torch.int64),
+        torch.zeros(rows, config.hidden_dim),
+        torch.zeros(rows, config.hidden_dim),
         torch.zeros(n, cells, config.feature_dim),
         torch.zeros(n, cells, config.attention_dim),
+        torch.arange(n, dtype=torch.int64).repeat_interleave(2),
     )
     return image, step
 
@@ -85,10 +96,10 @@ def export_graphs(model: Captioner, directory: Path) -> None:
 
     model.eval()
     image, step = example_inputs(model.config, 2)
-    batch = torch.export.Dim("batch")
+    batch, images = torch.export.Dim("batch"), torch.export.Dim("images")
     with warnings.catch_warnings():  # torch-internal deprecation noise, nothing a caller can act on
         warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used")
         torch.onnx.export(
             EncoderGraph(model).eval(),
             (image,),
@@ -107,7 +118,14 @@ def export_graphs(model: Captioner, directory: Path) -> None:
             str(directory / DECODER_FILE),
             input_names=list(DECODER_INPUTS),
             output_names=list(DECODER_OUTPUTS),
-            dynamic_shapes={name: {0: batch} for name in ("token", "h", "c", "features", "projected")},
+            dynamic_shapes={
+                "token": {0: batch},
+                "h": {0: batch},
+                "c": {0: batch},
+                "features": {0: images},
+                "projected": {0: images},
+                "image_index": {0: batch},
+            },
             opset_version=OPSET,
             dynamo=True,
             external_data=False,
@@ -154,17 +172,18 @@ class OnnxCaptioner:
         return self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
 
     def step(self, token: np.ndarray, *state_and_features: np.ndarray) -> list[np.ndarray]:
-        """token, then h, c, features, projected, as the decoder graph takes them."""
+        """token, then h, c, features, projected, image_index, as the decoder graph takes them."""
         feeds = dict(zip(DECODER_INPUTS, (token, *state_and_features), strict=True))
         return self.decoder.run(list(DECODER_OUTPUTS), feeds)
 
     def greedy(self, images: np.ndarray) -> list[list[int]]:
         features, projected, h, c = self.encode(images)
         tokens = np.full(len(images), START, dtype=np.int64)
+        one_each = np.arange(len(images), dtype=np.int64)  # one hypothesis per image
         captions: list[list[int]] = [[] for _ in images]
         done = np.zeros(len(images), dtype=bool)
         for _ in range(self.max_length):  # as greedy_decode: at most max_length words
-            log_probs, h, c, _ = self.step(tokens, h, c, features, projected)
+            log_probs, h, c, _ = self.step(tokens, h, c, features, projected, one_each)
             tokens = log_probs.argmax(axis=1).astype(np.int64)
             for i in np.flatnonzero(~done & (tokens != END)):
                 captions[i].append(int(tokens[i]))
@@ -188,8 +207,10 @@ def parity(model: Captioner, directory: Path) -> tuple[float, float]:
                 ours = runtime.encode(images)
                 theirs = EncoderGraph(model)(torch.tensor(images))
                 worst = max(worst, _max_diff(ours, theirs))
-                token = rng.integers(0, len(config.vocabulary), n).astype(np.int64)
-                step_inputs = (token, *ours[2:], *ours[:2])  # token, h, c, features, projected
+                features, projected, h, c = ours
+                index = rng.integers(0, n, 3 * n).astype(np.int64)  # hypotheses in any order, any count
+                token = rng.integers(0, len(config.vocabulary), len(index)).astype(np.int64)
+                step_inputs = (token, h[index], c[index], features, projected, index)
                 ours_step = runtime.step(*step_inputs)
                 theirs_step = DecoderGraph(model)(*(torch.tensor(x) for x in step_inputs))
                 worst = max(worst, _max_diff(ours_step, theirs_step))

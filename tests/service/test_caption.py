@@ -25,7 +25,7 @@ from service import bench, metrics
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import AsyncVisionClient, VisionClient
-from service.decoding import BeamSearch, DecodeLoop, DecodingOptions
+from service.decoding import BeamSearch, DecodeLoop, DecodingOptions, merge
 from service.errors import DeadlineExceeded, QueueFull
 from service.tensors import decode_output, encode_bytes
 
@@ -211,6 +211,31 @@ def _search(beam: int = 2) -> BeamSearch:
     return BeamSearch(zeros, zeros, h, h, beam_size=beam, max_length=20, start_token=1, end_token=2)
 
 
+def test_a_step_sends_each_images_features_once_or_per_hypothesis_to_older_graphs() -> None:
+    rng = np.random.default_rng(0)
+    searches = []
+    for beam in (3, 1, 2):
+        features, projected = rng.random((1, 4, 3), np.float32), rng.random((1, 4, 2), np.float32)
+        h = rng.random((1, 5), np.float32)
+        search = BeamSearch(
+            features, projected, h, h, beam_size=beam, max_length=20, start_token=1, end_token=5
+        )
+        words = np.log(np.full((1, 6), 1 / 6, np.float32))  # every word alike: `beam` hypotheses live on
+        search.advance(words, np.repeat(h, 6, 0), np.repeat(h, 6, 0), np.zeros((6, 4), np.float32))
+        searches.append(search)
+    assert [s.rows for s in searches] == [3, 1, 2]
+    by_image = merge(searches, by_image=True)
+    per_hypothesis = merge(searches, by_image=False)
+    assert by_image["features"].shape == (3, 4, 3) and per_hypothesis["features"].shape == (6, 4, 3)
+    assert by_image["image_index"].tolist() == [0, 0, 0, 1, 2, 2]
+    assert "image_index" not in per_hypothesis
+    for name in ("features", "projected"):  # gathering by image_index gives the older graphs' feeds
+        assert np.array_equal(by_image[name][by_image["image_index"]], per_hypothesis[name])
+    for name in ("token", "h", "c"):
+        assert np.array_equal(by_image[name], per_hypothesis[name])
+        assert len(by_image[name]) == 6
+
+
 def test_expired_and_cancelled_searches_leave_the_loop_and_others_are_unaffected() -> None:
     def dropped(reason: str) -> float:
         return metrics.DECODE_DROPPED.labels("toy", "1", reason)._value.get()
@@ -257,12 +282,15 @@ def test_kserve_encoder_decoder_and_captioner(cap_server: RunningServer, scenes:
         ]
         assert [t.name for t in encoder.outputs] == ["features", "projected", "h", "c"]
         decoder = stub.ModelMetadata(kserve_pb.ModelMetadataRequest(name="captioner.decoder"))
-        assert [t.name for t in decoder.inputs] == ["token", "h", "c", "features", "projected"]
+        assert [t.name for t in decoder.inputs] == ["token", "h", "c", "features", "projected", "image_index"]
         whole = stub.ModelMetadata(kserve_pb.ModelMetadataRequest(name="captioner"))
         assert [(t.name, t.datatype, list(t.shape)) for t in whole.inputs] == [("image", "BYTES", [-1, 1])]
         assert [(t.name, t.datatype, list(t.shape)) for t in whole.outputs] == [("caption", "BYTES", [-1, 1])]
         config = stub.ModelConfig(kserve_pb.ModelConfigRequest(name="captioner.decoder")).config
         assert config.default_model_filename == "decoder.onnx"
+        # hypotheses and images are two batch axes: requests cannot be merged, so no dynamic batching
+        assert config.max_batch_size == 0
+        assert [list(t.dims) for t in config.input][3] == [-1, 64, 96]
         assert stub.ModelReady(kserve_pb.ModelReadyRequest(name="captioner.encoder")).ready
 
         images = np.ascontiguousarray(scenes[:2])
@@ -278,19 +306,26 @@ def test_kserve_encoder_decoder_and_captioner(cap_server: RunningServer, scenes:
         assert response.model_name == "captioner.encoder"
 
         step = kserve_pb.ModelInferRequest(model_name="captioner.decoder")
+        image_index = np.array(
+            [0, 1, 1], np.int64
+        )  # three hypotheses: one on the first image, two on the second
         feeds = {
-            "token": np.ones(2, np.int64),
-            **{k: encoded[k] for k in ("h", "c", "features", "projected")},
+            "token": np.ones(3, np.int64),
+            "h": encoded["h"][image_index],
+            "c": encoded["c"][image_index],
+            "features": encoded["features"],
+            "projected": encoded["projected"],
+            "image_index": image_index,
         }
         for name, array in feeds.items():
-            step.inputs.add(
-                name=name, datatype="INT64" if name == "token" else "FP32", shape=list(array.shape)
-            )
+            datatype = "INT64" if array.dtype == np.int64 else "FP32"
+            step.inputs.add(name=name, datatype=datatype, shape=list(array.shape))
             step.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
         out = stub.ModelInfer(step)
         log_probs = decode_output(out.outputs[0], out.raw_output_contents[0])
-        assert log_probs.shape[0] == 2
-        assert np.exp(log_probs).sum(axis=1) == pytest.approx([1.0, 1.0], abs=1e-4)
+        assert log_probs.shape[0] == 3
+        assert np.exp(log_probs).sum(axis=1) == pytest.approx([1.0, 1.0, 1.0], abs=1e-4)
+        assert np.array_equal(log_probs[1], log_probs[2])  # the same image, token and state
 
         whole_request = kserve_pb.ModelInferRequest(model_name="captioner", id="c1")
         whole_request.inputs.add(name="image", datatype="BYTES", shape=[2, 1])
