@@ -91,24 +91,25 @@ class BeamSearch:
     def advance(self, log_probs: np.ndarray, h: np.ndarray, c: np.ndarray, alpha: np.ndarray) -> bool:
         """One step: (rows, V) log-probabilities and the next states; True when the search is done."""
         scores = log_probs + self.scores[:, np.newaxis]  # float32, as torch adds them
-        vocabulary = scores.shape[1]
         end = self.end_token
         if self.length == self.max_length:  # out of room: only <end> may follow
             values = scores[:, end]
             order = np.argsort(-values, kind="stable")[: self.beam_size]
-            chosen_rows, chosen_words, chosen = order, np.full(len(order), end), values[order]
+            ends = zip(order.tolist(), values[order].tolist(), strict=True)
+            picks = [(row, end, score) for row, score in ends]
         else:
+            # One stable sort of a few hundred scores: best first, ties to the lower index, as topk.
             flat = scores.ravel()
-            k = min(self.beam_size, flat.size)
-            candidates = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
-            ranked = candidates[np.lexsort((candidates, -flat[candidates]))]  # best first; ties: lower index
-            chosen_rows, chosen_words = np.divmod(ranked, vocabulary)
-            chosen = flat[ranked]
+            ranked = np.argsort(-flat, kind="stable")[: self.beam_size]
+            vocabulary = scores.shape[1]
+            picks = [
+                (*divmod(index, vocabulary), score)
+                for index, score in zip(ranked.tolist(), flat[ranked].tolist(), strict=True)
+            ]
         next_live: list[tuple[tuple[int, ...], tuple[np.ndarray, ...]]] = []
         keep: list[int] = []
         next_tokens: list[int] = []
         next_scores: list[float] = []
-        picks = zip(chosen_rows.tolist(), chosen_words.tolist(), chosen.tolist(), strict=True)
         for row, word, score in picks:
             tokens, attention = self.live[row]
             if word == end:
