@@ -184,6 +184,8 @@ async def caption(
     assert loop is not None, "a READY captioner has a decode loop"
     encoded = await batcher.submit(pipeline.feeds(batch), deadline)
     searches = pipeline.searches(encoded, options.beam_size, options.max_length, options.attention)
+    if len(searches) == 1:  # the common case: no task per image to create and gather
+        return [(await loop.decode(searches[0], deadline))[: options.count]]
     tasks = [asyncio.ensure_future(loop.decode(search, deadline)) for search in searches]
     try:
         results = await asyncio.gather(*tasks)
