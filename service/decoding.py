@@ -167,11 +167,11 @@ class DecodeLoop:
         model: str,
         version: str,
         on_step: StepReport | None = None,
-        input_names: Sequence[str] = DECODER_INPUTS,
+        by_image: bool = True,  # False for decoders that take the features per hypothesis (see merge)
     ) -> None:
         self._run = run
         self._outputs = [list(output_names).index(name) for name in DECODER_OUTPUTS]
-        self._by_image = "image_index" in input_names  # else features are repeated per hypothesis
+        self._by_image = by_image
         self.options = options
         self._on_step = on_step or (lambda rows, seconds: None)
         self._waiting: deque[_Job] = deque()

@@ -322,7 +322,7 @@ class ModelRepository:
             version.model,
             version.version,
             on_step=decoder_stats.ran,
-            input_names=pipeline.decoder.input_names,
+            by_image=pipeline.by_image,
         )
 
     def _build(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline | None]:

@@ -46,13 +46,10 @@ class CaptionerPipeline:
         self.vocabulary = self.spec.vocabulary
         self.loop: DecodeLoop | None = None  # attached on the event loop once the version loads
         _require(encoder, [self.input.name], ENCODER_OUTPUTS, self.spec.encoder_file)
-        older = set(decoder.input_names) == set(PER_HYPOTHESIS_DECODER_INPUTS)  # exported before image_index
-        _require(
-            decoder,
-            PER_HYPOTHESIS_DECODER_INPUTS if older else DECODER_INPUTS,
-            DECODER_OUTPUTS,
-            self.spec.decoder_file,
-        )
+        # Decoders exported before image_index take the features once per hypothesis.
+        self.by_image = "image_index" in decoder.input_names
+        expected = DECODER_INPUTS if self.by_image else PER_HYPOTHESIS_DECODER_INPUTS
+        _require(decoder, expected, DECODER_OUTPUTS, self.spec.decoder_file)
         words = len(self.vocabulary)
         for token, what in ((self.spec.start_token, "start_token"), (self.spec.end_token, "end_token")):
             if not 0 <= token < words:
@@ -109,7 +106,7 @@ class CaptionerPipeline:
         spec = self.input
         blank = np.zeros((1, spec.channels, spec.height, spec.width), np.uint8)
         (search,) = self.searches(self.encoder.run(self.feeds(blank)), 1, 1, False)
-        outputs = self.decoder.run(merge([search], by_image="image_index" in self.decoder.input_names))
+        outputs = self.decoder.run(merge([search], self.by_image))
         log_probs, alpha = (outputs[self.decoder.output_names.index(name)] for name in ("log_probs", "alpha"))
         if log_probs.shape[1] != len(self.vocabulary):
             raise ModelLoadError(
