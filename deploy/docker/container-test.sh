@@ -94,7 +94,7 @@ compose_containers() {  # compose_containers [SERVICE]: ids of this project's co
 echo "container-test: engine $ENGINE"
 
 install_podman() {
-    local packages=(podman runc netavark aardvark-dns debootstrap) missing=() p
+    local packages=(podman runc netavark aardvark-dns iptables debootstrap) missing=() p
     for p in "${packages[@]}"; do
         [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"install ok installed"* ]] || missing+=("$p")
     done
