@@ -45,6 +45,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service.bench_decoder import DecoderBenchError, DecoderStep, DecoderTimer, gains, image_counts
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient, to_image
 from service.http import HEADER_LENGTH
 from service.runtime import CPU, ModelSession, SessionOptions
@@ -79,6 +80,8 @@ CAPTION_MODE_NAMES = {
 }
 CAPTION_CONCURRENCY = (1, 32)
 CAPTION_IMAGES = 64
+#: Seconds of decoder timing per repeat when the load points are counted in requests, not seconds.
+DECODER_SWEEP_SECONDS = 3.0
 TRANSPORTS = ("kserve", "http")
 TRANSPORT_NAMES = {
     "kserve": "KServe v2 over gRPC (raw tensors)",
@@ -1001,20 +1004,40 @@ class CaptionReport:
     environment: dict[str, Any]
     servers: dict[str, dict[str, Any]]  # mode -> settings and the captions' mean length
     points: list[Point]
+    decoder_steps: list[DecoderStep]  # the decoder graph alone, in this process: the ceiling
 
     def summary(self) -> dict[str, Any]:
         concurrencies = self.options.concurrencies
         return {
             "points": point_rows(self.points, concurrencies, CAPTION_MODES),
             "batching": paired(self.points, concurrencies, "alone", "batched"),
+            "decoder_steps": decoder_step_rows(self.decoder_steps),
         }
 
     def to_dict(self) -> dict[str, Any]:
         return {
             **_report_dict(self.options, self.workload, self.environment, self.points),
             "servers": self.servers,
+            "decoder_steps": [asdict(step) for step in self.decoder_steps],
             "summary": self.summary(),
         }
+
+
+def decoder_step_rows(steps: Sequence[DecoderStep]) -> list[dict[str, Any]]:
+    """Per image count: its rows, the step's time and the gain over one image per step, over repeats."""
+    by_images: dict[int, list[DecoderStep]] = {}
+    for step in steps:
+        by_images.setdefault(step.images, []).append(step)
+    gain = gains(list(steps))
+    return [
+        {
+            "images": images,
+            "rows": statistics.median(step.rows for step in group),
+            "step_ms": spread([step.seconds * 1e3 for step in group]),
+            "gain": spread(gain.get(images, [])),
+        }
+        for images, group in sorted(by_images.items())
+    ]
 
 
 def run_caption_compare(options: LoadOptions, progress: Progress | None = None) -> CaptionReport:
@@ -1031,6 +1054,12 @@ async def _caption_compare(
     options: LoadOptions, servers: dict[str, ServerProcess], say: Progress
 ) -> CaptionReport:
     workload = await caption_workload(servers["batched"].target, options.model, options.timeout)
+    try:
+        timer = DecoderTimer(options.repository, options.model, workload.version)
+    except DecoderBenchError as exc:
+        raise BenchError(str(exc)) from exc
+    counts = image_counts(min(max(options.concurrencies), len(workload.images)))
+    searches = await asyncio.to_thread(timer.searches_one_step_in, workload.images[: counts[-1]])
     served: dict[str, dict[str, Any]] = {}
     for mode, server in servers.items():  # the same captions either way: their length sets the work
         with VisionClient(server.target, timeout=60) as client:
@@ -1046,6 +1075,7 @@ async def _caption_compare(
         f"{served['batched']['example']!r}"
     )
     points: list[Point] = []
+    decoder_steps: list[DecoderStep] = []
     for repeat in range(options.repeats):
         for concurrency in options.concurrencies:
             for mode in CAPTION_MODES:
@@ -1060,7 +1090,15 @@ async def _caption_compare(
                 )
                 points.append(Point(repeat, mode, result))
                 say(f"repeat {repeat + 1}/{options.repeats}  {point_line(mode, result)}")
-    return CaptionReport(options, describe_workload(workload), environment(), served, points)
+        seconds = options.duration or DECODER_SWEEP_SECONDS
+        swept = await asyncio.to_thread(timer.sweep, searches, counts, seconds, repeat)
+        decoder_steps += swept
+        say(f"repeat {repeat + 1}/{options.repeats}  decoder alone: " + _decoder_line(swept))
+    return CaptionReport(options, describe_workload(workload), environment(), served, points, decoder_steps)
+
+
+def _decoder_line(steps: Sequence[DecoderStep]) -> str:
+    return ", ".join(f"{s.images} images {s.seconds * 1e3:.2f} ms" for s in steps)
 
 
 def render_caption_markdown(report: CaptionReport) -> str:
@@ -1077,6 +1115,18 @@ def render_caption_markdown(report: CaptionReport) -> str:
         *_points_table(summary["points"], CAPTION_MODE_NAMES),
         "",
         *_paired_table(summary["batching"], "alone", "batched"),
+        "",
+        "The decoder graph alone, in this process (no server): one step over the live hypotheses of N "
+        "images (a beam each, one step in), and the images/s it gains over one image per step. "
+        "Iteration-level batching cannot gain more than this on this machine.",
+        "",
+        "| images per step | rows | step ms | gain over one image per step |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {row['images']} | {row['rows']:.0f} | {format_spread(row['step_ms'], 3)} "
+            f"| {format_spread(row['gain'], 2)} |"
+            for row in summary["decoder_steps"]
+        ),
     ]
     return "\n".join(lines) + "\n"
 

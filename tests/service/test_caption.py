@@ -24,6 +24,7 @@ from PIL import Image
 from service import bench, metrics
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service.bench_decoder import DecoderBenchError, DecoderTimer, gains, image_counts
 from service.client import AsyncVisionClient, VisionClient
 from service.decoding import BeamSearch, DecodeLoop, DecodingOptions, merge
 from service.errors import DeadlineExceeded, QueueFull
@@ -410,6 +411,30 @@ def test_bench_captions_for_a_second(cap_server: RunningServer) -> None:
     )
     assert result.requests > 0 and result.errors == {}
     assert 0 < result.p50_ms <= result.p99_ms
+
+
+def test_the_decoder_graph_is_timed_over_more_and_more_images(
+    trained_captioner: Path, trained_lenet: Path, scenes: np.ndarray
+) -> None:
+    assert image_counts(32) == [1, 2, 4, 8, 16, 32] and image_counts(5) == [1, 2, 4, 5]
+    assert image_counts(1) == [1]
+    timer = DecoderTimer(trained_captioner / "models", "captioner", "1")
+    searches = timer.searches_one_step_in(scenes[:4].transpose(0, 2, 3, 1))  # as drawn: H x W x RGB
+    assert len(searches) >= 2 and all(search.length == 1 for search in searches)
+    steps = timer.sweep(searches, [1, 2, 4], seconds=0.3, repeat=0) + timer.sweep(
+        searches, [1, 2, 4], seconds=0.3, repeat=1
+    )
+    for step in steps:
+        assert step.images <= len(searches) and step.seconds > 0
+        assert step.images <= step.rows <= timer.beam_size * step.images
+    gain = gains(steps)
+    assert gain[1] == [1.0, 1.0] and len(gain[2]) == 2 and all(g > 0 for g in gain[2])
+    rows = bench.decoder_step_rows(steps)
+    assert [row["images"] for row in rows] == sorted({step.images for step in steps})
+    with pytest.raises(DecoderBenchError, match="not a captioner"):
+        DecoderTimer(trained_lenet, "lenet5", "1")
+    with pytest.raises(DecoderBenchError, match=r"no .*encoder\.onnx"):
+        DecoderTimer(trained_captioner / "models", "captioner", "7")
 
 
 def test_a_full_decode_loop_refuses_at_once() -> None:
