@@ -1118,7 +1118,7 @@ def render_caption_markdown(report: CaptionReport) -> str:
         "",
         "The decoder graph alone, in this process (no server): one step over the live hypotheses of N "
         "images (a beam each, one step in), and the images/s it gains over one image per step. "
-        "Iteration-level batching cannot gain more than this on this machine.",
+        "That is about the most iteration-level batching can gain on this machine.",
         "",
         "| images per step | rows | step ms | gain over one image per step |",
         "|---:|---:|---:|---:|",
