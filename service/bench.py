@@ -1028,7 +1028,7 @@ def decoder_step_rows(steps: Sequence[DecoderStep]) -> list[dict[str, Any]]:
     by_images: dict[int, list[DecoderStep]] = {}
     for step in steps:
         by_images.setdefault(step.images, []).append(step)
-    gain = gains(list(steps))
+    gain = gains(steps)
     return [
         {
             "images": images,

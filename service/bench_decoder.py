@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from service.decoding import BeamSearch, merge
+from service.decoding import DECODER_OUTPUTS, BeamSearch, merge
 from service.manifest import load_manifest
 from service.pipelines.captioner import CaptionerPipeline
 from service.runtime import CPU, ModelLoadError, ModelSession, SessionOptions
@@ -82,10 +83,7 @@ class DecoderTimer:
         names = pipeline.decoder.output_names
         for search in searches:
             outputs = pipeline.decoder.run(merge([search], pipeline.by_image))
-            log_probs, h, c, alpha = (
-                outputs[names.index(n)] for n in ("log_probs", "next_h", "next_c", "alpha")
-            )
-            search.advance(log_probs, h, c, alpha)
+            search.advance(*(outputs[names.index(name)] for name in DECODER_OUTPUTS))
         return [search for search in searches if not search.done]
 
     def step_seconds(self, searches: list[BeamSearch], seconds: float) -> float:
@@ -114,7 +112,7 @@ class DecoderTimer:
         return steps
 
 
-def gains(steps: list[DecoderStep]) -> dict[int, list[float]]:
+def gains(steps: Sequence[DecoderStep]) -> dict[int, list[float]]:
     """Images -> per repeat, images/s with that many images per step over images/s with one."""
     one = {step.repeat: step.seconds for step in steps if step.images == 1}
     by_images: dict[int, list[float]] = {}
