@@ -262,10 +262,7 @@ class DecodeLoop:
                 report = self._step(settled)
             except Exception:  # a bug here must not stop the model: fail the searches, keep serving
                 log.exception("decode loop step failed; continuing")
-                failure = RuntimeError("decode step failed")
-                settled += [(job, failure) for job in self._active if not job.abandoned]
-                self._forget(len(self._active))
-                self._active = []
+                self._fail(self._active, RuntimeError("decode step failed"), settled)
             if settled or report:
                 self._hand_back(settled, report)
 
@@ -285,6 +282,12 @@ class DecodeLoop:
                 job.future.set_result(outcome)
         if report is not None:
             self._on_step(*report)
+
+    def _fail(self, jobs: list[_Job], error: BaseException, settled: Settled) -> None:
+        """Every search of a failed step fails with `error`; abandoned ones leave, counted, at admission."""
+        settled += [(job, error) for job in jobs if not job.abandoned]
+        self._active = [job for job in jobs if job.abandoned]
+        self._forget(len(jobs) - len(self._active))
 
     def _forget(self, searches: int) -> None:
         with self._lock:
@@ -342,9 +345,7 @@ class DecodeLoop:
             outputs = self._run(feeds)
             run_seconds = time.perf_counter() - run_started
         except Exception as exc:  # an error in a run fails exactly the searches in it
-            settled += [(job, exc) for job in jobs if not job.abandoned]
-            self._forget(len(jobs) - sum(job.abandoned for job in jobs))
-            self._active = [job for job in jobs if job.abandoned]  # they leave, counted, at admission
+            self._fail(jobs, exc, settled)
             return None
         log_probs, h, c, alpha = (outputs[i] for i in self._outputs)
         still: list[_Job] = []

@@ -437,6 +437,27 @@ def test_the_decoder_graph_is_timed_over_more_and_more_images(
         DecoderTimer(trained_captioner / "models", "captioner", "7")
 
 
+def test_a_failed_decoder_run_fails_its_searches_and_the_loop_serves_on() -> None:
+    class FlakyDecoder(_EndlessDecoder):
+        def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            if not self.rows:  # the first run only
+                self.rows.append(-1)
+                raise ValueError("the decoder broke")
+            return super().run(feeds)
+
+    async def main() -> None:
+        decoder = FlakyDecoder()
+        loop = DecodeLoop(decoder.run, decoder.output_names, DecodingOptions(), "toy", "1")
+        with pytest.raises(ValueError, match="the decoder broke"):
+            await loop.decode(_search())
+        assert loop.active == 0
+        assert (await loop.decode(_search()))[0].tokens  # the next search decodes normally
+        assert loop.active == 0
+        await loop.close()
+
+    asyncio.run(main())
+
+
 def test_a_full_decode_loop_refuses_at_once() -> None:
     async def main() -> None:
         decoder = _EndlessDecoder()
