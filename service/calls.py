@@ -31,6 +31,10 @@ log = logging.getLogger("convserve.access")
 
 REQUEST_ID_KEY = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: A client's deadline cancels its call slightly before the server's copy of it expires (the
+#: server's clock starts when the request arrives), so a cancellation this close to the deadline
+#: is the deadline passing, not the client giving up.
+CLIENT_DEADLINE_SLACK_SECONDS = 0.05
 # Probes and tooling: no access log line at INFO and no request metrics.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 # Fresh request ids: a random prefix per process and a counter, unique without a uuid4 per call
@@ -189,7 +193,7 @@ def _wrap_unary(
             return await behavior(parsed(request), context)
         except asyncio.CancelledError:  # grpc cancels the handler at the client's deadline too
             remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
+            if remaining is not None and remaining <= CLIENT_DEADLINE_SLACK_SECONDS:
                 code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
             else:
                 code, message = grpc.StatusCode.CANCELLED, "cancelled by the client"
