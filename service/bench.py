@@ -136,6 +136,14 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     errors: dict[str, int] = field(default_factory=dict)  # status code (or exception type) -> count
+    server_cpu_percent: float = math.nan  # the server's CPU time over the window, when its pid is known
+
+    @property
+    def server_cpu_us_per_request(self) -> float:
+        """Server CPU (all its threads) per answered request: what one request costs the server."""
+        if self.requests == 0 or math.isnan(self.server_cpu_percent):
+            return math.nan
+        return self.server_cpu_percent / 100 * self.seconds / self.requests * 1e6
 
     @property
     def requests_per_second(self) -> float:
@@ -149,6 +157,7 @@ class LoadResult:
         record = {k: _finite_or_none(v) for k, v in asdict(self).items()}
         record["requests_per_second"] = self.requests_per_second
         record["images_per_second"] = self.images_per_second
+        record["server_cpu_us_per_request"] = _finite_or_none(self.server_cpu_us_per_request)
         return record
 
 
@@ -158,6 +167,19 @@ def _finite_or_none(value: Any) -> Any:
 
 
 # --- the closed loop -----------------------------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and all its threads so far (Linux /proc); nan elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return math.nan
+    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": the comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # utime, stime
+
 
 #: Sends request number `sequence` and returns when it is answered; raises on failure.
 Call = Callable[[int], Awaitable[object]]
@@ -199,11 +221,13 @@ async def run_load(
     requests: int | None = None,
     warmup: float = DEFAULT_WARMUP_SECONDS,
     images_per_request: int = 1,
+    server_pid: int | None = None,
 ) -> LoadResult:
     """Drive `call` from `concurrency` workers for `duration` seconds or `requests` requests.
 
     Duration mode counts the requests answered inside the window (a closed loop's throughput);
-    requests mode counts exactly the first `requests` requests sent after the warm-up.
+    requests mode counts exactly the first `requests` requests sent after the warm-up. With
+    `server_pid`, the server's CPU time over the same window is measured too.
     """
     if (duration is None) == (requests is None):
         raise ValueError("give exactly one of duration and requests")
@@ -244,6 +268,7 @@ async def run_load(
     try:
         if warmup > 0:
             await asyncio.sleep(warmup)
+        server_cpu_start = process_cpu_seconds(server_pid) if server_pid else math.nan
         start, cpu_start = time.perf_counter(), time.process_time()
         window.measuring = True
         if duration is not None:
@@ -252,6 +277,7 @@ async def run_load(
         else:
             await finished.wait()
         cpu_end = time.process_time()
+        server_cpu = process_cpu_seconds(server_pid) - server_cpu_start if server_pid else math.nan
     except BaseException:  # cancelled or interrupted: abandon the requests in flight
         for task in workers:
             task.cancel()
@@ -275,6 +301,7 @@ async def run_load(
         p90_ms=pct(90),
         p99_ms=pct(99),
         errors=dict(sorted(window.errors.items())),
+        server_cpu_percent=100 * server_cpu / seconds if seconds > 0 else math.nan,
     )
 
 
@@ -504,10 +531,12 @@ async def bench_server(
     warmup: float = DEFAULT_WARMUP_SECONDS,
     channels: int = DEFAULT_CHANNELS,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    server_pid: int | None = None,
 ) -> LoadResult:
     """Closed-loop load on a running server: the task API (Classify) or KServe v2 over gRPC or HTTP.
 
-    `target` is host:port of the gRPC port, or of the HTTP port for `api="http"`.
+    `target` is host:port of the gRPC port, or of the HTTP port for `api="http"`; with
+    `server_pid` (a server on this machine) the result has the server's CPU use too.
     """
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, got {api!r}")
@@ -521,6 +550,7 @@ async def bench_server(
             images_per_request=images_per_request,
             warmup=warmup,
             timeout=timeout,
+            server_pid=server_pid,
         )
     opened = open_channels(target, max(1, min(channels, concurrency)))
     try:
@@ -550,6 +580,7 @@ async def bench_server(
             requests=requests,
             warmup=warmup,
             images_per_request=images_per_request,
+            server_pid=server_pid,
         )
     finally:
         await asyncio.gather(*(c.close() for c in opened))
@@ -565,6 +596,7 @@ async def bench_http(
     images_per_request: int = 1,
     warmup: float = DEFAULT_WARMUP_SECONDS,
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    server_pid: int | None = None,
 ) -> LoadResult:
     """Closed-loop KServe v2 inference over HTTP/REST, binary tensors in and out.
 
@@ -594,6 +626,7 @@ async def bench_http(
             requests=requests,
             warmup=warmup,
             images_per_request=images_per_request,
+            server_pid=server_pid,
         )
 
 

@@ -31,9 +31,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from service import bench
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.bench import BenchError, LoadResult, Progress, ServerProcess, Workload
 from service.client import DEFAULT_TIMEOUT_SECONDS, VisionClient
 from service.runtime import ModelSession, SessionOptions
@@ -95,11 +98,34 @@ def choose_cores() -> Cores:
 
 
 @dataclass(frozen=True)
+class RunTotals:
+    """A model version's onnxruntime runs as its ModelStatistics count them (cumulative, or a difference)."""
+
+    images: int  # inference_count: rows run
+    runs: int  # execution_count
+    compute_ns: int  # compute_infer: time inside onnxruntime's run
+
+    def __sub__(self, earlier: RunTotals) -> RunTotals:
+        return RunTotals(
+            self.images - earlier.images, self.runs - earlier.runs, self.compute_ns - earlier.compute_ns
+        )
+
+    @property
+    def us_per_image(self) -> float:
+        return self.compute_ns / 1000 / self.images if self.images > 0 else math.nan
+
+    @property
+    def mean_batch(self) -> float:
+        return self.images / self.runs if self.runs > 0 else math.nan
+
+
+@dataclass(frozen=True)
 class SuitePoint:
     repeat: int
     target: str  # noop | kserve | task
     model: str
     result: LoadResult
+    runs: RunTotals | None = None  # convserve: its onnxruntime runs during the point
 
 
 @dataclass(frozen=True)
@@ -145,7 +171,13 @@ class SuiteReport:
             "server": asdict(self.server),
             "workloads": self.workloads,
             "points": [
-                {"repeat": p.repeat, "target": p.target, "model": p.model, **p.result.to_dict()}
+                {
+                    "repeat": p.repeat,
+                    "target": p.target,
+                    "model": p.model,
+                    **p.result.to_dict(),
+                    "onnxruntime": asdict(p.runs) if p.runs else None,
+                }
                 for p in self.points
             ],
             "compute": [asdict(c) for c in self.compute],
@@ -323,6 +355,17 @@ def run_suite(options: SuiteOptions, progress: Progress | None = None) -> SuiteR
     )
 
 
+async def run_totals(target: str, model: str, version: str) -> RunTotals:
+    """The version's onnxruntime runs so far, from its KServe ModelStatistics."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        answer = await stub.ModelStatistics(
+            kserve_pb2.ModelStatisticsRequest(name=model, version=version), timeout=10
+        )
+    (stats,) = answer.model_stats
+    return RunTotals(stats.inference_count, stats.execution_count, stats.inference_stats.compute_infer.ns)
+
+
 def served_models(target: str) -> tuple[list[str], dict[str, str]]:
     """The models the server has READY and the execution provider each really got."""
     with VisionClient(target, timeout=10) as client:
@@ -337,7 +380,7 @@ async def _measure(
     workloads: dict[str, Workload] = {}
     for model in options.models:
         workloads[model] = await bench.workload_at(server.target, model, options.timeout)
-    targets = {"noop": noop.target, "kserve": server.target, "task": server.target}
+    targets = {"noop": noop, "kserve": server, "task": server}
     points: list[SuitePoint] = []
     compute: list[ComputePoint] = []
     for repeat in range(options.repeats):
@@ -355,8 +398,11 @@ async def _measure(
         for concurrency in options.concurrencies:
             for model, workload in workloads.items():
                 for target in ("noop", *SUITE_APIS):
+                    process = targets[target]
+                    convserve = target != "noop"
+                    before = await run_totals(process.target, model, workload.version) if convserve else None
                     result = await bench.bench_server(
-                        targets[target],
+                        process.target,
                         workload,
                         "kserve" if target == "noop" else target,
                         concurrency,
@@ -364,8 +410,12 @@ async def _measure(
                         warmup=options.warmup,
                         channels=options.channels,
                         timeout=options.timeout,
+                        server_pid=process.process.pid,
                     )
-                    points.append(SuitePoint(repeat, target, model, result))
+                    runs = None
+                    if before is not None:
+                        runs = await run_totals(process.target, model, workload.version) - before
+                    points.append(SuitePoint(repeat, target, model, result, runs))
                     say(
                         f"repeat {repeat + 1}/{options.repeats}  {model:<13} "
                         + bench.point_line(target, result)
@@ -403,15 +453,17 @@ def summarize(report: SuiteReport) -> dict[str, Any]:
         for concurrency in options.concurrencies:
             by_target = {
                 target: [
-                    p.result
+                    p
                     for p in report.points
                     if p.model == model and p.target == target and p.result.concurrency == concurrency
                 ]
                 for target in ("noop", *SUITE_APIS)
             }
-            transport = _median([r.requests_per_second for r in by_target["noop"]])
+            transport = _median([p.result.requests_per_second for p in by_target["noop"]])
             bound = limit(transport, compute_limit)
-            for target, results in by_target.items():
+            for target, target_points in by_target.items():
+                results = [p.result for p in target_points]
+                runs = [p.runs for p in target_points if p.runs is not None]
                 throughput = [r.requests_per_second for r in results]
                 rows.append(
                     {
@@ -427,6 +479,9 @@ def summarize(report: SuiteReport) -> dict[str, Any]:
                         "fraction_of_limit": bench.spread([t / bound for t in throughput])
                         if target != "noop" and not math.isnan(bound)
                         else None,
+                        "server_cpu_us_per_request": _median([r.server_cpu_us_per_request for r in results]),
+                        "onnxruntime_us_per_image": _median([r.us_per_image for r in runs]) if runs else None,
+                        "mean_batch": _median([r.mean_batch for r in runs]) if runs else None,
                     }
                 )
         models[model] = {
@@ -436,6 +491,7 @@ def summarize(report: SuiteReport) -> dict[str, Any]:
             "batch1_latency_ms": batch1_ms,
             "rows": rows,
             "goals": _goals(rows, options.concurrencies, batch1_ms),
+            "server_cpu": _server_cpu(rows, max(options.concurrencies), by_size),
         }
     server = report.server
     return {
@@ -447,6 +503,34 @@ def summarize(report: SuiteReport) -> dict[str, Any]:
             "rss_met": bool(server.rss_peak_mb <= GOAL_RSS_MB),
         },
     }
+
+
+def _server_cpu(
+    rows: Sequence[dict[str, Any]], concurrency: int, compute: dict[int, float]
+) -> dict[str, dict[str, float]]:
+    """Where one request's server CPU goes, per API, at `concurrency`: the no-op server's cost
+    for the same request (transport), onnxruntime's as the server timed it, and the rest
+    (convserve's own: checks, batching, metrics, the log line). With the in-process cost beside
+    it, this says which part holds a point below L."""
+    transport = _row(rows, "noop", concurrency)["server_cpu_us_per_request"]
+    in_process_best = 1e6 / max(compute.values()) if compute else math.nan
+    in_process_batch1 = 1e6 / compute[1] if compute.get(1) else math.nan
+    costs = {}
+    for api in SUITE_APIS:
+        row = _row(rows, api, concurrency)
+        total = row["server_cpu_us_per_request"]
+        onnxruntime = row["onnxruntime_us_per_image"]
+        onnxruntime = math.nan if onnxruntime is None else onnxruntime
+        costs[api] = {
+            "server_us": total,
+            "transport_us": transport,
+            "onnxruntime_us": onnxruntime,
+            "onnxruntime_in_process_batch1_us": in_process_batch1,
+            "onnxruntime_in_process_best_us": in_process_best,
+            "convserve_us": total - transport - onnxruntime,
+            "mean_batch": math.nan if row["mean_batch"] is None else row["mean_batch"],
+        }
+    return costs
 
 
 def _row(rows: Sequence[dict[str, Any]], target: str, concurrency: int) -> dict[str, Any]:
@@ -501,8 +585,9 @@ def render_markdown(report: SuiteReport) -> str:
             f"**{model}** ({report.workloads.get(model, '')}); in-process images/s: {rates}; "
             f"R = {facts['compute_limit']:,.0f}, batch-1 latency {facts['batch1_latency_ms']:.3f} ms.",
             "",
-            "| target | concurrency | requests/s | p50 ms | p99 ms | L | of L | client CPU | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| target | concurrency | requests/s | p50 ms | p99 ms | L | of L | client CPU "
+            "| server CPU µs/request | onnxruntime µs/image (batch) | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in facts["rows"]:
             fraction = row["fraction_of_limit"]
@@ -515,10 +600,12 @@ def render_markdown(report: SuiteReport) -> str:
                 f"{row['limit']:,.0f}",
                 bench.format_spread(fraction, 2) if fraction else "-",
                 f"{row['client_cpu_percent']:.0f}%",
+                _or_dash(row["server_cpu_us_per_request"], ".0f"),
+                _onnxruntime_cell(row),
                 str(row["errors"]),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", *_server_cpu_lines(facts["server_cpu"], max(options.concurrencies)), ""]
     lines += ["| goal | model | API | measured | goal | met |", "|---|---|---|---:|---:|---|"]
     for model, facts in summary["models"].items():
         for api, goal in facts["goals"].items():
@@ -543,6 +630,32 @@ def render_markdown(report: SuiteReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _onnxruntime_cell(row: dict[str, Any]) -> str:
+    if row["onnxruntime_us_per_image"] is None:
+        return "-"
+    return f"{_or_dash(row['onnxruntime_us_per_image'], '.0f')} ({_or_dash(row['mean_batch'], '.1f')})"
+
+
+def _server_cpu_lines(costs: dict[str, dict[str, float]], concurrency: int) -> list[str]:
+    lines = [
+        f"Where one request's server CPU goes at concurrency {concurrency} (µs; in-process onnxruntime "
+        "runs back to back, batch 1 / best batch):",
+        "",
+        "| API | server CPU | no-op server (transport) | onnxruntime in the server (batch) "
+        "| onnxruntime in-process | convserve's own |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for api, cost in costs.items():
+        lines.append(
+            f"| {api} | {_or_dash(cost['server_us'], '.0f')} | {_or_dash(cost['transport_us'], '.0f')} "
+            f"| {_or_dash(cost['onnxruntime_us'], '.0f')} ({_or_dash(cost['mean_batch'], '.1f')}) "
+            f"| {_or_dash(cost['onnxruntime_in_process_batch1_us'], '.0f')} / "
+            f"{_or_dash(cost['onnxruntime_in_process_best_us'], '.0f')} "
+            f"| {_or_dash(cost['convserve_us'], '.0f')} |"
+        )
+    return lines
 
 
 def _or_dash(value: float | None, spec: str) -> str:

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -93,10 +94,46 @@ def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
             fraction = row["fraction_of_limit"]["median"]
             assert fraction == pytest.approx(row["requests_per_second"]["median"] / expected)
     assert set(facts["goals"]) == {"kserve", "task"}
+    # The server's CPU per request, and convserve's onnxruntime runs during each of its points.
+    assert all(p["server_cpu_us_per_request"] > 0 for p in report["points"])
+    for point in report["points"]:
+        runs = point["onnxruntime"]
+        if point["target"] == "noop":
+            assert runs is None
+        else:  # the runs' count spans warm-up and drain too, so at least the window's images
+            assert runs["images"] >= point["images"] and runs["runs"] >= 1 and runs["compute_ns"] > 0
+    for api, cost in facts["server_cpu"].items():
+        row = next(r for r in facts["rows"] if r["target"] == api and r["concurrency"] == 2)
+        assert cost["server_us"] == pytest.approx(row["server_cpu_us_per_request"])
+        assert cost["onnxruntime_us"] == pytest.approx(row["onnxruntime_us_per_image"])
+        own = cost["server_us"] - cost["transport_us"] - cost["onnxruntime_us"]
+        assert cost["convserve_us"] == pytest.approx(own)
+        assert cost["onnxruntime_in_process_best_us"] == pytest.approx(1e6 / facts["compute_limit"])
+        assert cost["mean_batch"] >= 1
     table = markdown_path.read_text()
     assert table == out
     assert "no-op KServe v2 server (transport limit T)" in table
+    assert "Where one request's server CPU goes at concurrency 2" in table
     assert "| cold start to SERVING |" in table
+
+
+def test_process_cpu_seconds_follows_a_process_that_works() -> None:
+    before = bench.process_cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.2
+    while time.process_time() < deadline:  # burn 0.2 s of CPU
+        pass
+    after = bench.process_cpu_seconds(os.getpid())
+    assert after - before >= 0.1  # /proc counts in clock ticks (10 ms)
+    assert math.isnan(bench.process_cpu_seconds(2**22 + 1))  # above any pid_max: no such process
+
+
+def test_run_totals_difference_per_image_and_batch() -> None:
+    later = bench_suite.RunTotals(images=130, runs=20, compute_ns=9_000_000)
+    earlier = bench_suite.RunTotals(images=30, runs=10, compute_ns=1_000_000)
+    window = later - earlier
+    assert window == bench_suite.RunTotals(100, 10, 8_000_000)
+    assert window.us_per_image == pytest.approx(80) and window.mean_batch == pytest.approx(10)
+    assert math.isnan(bench_suite.RunTotals(0, 0, 0).us_per_image)
 
 
 def test_execution_auto_is_inline_only_with_one_usable_cpu() -> None:
