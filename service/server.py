@@ -38,7 +38,8 @@ from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
 from service.servicers.common import set_default_timeout
 from service.servicers.kserve import KServeServicer
 from service.servicers.vision import VisionServicer
-from service.settings import Settings, runs_inline
+from service.settings import Settings, grpc_threads_low, runs_inline
+from service.threads import threads_started_at_low_priority
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ class ConvserveServer:
         tls = tls_enabled(settings)
         policy = AuthPolicy.from_settings(settings)
         self._start_metrics()
-        server = grpc.aio.server(options=grpc_server_options(settings))
+        with threads_started_at_low_priority(grpc_threads_low(settings.grpc_threads_priority)):
+            server = grpc.aio.server(options=grpc_server_options(settings))
         vision = VisionServicer(self.repository, settings)
         kserve = KServeServicer(
             self.repository, lambda: self._ready, settings.max_message_bytes, settings=settings

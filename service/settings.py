@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="Where onnxruntime runs: a thread per model, or inline on the event loop (no hand-off; "
         "for a process on one core); auto: inline when the process may use only one CPU.",
     )
+    grpc_threads_priority: Literal["auto", "low", "normal"] = Field(
+        default="auto",
+        description="low: gRPC's own threads (poller, network) run at nice 19, below the event loop, so "
+        "on one core they do not preempt it at every event; auto: low when the process may use only one CPU.",
+    )
     warmup: bool = Field(default=True, description="Run one batch through each model before it is ready.")
     repository_poll_seconds: float = Field(
         default=5.0,
@@ -192,6 +197,22 @@ class Settings(BaseSettings):
     )
 
 
+def one_usable_cpu() -> bool:
+    """The process may run on one CPU only (pinned with taskset, or a cpuset of one)."""
+    return len(os.sched_getaffinity(0)) == 1
+
+
+def grpc_threads_low(priority: str) -> bool:
+    """Whether gRPC's threads go below the event loop: asked for, or auto with a single usable CPU.
+
+    With more CPUs they run beside the loop, and a low priority would only let other processes
+    delay the network work.
+    """
+    if priority != "auto":
+        return priority == "low"
+    return one_usable_cpu()
+
+
 def runs_inline(execution: str) -> bool:
     """Whether onnxruntime runs on the event loop: asked for, or auto with a single usable CPU.
 
@@ -200,4 +221,4 @@ def runs_inline(execution: str) -> bool:
     """
     if execution != "auto":
         return execution == "inline"
-    return len(os.sched_getaffinity(0)) == 1
+    return one_usable_cpu()
