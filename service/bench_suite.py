@@ -103,7 +103,7 @@ class RunTotals:
 
     images: int  # inference_count: rows run
     runs: int  # execution_count
-    compute_ns: int  # compute_infer: time inside onnxruntime's run
+    compute_ns: int  # compute_infer: wall time of onnxruntime's runs, as the server times them
 
     def __sub__(self, earlier: RunTotals) -> RunTotals:
         return RunTotals(
@@ -125,7 +125,9 @@ class SuitePoint:
     target: str  # noop | kserve | task
     model: str
     result: LoadResult
-    runs: RunTotals | None = None  # convserve: its onnxruntime runs during the point
+    # convserve: its onnxruntime runs during the point, warm-up and drain included (read before and
+    # after it); per image, they compare with the window's CPU per request.
+    runs: RunTotals | None = None
 
 
 @dataclass(frozen=True)
@@ -511,7 +513,9 @@ def _server_cpu(
     """Where one request's server CPU goes, per API, at `concurrency`: the no-op server's cost
     for the same request (transport), onnxruntime's as the server timed it, and the rest
     (convserve's own: checks, batching, metrics, the log line). With the in-process cost beside
-    it, this says which part holds a point below L."""
+    it, this says which part holds a point below L. The suite sends one image per request, so
+    onnxruntime's time per image is its time per request; it is wall time, so a run the core
+    was taken from counts in full and the rest is, if anything, understated."""
     transport = _row(rows, "noop", concurrency)["server_cpu_us_per_request"]
     in_process_best = 1e6 / max(compute.values()) if compute else math.nan
     in_process_batch1 = 1e6 / compute[1] if compute.get(1) else math.nan
@@ -640,8 +644,8 @@ def _onnxruntime_cell(row: dict[str, Any]) -> str:
 
 def _server_cpu_lines(costs: dict[str, dict[str, float]], concurrency: int) -> list[str]:
     lines = [
-        f"Where one request's server CPU goes at concurrency {concurrency} (µs; in-process onnxruntime "
-        "runs back to back, batch 1 / best batch):",
+        f"Where one request's server CPU goes at concurrency {concurrency} (µs; onnxruntime in the "
+        "server: the wall time of its runs; in-process: runs back to back, batch 1 / best batch):",
         "",
         "| API | server CPU | no-op server (transport) | onnxruntime in the server (batch) "
         "| onnxruntime in-process | convserve's own |",

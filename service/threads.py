@@ -4,8 +4,10 @@ grpc.aio serves from the event loop, but grpc creates threads of its own: a comp
 and the event engine's network threads. On one core they share the CPU with the loop, and at
 every network event one of them preempts it. Run at the lowest priority (nice 19), they still
 get the core whenever the loop waits, and the loop is no longer cut short at each event.
-Measured with the server pinned to one core: about 20 % more requests/s for `lenet5` through
-KServe, at concurrency 1 and at 64, and about the same gain for the no-op server.
+Measured with the server pinned to one core, `lenet5` through KServe at concurrency 64, five
+interleaved pairs: 952 -> 1,035 requests/s on average; the no-op server gains at least as much.
+grpc starts these threads when its first server is created, and neither binding, starting nor
+serving starts more (checked with grpcio 1.85), so wrapping the creation is enough.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
-#: The lowest priority an unprivileged process may give its own threads.
+#: The lowest priority there is (nice values run from -20 to 19).
 LOW_PRIORITY_NICE = 19
 
 
@@ -53,3 +55,5 @@ def threads_started_at_low_priority(enabled: bool) -> Iterator[None]:
     changed = lower_priority(thread_ids() - before)
     if changed:
         log.info("gRPC's %d thread(s) run at nice %d, below the event loop", changed, LOW_PRIORITY_NICE)
+    else:
+        log.debug("no thread started (gRPC's threads existed already): priorities unchanged")
