@@ -1,7 +1,8 @@
 """A do-nothing KServe v2 gRPC server: the transport limit the bench suite measures us against.
 
 It is built from the same pieces as `convserve serve` (grpc.aio, the generated KServe v2 stubs,
-the same channel arguments, header checks, raw-tensor decoding and encoding) but runs no model:
+the same channel arguments and gRPC thread priority, header checks, raw-tensor decoding and
+encoding) but runs no model:
 ModelInfer checks the request against the model's signature and answers zeros of the output shapes. Its
 throughput is what one core can do with gRPC and our protocol code alone, so a real server's
 throughput over it shows the cost of everything else (batching, onnxruntime, bookkeeping).
