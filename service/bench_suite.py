@@ -493,7 +493,7 @@ def summarize(report: SuiteReport) -> dict[str, Any]:
             "batch1_latency_ms": batch1_ms,
             "rows": rows,
             "goals": _goals(rows, options.concurrencies, batch1_ms),
-            "server_cpu": _server_cpu(rows, max(options.concurrencies), by_size),
+            "server_cpu": _server_cpu(rows, max(options.concurrencies), compute_limit, batch1_ms),
         }
     server = report.server
     return {
@@ -508,7 +508,7 @@ def summarize(report: SuiteReport) -> dict[str, Any]:
 
 
 def _server_cpu(
-    rows: Sequence[dict[str, Any]], concurrency: int, compute: dict[int, float]
+    rows: Sequence[dict[str, Any]], concurrency: int, compute_limit: float, batch1_ms: float
 ) -> dict[str, dict[str, float]]:
     """Where one request's server CPU goes, per API, at `concurrency`: the no-op server's cost
     for the same request (transport), onnxruntime's as the server timed it, and the rest
@@ -517,8 +517,6 @@ def _server_cpu(
     onnxruntime's time per image is its time per request; it is wall time, so a run the core
     was taken from counts in full and the rest is, if anything, understated."""
     transport = _row(rows, "noop", concurrency)["server_cpu_us_per_request"]
-    in_process_best = 1e6 / max(compute.values()) if compute else math.nan
-    in_process_batch1 = 1e6 / compute[1] if compute.get(1) else math.nan
     costs = {}
     for api in SUITE_APIS:
         row = _row(rows, api, concurrency)
@@ -529,8 +527,8 @@ def _server_cpu(
             "server_us": total,
             "transport_us": transport,
             "onnxruntime_us": onnxruntime,
-            "onnxruntime_in_process_batch1_us": in_process_batch1,
-            "onnxruntime_in_process_best_us": in_process_best,
+            "onnxruntime_in_process_batch1_us": batch1_ms * 1000,
+            "onnxruntime_in_process_best_us": 1e6 / compute_limit,
             "convserve_us": total - transport - onnxruntime,
             "mean_batch": math.nan if row["mean_batch"] is None else row["mean_batch"],
         }

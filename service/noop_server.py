@@ -29,10 +29,9 @@ from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.errors import ConvserveError, ModelNotFound, status_for
 from service.runtime import CPU, ModelSession, SessionOptions, TensorSpec
-from service.server import grpc_server_options
+from service.server import new_grpc_server
 from service.servicers.kserve import check_headers
-from service.settings import Settings, grpc_threads_low
-from service.threads import threads_started_at_low_priority
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +133,7 @@ async def serve(repository: Path, models: list[str], host: str, port: int) -> No
     """Serve until SIGTERM or SIGINT; the health service says SERVING once the port is bound."""
     settings = Settings()
     signatures = {model: read_signature(repository, model) for model in models}
-    with threads_started_at_low_priority(grpc_threads_low(settings.grpc_threads_priority)):
-        server = grpc.aio.server(options=grpc_server_options(settings))  # as convserve's, threads too
+    server = new_grpc_server(settings)  # as convserve's: channel arguments and thread priority
     servicer = NoopServicer(signatures, settings.max_message_bytes)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

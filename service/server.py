@@ -98,6 +98,13 @@ def http_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def new_grpc_server(settings: Settings) -> grpc.aio.Server:
+    """A grpc.aio server with our channel arguments; on one core (or when asked), the threads grpc
+    starts for it run below the event loop (`service.threads`)."""
+    with threads_started_at_low_priority(grpc_threads_low(settings.grpc_threads_priority)):
+        return grpc.aio.server(options=grpc_server_options(settings))
+
+
 def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
     """Channel arguments of the gRPC server: message sizes, keepalive and the maximum connection age.
 
@@ -175,8 +182,7 @@ class ConvserveServer:
         tls = tls_enabled(settings)
         policy = AuthPolicy.from_settings(settings)
         self._start_metrics()
-        with threads_started_at_low_priority(grpc_threads_low(settings.grpc_threads_priority)):
-            server = grpc.aio.server(options=grpc_server_options(settings))
+        server = new_grpc_server(settings)
         vision = VisionServicer(self.repository, settings)
         kserve = KServeServicer(
             self.repository, lambda: self._ready, settings.max_message_bytes, settings=settings

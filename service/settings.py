@@ -208,9 +208,7 @@ def grpc_threads_low(priority: str) -> bool:
     With more CPUs they run beside the loop, and a low priority would only let other processes
     delay the network work.
     """
-    if priority != "auto":
-        return priority == "low"
-    return one_usable_cpu()
+    return _auto_on_one_cpu(priority, "low")
 
 
 def runs_inline(execution: str) -> bool:
@@ -219,6 +217,9 @@ def runs_inline(execution: str) -> bool:
     With one core a worker thread adds only a hand-off per run (measured: about 10% of lenet5's
     throughput at concurrency 64 on a pinned core).
     """
-    if execution != "auto":
-        return execution == "inline"
-    return one_usable_cpu()
+    return _auto_on_one_cpu(execution, "inline")
+
+
+def _auto_on_one_cpu(choice: str, wanted: str) -> bool:
+    """`choice` is `wanted`, or `auto` in a process that may use only one CPU."""
+    return one_usable_cpu() if choice == "auto" else choice == wanted
