@@ -5,7 +5,10 @@ it counts by its rows ("images") and may be split across runs. Requests wait in 
 - a full queue refuses a request at once (`QueueFull`), it never waits for room;
 - a request whose deadline passed before its run starts fails with `DeadlineExceeded`;
 - a cancelled request leaves the queue and its rows are never run;
-- an error in a run fails exactly the requests that had rows in that run.
+- each request is checked (`check`, the model kind's rules) before it joins the queue, so a
+  request that cannot run is refused alone and never reaches a batch;
+- a run of several requests that still fails is split and retried (see `_isolate`), so that only
+  the requests that cannot run fail and their neighbours get their answers.
 `instances` workers each take up to `max_batch_size` rows from the head of the queue, waiting at
 most `max_queue_delay` seconds (from the oldest request's arrival) for more to come, and run the
 blocking function in a thread pool. `max_batch_size: 1` is "batching off" on the same path;
@@ -21,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +33,14 @@ from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, Que
 log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
 RunFunction = Callable[[Feeds], Sequence[np.ndarray]]
+CheckFunction = Callable[[Feeds], None]
+
+
+class Timing(Protocol):
+    """Where the batcher writes one request's seconds in the queue and in runs (its statistics)."""
+
+    queue: float
+    infer: float
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,14 @@ class RunReport:
 
 
 @dataclass(frozen=True)
+class IsolationReport:
+    """A failed run of several requests was split: `retries` runs more, `failed` requests failed."""
+
+    retries: int
+    failed: int
+
+
+@dataclass(frozen=True)
 class QueueReport:
     """One request's rows left the queue after `seconds` of waiting."""
 
@@ -64,6 +84,7 @@ class _Request:
     deadline: float | None  # loop.time() based
     enqueued: float
     future: asyncio.Future[list[np.ndarray]]
+    timing: Timing | None = None
     taken: int = 0  # rows handed to runs so far
     parts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # start row -> outputs
     done_rows: int = 0
@@ -88,11 +109,15 @@ class DynamicBatcher:
         options: BatchingOptions,
         on_run: Callable[[RunReport], None] | None = None,
         on_dequeue: Callable[[QueueReport], None] | None = None,
+        check: CheckFunction | None = None,
+        on_isolation: Callable[[IsolationReport], None] | None = None,
     ) -> None:
         self._run = run
         self.options = options
         self._on_run = on_run or (lambda report: None)
         self._on_dequeue = on_dequeue or (lambda report: None)
+        self._check = check
+        self._on_isolation = on_isolation or (lambda report: None)
         self._queue: deque[_Request] = deque()
         self._pending_rows = 0
         self._arrived = asyncio.Event()
@@ -143,15 +168,22 @@ class DynamicBatcher:
                 f"queue full: {self._pending_rows} of {limit} rows waiting, this request has {rows}"
             )
 
-    async def submit(self, feeds: Feeds, deadline: float | None = None) -> list[np.ndarray]:
-        """Queue the rows of `feeds` (equal leading dimension) and wait for their outputs."""
+    async def submit(
+        self, feeds: Feeds, deadline: float | None = None, timing: Timing | None = None
+    ) -> list[np.ndarray]:
+        """Queue the rows of `feeds` (equal leading dimension) and wait for their outputs.
+
+        `timing`, when given, receives the request's seconds in the queue and in runs.
+        """
         rows = 1 if self.options.max_batch_size == 0 else _rows(feeds)
         self.admit(rows)
+        if self._check is not None:
+            self._check(feeds)
         loop = asyncio.get_running_loop()
         if self._runs_now(rows):
-            return self._run_now(loop, feeds, rows, deadline)
+            return self._run_now(loop, feeds, rows, deadline, timing)
         signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
-        request = _Request(feeds, rows, signature, deadline, loop.time(), loop.create_future())
+        request = _Request(feeds, rows, signature, deadline, loop.time(), loop.create_future(), timing)
         self._queue.append(request)
         self._pending_rows += rows
         self._arrived.set()
@@ -176,7 +208,12 @@ class DynamicBatcher:
         )
 
     def _run_now(
-        self, loop: asyncio.AbstractEventLoop, feeds: Feeds, rows: int, deadline: float | None
+        self,
+        loop: asyncio.AbstractEventLoop,
+        feeds: Feeds,
+        rows: int,
+        deadline: float | None,
+        timing: Timing | None,
     ) -> list[np.ndarray]:
         """The queue's path for a request that is alone, without the queue: same checks, same reports."""
         if deadline is not None and loop.time() >= deadline:
@@ -184,7 +221,10 @@ class DynamicBatcher:
         self._on_dequeue(QueueReport(0.0))
         started = time.perf_counter()
         outputs = list(self._run(feeds))
-        self._on_run(RunReport(rows, 1, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        self._on_run(RunReport(rows, 1, seconds))
+        if timing is not None:
+            timing.infer += seconds
         return outputs
 
     def _forget(self, request: _Request) -> None:
@@ -238,7 +278,10 @@ class DynamicBatcher:
             count = min(room, request.rows - request.taken)
             slices.append(_Slice(request, request.taken, request.taken + count))
             if request.taken == 0:
-                self._on_dequeue(QueueReport(now - request.enqueued))
+                waited = now - request.enqueued
+                self._on_dequeue(QueueReport(waited))
+                if request.timing is not None:
+                    request.timing.queue = waited
             request.taken += count
             self._pending_rows -= count
             room -= count
@@ -249,6 +292,15 @@ class DynamicBatcher:
     async def _execute(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> None:
         requests = {piece.request for piece in slices}
         self._running |= requests
+        try:
+            error = await self._attempt(loop, slices)
+            if error is not None:
+                await self._isolate(loop, slices, error)
+        finally:
+            self._running -= requests
+
+    async def _attempt(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> Exception | None:
+        """One run of these slices: their requests get their rows' outputs, or the run's error is returned."""
         started = time.perf_counter()
         try:
             if self.options.inline:  # one usable core: a thread would only add a hand-off
@@ -256,29 +308,108 @@ class DynamicBatcher:
             else:
                 outputs = await loop.run_in_executor(self._pool, self._run, _merge(slices))
         except Exception as exc:
-            for request in requests:
-                if not request.finished():
-                    request.future.set_exception(exc)
-                self._forget(request)
+            return exc
+        seconds = time.perf_counter() - started
+        self._on_run(RunReport(sum(p.stop - p.start for p in slices), len(slices), seconds))
+        _deliver(slices, outputs, seconds)
+        return None
+
+    async def _isolate(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice], error: Exception) -> None:
+        """Find the requests of a failed run that cannot run, so that only they fail.
+
+        The run's requests are halved and each half run again (requests already answered,
+        cancelled or past their deadline are left out), and a failing half is halved again until
+        a run of a single request fails: that request fails with its own error. A model that
+        fails whatever its input would cost 2n-1 runs that way, so when both halves of the first
+        split fail, every request of the run fails with its half's error: three runs, whatever n.
+        What this gives up: two bad requests that land in different halves of the first split
+        fail their whole run (the neighbours of a single bad request are always answered).
+        """
+        groups = _by_request(slices)
+        if len(groups) == 1:
+            self._fail(groups[0], error)
             return
-        finally:
-            self._running -= requests
-        rows = sum(piece.stop - piece.start for piece in slices)
-        self._on_run(RunReport(rows, len(slices), time.perf_counter() - started))
-        if _is_whole(slices):
-            if not slices[0].request.finished():
-                slices[0].request.future.set_result(list(outputs))
-            return
-        offset = 0
-        for piece in slices:
-            count = piece.stop - piece.start
-            request = piece.request
-            if not request.finished():
-                request.parts[piece.start] = [output[offset : offset + count] for output in outputs]
-                request.done_rows += count
-                if request.done_rows == request.rows:
-                    request.future.set_result(_assemble(request))
-            offset += count
+        retries = failed = 0
+        first_split = True
+        todo = [groups]
+        while todo:
+            part = todo.pop()
+            middle = len(part) // 2
+            failures: list[tuple[list[list[_Slice]], Exception]] = []
+            for half in (part[:middle], part[middle:]):
+                live = self._still_waiting(loop, half)
+                if not live:
+                    continue
+                retries += 1
+                half_error = await self._attempt(loop, [piece for group in live for piece in group])
+                if half_error is not None:
+                    failures.append((live, half_error))
+            if first_split and len(failures) == 2:
+                for live, half_error in failures:
+                    for group in live:
+                        failed += self._fail(group, half_error)
+                break
+            first_split = False
+            for live, half_error in failures:
+                if len(live) == 1:
+                    failed += self._fail(live[0], half_error)
+                else:
+                    todo.append(live)
+        self._on_isolation(IsolationReport(retries, failed))
+
+    def _still_waiting(
+        self, loop: asyncio.AbstractEventLoop, groups: list[list[_Slice]]
+    ) -> list[list[_Slice]]:
+        """The groups whose request still wants an answer; those past their deadline fail now."""
+        now = loop.time()
+        live = []
+        for group in groups:
+            request = group[0].request
+            if request.finished():
+                continue
+            if request.deadline is not None and now >= request.deadline:
+                self._fail(group, DeadlineExceeded("deadline passed before its run could be retried"))
+                continue
+            live.append(group)
+        return live
+
+    def _fail(self, group: list[_Slice], error: Exception) -> int:
+        """Fail a group's request (1) unless it is already finished (0); its queued rows never run."""
+        request = group[0].request
+        self._forget(request)
+        if request.finished():
+            return 0
+        request.future.set_exception(error)
+        return 1
+
+
+def _deliver(slices: list[_Slice], outputs: Sequence[np.ndarray], seconds: float) -> None:
+    """Hand each slice its rows of a run's outputs; a request answers once all its rows are back."""
+    for piece in slices:
+        if piece.request.timing is not None:
+            piece.request.timing.infer += seconds
+    if _is_whole(slices):
+        if not slices[0].request.finished():
+            slices[0].request.future.set_result(list(outputs))
+        return
+    offset = 0
+    for piece in slices:
+        count = piece.stop - piece.start
+        request = piece.request
+        if not request.finished():
+            request.parts[piece.start] = [output[offset : offset + count] for output in outputs]
+            request.done_rows += count
+            if request.done_rows == request.rows:
+                request.future.set_result(_assemble(request))
+        offset += count
+
+
+def _by_request(slices: list[_Slice]) -> list[list[_Slice]]:
+    """A run's slices grouped by request, in order (a request has one slice per run, but be safe)."""
+    groups: dict[_Request, list[_Slice]] = {}
+    for piece in slices:
+        groups.setdefault(piece.request, []).append(piece)
+    return list(groups.values())
 
 
 def _rows(feeds: Feeds) -> int:

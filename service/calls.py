@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from service import metrics
 from service.auth import AuthError, AuthPolicy, MethodAccess, metadata_value
 from service.errors import InvalidArgument, status_for
-from service.statistics import VersionStatistics
+from service.statistics import RequestTimes, VersionStatistics
 
 log = logging.getLogger("convserve.access")
 
@@ -52,6 +52,7 @@ class CallInfo:
     images: int = 0
     transport: str = "grpc"
     stats: VersionStatistics | None = None  # of the version that answered, once known
+    times: RequestTimes | None = None  # an inference request's stage times, committed when it answers
 
 
 T = TypeVar("T")
@@ -289,7 +290,7 @@ def record_call(
     requests, duration = _call_metrics(call.model, call.version, call.method, code, call.transport)
     requests.inc()
     if call.stats is not None:
-        call.stats.answered(code is grpc.StatusCode.OK, elapsed)
+        call.stats.answered(code is grpc.StatusCode.OK, elapsed, call.times)
     if code is not grpc.StatusCode.OK:
         metrics.FAILURES.labels(call.model, call.version, code.name.lower()).inc()
     duration.observe(elapsed)

@@ -73,6 +73,17 @@ EXECUTIONS = Counter(
     "onnxruntime runs.",
     ["model", "version"],
 )
+BATCH_RETRIES = Counter(
+    "convserve_batch_retries",
+    "onnxruntime runs made again after a run of several requests failed, to find the requests that "
+    "cannot run (the others still get their answers).",
+    ["model", "version"],
+)
+ISOLATED_FAILURES = Counter(
+    "convserve_isolated_failures",
+    "Requests that failed in a run retried after their batch failed: the requests that could not run.",
+    ["model", "version"],
+)
 PENDING = Gauge(
     "convserve_pending_requests",
     "Requests waiting in the queue or running.",

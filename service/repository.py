@@ -23,7 +23,7 @@ import yaml
 from pydantic import ValidationError
 
 from service import metrics
-from service.batching import BatchingOptions, DynamicBatcher
+from service.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.decoding import DecodeLoop, DecodingOptions
 from service.errors import ModelNotFound, ModelNotReady
 from service.manifest import CONFIG_FILE, Manifest, load_manifest
@@ -268,7 +268,8 @@ class ModelRepository:
         metrics.MODEL_LOAD_DURATION.labels(entry.name).observe(time.perf_counter() - started)
         loading.session, loading.pipeline = session, pipeline
         loading.stats = VersionStatistics(entry.name, version)
-        loading.batcher = self._batcher(manifest, session, loading.stats)
+        check = pipeline.feeds_check if pipeline is not None else None
+        loading.batcher = self._batcher(manifest, session, loading.stats, check)
         loading.provider = session.provider
         if isinstance(pipeline, CaptionerPipeline):
             self._captioner_parts(loading, manifest, pipeline)
@@ -308,7 +309,7 @@ class ModelRepository:
             state=VersionState.READY,
             manifest=manifest,
             session=pipeline.decoder,
-            batcher=self._batcher(manifest, pipeline.decoder, decoder_stats),
+            batcher=self._batcher(manifest, pipeline.decoder, decoder_stats, pipeline.check_decoder_feeds),
             stats=decoder_stats,
             provider=pipeline.decoder.provider,
             parent=version,
@@ -357,8 +358,17 @@ class ModelRepository:
             pipeline.warmup()
         return encoder, pipeline
 
-    def _batcher(self, manifest: Manifest, session: ModelSession, stats: VersionStatistics) -> DynamicBatcher:
-        """Server defaults, overridden by the model's config; no batch axis means no merging."""
+    def _batcher(
+        self,
+        manifest: Manifest,
+        session: ModelSession,
+        stats: VersionStatistics,
+        check: CheckFunction | None = None,
+    ) -> DynamicBatcher:
+        """Server defaults, overridden by the model's config; no batch axis means no merging.
+
+        `check`: the kind's checks of one request's arrays, run before it joins a batch.
+        """
         chosen = manifest.batching
         defaults = self.batching
         options = BatchingOptions(
@@ -379,6 +389,8 @@ class ModelRepository:
             options,
             on_run=lambda report: stats.ran(report.rows, report.seconds),
             on_dequeue=lambda report: stats.queued(report.seconds),
+            check=check,
+            on_isolation=lambda report: stats.isolated(report.retries, report.failed),
         )
 
     def _retire(self, version: ModelVersion, reason: str) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
@@ -141,5 +143,28 @@ class ModelSession:
         self.run({t.name: np.zeros([1 if d == -1 else d for d in t.shape], t.dtype) for t in self.inputs})
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the graph; blocking, so callers run it off the event loop."""
-        return self._session.run(self.output_names, feeds)
+        """Run the graph; blocking, so callers run it off the event loop.
+
+        When onnxruntime says the input was at fault (its INVALID_ARGUMENT), the error is the
+        client's: InvalidArgument with onnxruntime's reason. Any other failure stays a server error.
+        """
+        try:
+            return self._session.run(self.output_names, feeds)
+        except _input_error() as exc:
+            raise InvalidArgument(f"the model cannot run this input: {_reason(exc)}") from exc
+
+
+@cache
+def _input_error() -> type[Exception]:
+    """onnxruntime's exception for a run whose input was at fault (its status INVALID_ARGUMENT)."""
+    return onnxruntime().capi.onnxruntime_pybind11_state.InvalidArgument
+
+
+def _reason(error: Exception) -> str:
+    """onnxruntime's own words, without its status prefix, on one line and at most 300 characters."""
+    reason = " ".join(str(error).split())
+    for marker in ("Status Message: ", "INVALID_ARGUMENT : "):
+        if marker in reason:
+            reason = reason.rpartition(marker)[2]
+            break
+    return reason if len(reason) <= 300 else reason[:297] + "..."

@@ -8,6 +8,7 @@ version's `DecodeLoop` (service/decoding.py).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,9 @@ from service.decoding import (
 )
 from service.errors import InvalidArgument
 from service.manifest import CaptionerSpec, Manifest
+from service.pipelines.checks import require_finite, require_within
 from service.runtime import ModelLoadError, ModelSession, TensorSpec
+from service.statistics import RequestTimes
 
 ENCODER_OUTPUTS = ("features", "projected", "h", "c")
 #: What `captioner` itself takes and answers through KServe v2: encoded images in, best captions out.
@@ -94,6 +97,22 @@ class CaptionerPipeline:
             )
             for i in range(len(features))
         ]
+
+    @property
+    def feeds_check(self) -> None:
+        """The encoder takes any uint8 image: nothing to check beyond dtype and shape."""
+        return None
+
+    def check_decoder_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """A KServe v2 request to the decoder graph alone: tokens in the vocabulary, each
+        hypothesis' image among the features given, finite states and features."""
+        words = len(self.vocabulary)
+        require_within(feeds["token"], "token", 0, words - 1, f"the vocabulary's {words} words")
+        for name in ("h", "c", "features", "projected"):
+            require_finite(feeds[name], name)
+        if self.by_image:
+            images = len(feeds["features"])
+            require_within(feeds["image_index"], "image_index", 0, images - 1, f"the {images} images given")
 
     def words(self, hypothesis: Hypothesis) -> list[str]:
         return [self.vocabulary[t] for t in hypothesis.tokens]
@@ -175,18 +194,26 @@ async def caption(
     batch: np.ndarray,
     options: CaptionOptions,
     deadline: float | None,
+    times: RequestTimes | None = None,
 ) -> list[list[Hypothesis]]:
-    """The `count` best captions of every image of a (N, C, H, W) batch: encoder, then beam searches."""
+    """The `count` best captions of every image of a (N, C, H, W) batch: encoder, then beam searches.
+
+    `times` gets the encoder's queue and run time, and the beam searches' time as infer time too.
+    """
     loop = pipeline.loop
     assert loop is not None, "a READY captioner has a decode loop"
-    encoded = await batcher.submit(pipeline.feeds(batch), deadline)
+    encoded = await batcher.submit(pipeline.feeds(batch), deadline, times)
     searches = pipeline.searches(encoded, options.beam_size, options.max_length, options.attention)
+    started = time.perf_counter()
     if len(searches) == 1:  # the common case: no task per image to create and gather
-        return [(await loop.decode(searches[0], deadline))[: options.count]]
-    tasks = [asyncio.ensure_future(loop.decode(search, deadline)) for search in searches]
-    try:
-        results = await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:  # one image failed: the others leave the loop at its next step
-            task.cancel()
+        results = [await loop.decode(searches[0], deadline)]
+    else:
+        tasks = [asyncio.ensure_future(loop.decode(search, deadline)) for search in searches]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:  # one image failed: the others leave the loop at its next step
+                task.cancel()
+    if times is not None:
+        times.infer += time.perf_counter() - started
     return [hypotheses[: options.count] for hypotheses in results]

@@ -33,6 +33,11 @@ class ClassifierPipeline:
             raise ModelLoadError(f"the ONNX graph has no output {manifest.output_name!r}")
         self._output_index = session.output_names.index(manifest.output_name)
 
+    @property
+    def feeds_check(self) -> None:
+        """Nothing to check beyond dtype and shape: every uint8 image is a valid input."""
+        return None
+
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One decoded image -> (C, H, W) uint8 in the training distribution."""
         spec = self.spec

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from service.errors import InvalidArgument
 from service.manifest import GeneratorSpec, Manifest
+from service.pipelines.checks import require_finite, require_within
 from service.runtime import ModelLoadError, ModelSession
 
 
@@ -54,6 +56,23 @@ class GeneratorPipeline:
         else:
             chosen = np.resize(np.asarray(labels, dtype=np.int64), count)
         return Plan(seed, latents, chosen)
+
+    @property
+    def feeds_check(self) -> Callable[[dict[str, np.ndarray]], None]:
+        """What the batcher checks each request with before it joins a batch."""
+        return self.check_feeds
+
+    def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
+        """One request's arrays (task API or KServe v2): finite latents, labels among the classes."""
+        require_finite(feeds[self.spec.latent_input], self.spec.latent_input)
+        classes = len(self.labels)
+        require_within(
+            feeds[self.spec.label_input],
+            self.spec.label_input,
+            0,
+            classes - 1,
+            f"the model's {classes} classes",
+        )
 
     def feeds(self, plan: Plan) -> dict[str, np.ndarray]:
         return {self.spec.latent_input: plan.latents, self.spec.label_input: plan.labels}

@@ -10,6 +10,7 @@ from service.calls import current_call
 from service.errors import ModelNotFound
 from service.metrics import UNKNOWN_MODEL
 from service.repository import ModelRepository, ModelVersion
+from service.statistics import RequestTimes
 
 #: Seconds a request gets when its client set no deadline (`default_timeout_seconds`); 0: none.
 #: One server per process: `ConvserveServer.start()` sets it from the settings.
@@ -27,7 +28,8 @@ def set_default_timeout(seconds: float) -> None:
 def resolve(repository: ModelRepository, model: str, version: str, inference: bool = True) -> ModelVersion:
     """The version that answers; the call is labelled with it (or "unknown", never the client's string).
 
-    Inference calls also count in the version's statistics (success, failure, latency).
+    Inference calls also count in the version's statistics (success, failure, latency), with the
+    stage times they gather in `call.times`.
     """
     call = current_call()
     try:
@@ -38,7 +40,13 @@ def resolve(repository: ModelRepository, model: str, version: str, inference: bo
     call.model, call.version = served.model, served.version
     if inference:
         call.stats = served.stats
+        call.times = RequestTimes()
     return served
+
+
+def request_times() -> RequestTimes:
+    """The running inference call's stage times (a throwaway record outside a call, in unit tests)."""
+    return current_call().times or RequestTimes()
 
 
 def default_deadline() -> float | None:

@@ -24,7 +24,7 @@ from service.pipelines import CaptionerPipeline
 from service.pipelines.captioner import KSERVE_INPUT, KSERVE_OUTPUT, caption, caption_options
 from service.repository import CAPTIONER_PARTS, ModelRepository, ModelVersion, VersionState
 from service.runtime import CUDA, ModelSession, TensorSpec
-from service.servicers.common import deadline_of, resolve
+from service.servicers.common import deadline_of, request_times, resolve
 from service.settings import Settings
 from service.statistics import Duration
 
@@ -222,7 +222,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         session, batcher, stats = _session(served), served.batcher, served.stats
         assert batcher is not None and stats is not None, "a READY version has a batcher and statistics"
         wanted = _requested_outputs(request, session.output_names)
-        with stats.input_stage():
+        times = request_times()
+        with stats.input_stage(times):
             rows = check_headers(request, session.inputs, session.batchable)
             batcher.admit(rows)  # refuse before decoding what cannot be queued
             if request.ByteSize() <= INLINE_BYTES:  # raw data is wrapped, not copied: cheap on the loop
@@ -233,8 +234,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
         current_call().images = rows
         with stats.pending.track_inprogress():
-            outputs = await batcher.submit(feeds, deadline)
-        with stats.output_stage():
+            outputs = await batcher.submit(feeds, deadline, times)
+        with stats.output_stage(times):
             return _response(request, served, wanted, dict(zip(session.output_names, outputs, strict=True)))
 
     async def _caption_on(
@@ -252,7 +253,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         options = caption_options(
             pipeline, None, None, None, False, settings.max_beam_size, settings.max_caption_length
         )
-        with stats.input_stage():
+        times = request_times()
+        with stats.input_stage(times):
             rows = check_headers(request, [KSERVE_INPUT], True)
             if rows == 0:
                 raise InvalidArgument(f"input {KSERVE_INPUT.name!r} holds no images")
@@ -262,8 +264,8 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             batch = await asyncio.to_thread(_prepare_encoded, pipeline, images, settings.max_image_pixels)
         current_call().images = rows
         with stats.pending.track_inprogress():
-            results = await caption(pipeline, batcher, batch, options, deadline)
-        with stats.output_stage():
+            results = await caption(pipeline, batcher, batch, options, deadline, times)
+        with stats.output_stage(times):
             texts = np.array([[pipeline.text(best[0]).encode()] for best in results], dtype=object)
             return _response(request, served, wanted, {KSERVE_OUTPUT.name: texts})
 

@@ -19,7 +19,7 @@ from service.pipelines import CaptionerPipeline, ClassifierPipeline
 from service.pipelines.captioner import caption, caption_options
 from service.pipelines.generator import GeneratorPipeline, grid_png, to_png
 from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
-from service.servicers.common import deadline_of, resolve
+from service.servicers.common import deadline_of, request_times, resolve
 from service.settings import Settings
 
 #: Requests with at most this many bytes of images are decoded on the event loop: for small images the
@@ -70,17 +70,17 @@ class VisionServicer(pb_grpc.VisionServicer):
         if not isinstance(pipeline, ClassifierPipeline) or batcher is None:
             raise InvalidArgument(f"model {served.model!r} is not a classifier; call it through KServe v2")
         current_call().images = len(request.images)
-        stats = served.stats
+        stats, times = served.stats, request_times()
         assert stats is not None
-        with stats.input_stage():
+        with stats.input_stage(times):
             batcher.admit(len(request.images))  # refuse before decoding what cannot be queued
             if sum(len(i.encoded) + len(i.raw.data) for i in request.images) <= INLINE_BYTES:
                 batch = self._prepare_batch(pipeline, request.images)
             else:
                 batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
         with stats.pending.track_inprogress():
-            outputs = await batcher.submit(pipeline.feeds(batch), deadline)
-        with stats.output_stage():
+            outputs = await batcher.submit(pipeline.feeds(batch), deadline, times)
+        with stats.output_stage(times):
             ranked = pipeline.rank(pipeline.logits(outputs), top_k)
             return pb.ClassifyResponse(
                 model=served.model,
@@ -113,12 +113,13 @@ class VisionServicer(pb_grpc.VisionServicer):
             if not isinstance(pipeline, GeneratorPipeline) or batcher is None or stats is None:
                 raise InvalidArgument(f"model {served.model!r} is not a generator")
             current_call().images = count
-            with stats.input_stage():
+            times = request_times()
+            with stats.input_stage(times):
                 batcher.admit(count)
                 plan = pipeline.plan(count, list(request.labels), seed)
             with stats.pending.track_inprogress():
-                outputs = await batcher.submit(pipeline.feeds(plan), deadline)
-            with stats.output_stage():
+                outputs = await batcher.submit(pipeline.feeds(plan), deadline, times)
+            with stats.output_stage(times):
                 images = pipeline.images(outputs)
                 encoded = await asyncio.to_thread(_encode_images, images, request.grid)
             labels = pipeline.labels
@@ -160,15 +161,16 @@ class VisionServicer(pb_grpc.VisionServicer):
                 settings.max_caption_length,
             )
             current_call().images = len(request.images)
-            with stats.input_stage():
+            times = request_times()
+            with stats.input_stage(times):
                 batcher.admit(len(request.images))
                 if sum(len(i.encoded) + len(i.raw.data) for i in request.images) <= INLINE_BYTES:
                     batch = self._prepare_batch(pipeline, request.images)
                 else:
                     batch = await asyncio.to_thread(self._prepare_batch, pipeline, request.images)
             with stats.pending.track_inprogress():
-                results = await caption(pipeline, batcher, batch, options, deadline)
-            with stats.output_stage():
+                results = await caption(pipeline, batcher, batch, options, deadline, times)
+            with stats.output_stage(times):
                 rows, columns = pipeline.spec.grid
                 return pb.CaptionResponse(
                     model=served.model,

@@ -1,4 +1,5 @@
-"""The dynamic batcher alone: merging, splitting, order, queue limits, deadlines, cancellation, faults."""
+"""The dynamic batcher alone: merging, splitting, order, queue limits, deadlines, cancellation, checks,
+and fault isolation (one bad request never fails its neighbours)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import BatchingOptions, DynamicBatcher, RunReport
+from service.batching import BatchingOptions, DynamicBatcher, IsolationReport, RunReport
 from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
+from service.statistics import RequestTimes
 
 
 class Model:
@@ -145,21 +147,161 @@ def test_cancelled_request_leaves_the_queue_and_never_runs() -> None:
     assert all((run != 7).all() for run in model.runs)
 
 
-def test_an_error_fails_only_the_requests_of_that_run() -> None:
-    model = Model(seconds=0.02, poison=13)
+class AlwaysFails(Model):
+    """A model whose every run fails, whatever its input."""
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        super().__call__(feeds)
+        raise RuntimeError("this model fails every run")
+
+
+async def _batched(
+    model: Model, values: list[int], max_batch_size: int = 64, **options: object
+) -> tuple[list[object], list[IsolationReport]]:
+    """Submit one request per value while a first request (value 1) holds the model, so that
+    they all queue and run together; results in order, the first one's left out."""
+    reports: list[IsolationReport] = []
+    batcher = DynamicBatcher(
+        model, BatchingOptions(max_batch_size=max_batch_size), on_isolation=reports.append, **options
+    )
+    model.gate.clear()
+    first = asyncio.create_task(batcher.submit(rows(1)))
+    await asyncio.sleep(0.02)  # the first run has started and waits at the gate
+    tasks = [asyncio.create_task(batcher.submit(rows(v))) for v in values]
+    await asyncio.sleep(0.02)  # all queued
+    model.gate.set()
+    results = await asyncio.gather(first, *tasks, return_exceptions=True)
+    await batcher.close()
+    return list(results[1:]), reports
+
+
+def test_a_bad_request_fails_alone_and_its_neighbours_get_their_answers() -> None:
+    model = Model(poison=13)
+    values = [2, 3, 4, 5, 13, 6, 7, 8]
+    results, reports = asyncio.run(_batched(model, values))
+    for value, result in zip(values, results, strict=True):
+        if value == 13:
+            assert isinstance(result, RuntimeError)
+        else:
+            assert not isinstance(result, BaseException), result
+            np.testing.assert_array_equal(result[0], [[2 * value, 2 * value]])
+    # the batch of 8, then halves of 4, 2 and 1 on the bad request's side: 2 + 2 + 2 retries
+    assert len(model.runs) == 1 + 1 + 6
+    assert [(r.retries, r.failed) for r in reports] == [(6, 1)]
+
+
+def test_a_model_that_fails_every_run_fails_all_after_one_split_not_2n_minus_1_runs() -> None:
+    model = AlwaysFails()
+    results, reports = asyncio.run(_batched(model, list(range(2, 18))))
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert len(model.runs) == 1 + 1 + 2  # the first request alone, the batch, its two halves
+    assert [(r.retries, r.failed) for r in reports] == [(2, 16)]
+
+
+def test_two_bad_requests_in_both_halves_of_the_first_split_fail_their_whole_run() -> None:
+    """The price of the bound above, as documented: the run's other requests fail too."""
+    model = Model(poison=13)
+    results, _ = asyncio.run(_batched(model, [13, 2, 3, 13]))
+    assert all(isinstance(r, RuntimeError) for r in results)
+
+
+def test_two_bad_requests_in_one_half_fail_alone() -> None:
+    model = Model(poison=13)
+    values = [13, 2, 13, 3, 4, 5, 6, 7]
+    results, reports = asyncio.run(_batched(model, values))
+    assert [isinstance(r, RuntimeError) for r in results] == [v == 13 for v in values]
+    assert reports[0].failed == 2
+
+
+def test_a_request_split_across_runs_fails_as_a_whole_and_only_it() -> None:
+    model = Model(poison=13)
 
     async def main() -> list[object]:
-        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=2))
-        first = asyncio.create_task(batcher.submit(rows(1)))  # runs alone while the rest queue
-        await asyncio.sleep(0.005)
-        tasks = [batcher.submit(rows(v)) for v in (13, 2, 3, 4)]  # runs: [13, 2] then [3, 4]
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=4))
+        model.gate.clear()
+        first = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        tasks = [
+            asyncio.create_task(batcher.submit(rows(2))),
+            asyncio.create_task(batcher.submit(rows(3, 4, 5, 13, 6))),  # rows in two runs
+            asyncio.create_task(batcher.submit(rows(7))),
+        ]
+        await asyncio.sleep(0.02)
+        model.gate.set()
         results = await asyncio.gather(first, *tasks, return_exceptions=True)
         await batcher.close()
         return results
 
     results = asyncio.run(main())
-    assert [isinstance(r, RuntimeError) for r in results] == [False, True, True, False, False]
+    assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, False]
+    np.testing.assert_array_equal(results[3][0], [[14, 14]])
+
+
+def test_requests_past_their_deadline_are_not_retried() -> None:
+    model = Model(seconds=0.05, poison=13)
+
+    async def main() -> list[object]:
+        loop = asyncio.get_running_loop()
+        batcher = DynamicBatcher(model, BatchingOptions())
+        model.gate.clear()
+        first = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        soon = loop.time() + 0.08  # passes during the failed run
+        tasks = [
+            asyncio.create_task(batcher.submit(rows(13))),
+            asyncio.create_task(batcher.submit(rows(2), deadline=soon)),
+            asyncio.create_task(batcher.submit(rows(3))),
+        ]
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert isinstance(results[1], RuntimeError)
+    assert isinstance(results[2], DeadlineExceeded)
     np.testing.assert_array_equal(results[3][0], [[6, 6]])
+    assert not any((run == 2).any() for run in model.runs[2:]), "the expired request ran again"
+
+
+def test_the_kinds_check_refuses_a_request_before_it_joins_a_batch() -> None:
+    model = Model()
+
+    def check(feeds: dict[str, np.ndarray]) -> None:
+        if (feeds["x"] > 9).any():
+            raise InvalidArgument("input 'x': above 9")
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, BatchingOptions(), check=check)
+        with pytest.raises(InvalidArgument, match="above 9"):
+            await batcher.submit(rows(10))
+        assert batcher.pending_rows == 0
+        await batcher.submit(rows(1))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert len(model.runs) == 1
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_timing_gets_the_queue_and_run_seconds_of_its_request(inline: bool) -> None:
+    model = Model(seconds=0.03)
+    timings = [RequestTimes(), RequestTimes()]
+
+    async def main() -> None:
+        batcher = DynamicBatcher(model, BatchingOptions(inline=inline))
+        first = asyncio.create_task(batcher.submit(rows(1), timing=timings[0]))
+        await asyncio.sleep(0)
+        await asyncio.gather(first, batcher.submit(rows(2), timing=timings[1]))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert all(t.infer >= 0.03 for t in timings)
+    if inline:  # each runs at once, on the loop, in its own call
+        assert [t.queue for t in timings] == [0.0, 0.0]
+    else:
+        assert timings[1].queue > 0.02, "the second waited for the first run"
 
 
 def test_queue_delay_gathers_requests_that_arrive_apart() -> None:
