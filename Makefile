@@ -28,6 +28,10 @@ comma := ,
 ALL_EXTRAS := $(ORT),train,dev$(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 
+# More `convserve serve` flags for `make serve`, e.g. SERVE_ARGS="--repository-control enabled" to allow
+# model load/unload over the network on a local machine (off by default).
+SERVE_ARGS ?=
+
 # Models `make serve` trains before serving (fast), and models it trains in the background while
 # the first ones are already served (the server picks them up when they are published).
 FOREGROUND_MODELS ?= lenet5
@@ -45,6 +49,7 @@ help:
 	@echo "make lint     ruff check and format check"
 	@echo "make container-test  build the image, run it read-only and call it, compose up convserve + Prometheus (docker, else podman)"
 	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
+	@echo "           SERVE_ARGS='--repository-control enabled' (allow model load/unload for local work)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -67,7 +72,7 @@ serve: install
 			--repository $(MODELS) > runs/background.log 2>&1 & \
 	fi
 	$(BIN)/convserve serve --model-repository $(MODELS) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-		--metrics-port $(METRICS_PORT)
+		--metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
 models: install
 	$(BIN)/convserve-train all --repository $(MODELS)

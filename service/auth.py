@@ -9,6 +9,10 @@
 - A presented token is compared with every configured token (SHA-256 digests, hmac.compare_digest,
   no early exit), so timing tells neither which token nor how much of one matched.
 
+- Repository control (load/unload) is off unless CONVSERVE_REPOSITORY_CONTROL (--repository-control)
+  turns it on. Over HTTP, whatever the setting, a state-changing route refuses what a page of
+  another web site can send (see `check_not_cross_site`).
+
 Tokens are never logged: errors say "missing bearer token" / "invalid bearer token" only.
 """
 
@@ -22,6 +26,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import web
@@ -35,7 +40,12 @@ AUTHORIZATION = "authorization"
 MISSING = "missing bearer token"
 INVALID = "invalid bearer token"
 NOT_ADMIN = "repository control needs an admin token"
-CONTROL_DISABLED = "repository control (model load/unload) is disabled on this server"
+CONTROL_DISABLED = (
+    "repository control (model load/unload) is disabled on this server; start it with "
+    "--repository-control enabled (CONVSERVE_REPOSITORY_CONTROL=enabled) to allow it"
+)
+CROSS_SITE = "refused: a request from another web site may not change the server"
+NOT_JSON = "refused: load and unload take Content-Type: application/json"
 
 #: A model name the repository may be asked to load or unload: one plain folder name.
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -85,7 +95,7 @@ class AuthPolicy:
     tokens: tuple[bytes, ...] = ()  # SHA-256 digests of the user tokens
     admin_tokens: tuple[bytes, ...] = ()  # and of the admin tokens
     protect_health: bool = False
-    repository_control: str = "enabled"
+    repository_control: str = "disabled"
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuthPolicy:
@@ -197,8 +207,32 @@ def http_middleware(policy: AuthPolicy) -> Callable[[web.Request, Handler], Awai
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route.name or ""
         method = route.split(".", 1)[0]
+        if method in CONTROL_METHODS:
+            check_not_cross_site(request)
         if method:  # unknown routes answer 404 as before
             policy.check(method, request.headers.get("Authorization"), health=method in HEALTH_METHODS)
         return await handler(request)
 
     return auth_middleware
+
+
+def check_not_cross_site(request: web.Request) -> None:
+    """Refuse (PERMISSION_DENIED) a state-changing request that a page of another site could send.
+
+    Browsers send cross-site "simple" requests without asking first, e.g. a form post with
+    `Content-Type: text/plain`; they always add `Origin` (and `Sec-Fetch-Site`) to them. So: an
+    `Origin` other than this server's own, or `Sec-Fetch-Site` other than same-origin, is refused,
+    and the body must be declared JSON. A request with no Content-Type at all is let through only
+    without those browser headers (tritonclient's HTTP client sends none: it is not a browser).
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None and urlsplit(origin).netloc != request.host:
+        raise AuthError(grpc.StatusCode.PERMISSION_DENIED, CROSS_SITE)
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise AuthError(grpc.StatusCode.PERMISSION_DENIED, CROSS_SITE)
+    content_type = request.headers.get("Content-Type")
+    if content_type is None:
+        return
+    if content_type.split(";", 1)[0].strip().lower() != "application/json":
+        raise AuthError(grpc.StatusCode.PERMISSION_DENIED, NOT_JSON)

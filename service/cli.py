@@ -31,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, help="Prometheus port (default: 8002; -1: off)")
     serve.add_argument("--providers", help="comma-separated onnxruntime providers (default: CUDA, then CPU)")
     serve.add_argument("--require-gpu", action="store_true", default=None, help="fail readiness without CUDA")
+    serve.add_argument(
+        "--repository-control",
+        choices=["disabled", "enabled", "admin"],
+        help="model load/unload over the network (default: disabled; admin: admin tokens only)",
+    )
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     serve.add_argument("--log-format", choices=["json", "text"], help="default: json")
 
@@ -261,6 +266,7 @@ def _serve(args: argparse.Namespace) -> int:
         "metrics_port": args.metrics_port,
         "providers": args.providers.split(",") if args.providers else None,
         "require_gpu": args.require_gpu,
+        "repository_control": args.repository_control,
         "log_level": args.log_level,
         "log_format": args.log_format,
     }

@@ -187,9 +187,9 @@ class Settings(BaseSettings):
         default=False, description="Require tokens for health checks and reflection too (not on health_port)."
     )
     repository_control: Literal["enabled", "disabled", "admin"] = Field(
-        default="enabled",
-        description="Model load/unload over the network: enabled, disabled (PERMISSION_DENIED), or admin "
-        "(admin tokens only).",
+        default="disabled",
+        description="Model load/unload over the network: disabled (the default: PERMISSION_DENIED), enabled, "
+        "or admin (admin tokens only). Polling still loads what arrives on disk.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="Log level.")
     log_format: Literal["json", "text"] = Field(
