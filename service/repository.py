@@ -340,9 +340,10 @@ class ModelRepository:
         session = ModelSession(model_file, self.options)
         pipeline = build_pipeline(manifest, session)
         if self.warmup:
-            session.warmup()
-            if pipeline is not None:
-                pipeline.warmup()
+            with _warm_up_failures_fail_the_version():
+                session.warmup()
+                if pipeline is not None:
+                    pipeline.warmup()
         return session, pipeline
 
     def _build_captioner(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline]:
@@ -355,7 +356,8 @@ class ModelRepository:
         encoder, decoder = (ModelSession(path, self.options) for path in files)
         pipeline = CaptionerPipeline(manifest, encoder, decoder)
         if self.warmup:
-            pipeline.warmup()
+            with _warm_up_failures_fail_the_version():
+                pipeline.warmup()
         return encoder, pipeline
 
     def _batcher(
@@ -434,6 +436,18 @@ class ModelRepository:
     def _notify(self, version: ModelVersion) -> None:
         for listener in self._listeners:
             listener(version)
+
+
+@contextmanager
+def _warm_up_failures_fail_the_version() -> Iterator[None]:
+    """A graph that cannot run its warm-up input fails its version (FAILED, with the reason), like
+    a graph that cannot load; it must not stop the server."""
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # onnxruntime's own types, or a domain error from the session
+        raise ModelLoadError(f"the warm-up run failed: {exc}") from exc
 
 
 def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:
