@@ -365,7 +365,9 @@ async def run_totals(target: str, model: str, version: str) -> RunTotals:
             kserve_pb2.ModelStatisticsRequest(name=model, version=version), timeout=10
         )
     (stats,) = answer.model_stats
-    return RunTotals(stats.inference_count, stats.execution_count, stats.inference_stats.compute_infer.ns)
+    # per batch size, compute_infer counts runs; inference_stats.compute_infer counts each request
+    run_ns = sum(batch.compute_infer.ns for batch in stats.batch_stats)
+    return RunTotals(stats.inference_count, stats.execution_count, run_ns)
 
 
 def served_models(target: str) -> tuple[list[str], dict[str, str]]:
