@@ -12,12 +12,14 @@ expect "OK+error" for that, "OK" for a clean answer.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from conftest import RunningServer, start_server
 from drawing import draw_digit, png_bytes
 
 from service import tensors
@@ -439,8 +441,21 @@ def _call(channel: grpc.Channel, case: Case) -> str:
 
 
 @pytest.fixture(scope="module")
-def channel(server):
-    with grpc.insecure_channel(server.target, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+def control_server(trained_lenet: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """Repository control on (off by default), so the load/unload rows reach their own checks."""
+    running = start_server(
+        trained_lenet,
+        tmp_path_factory.mktemp("adversarial") / "server.log",
+        {"CONVSERVE_REPOSITORY_CONTROL": "enabled"},
+    )
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(control_server: RunningServer) -> Iterator[grpc.Channel]:
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(control_server.target, options=options) as ch:
         yield ch
 
 

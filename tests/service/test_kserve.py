@@ -183,7 +183,8 @@ def test_plain_onnx_model_with_a_minimal_config(model_repository, tmp_path, batc
 
 
 def test_repository_unload_and_load(model_repository, tmp_path) -> None:
-    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_REPOSITORY_POLL_SECONDS": "0.2"})
+    env = {"CONVSERVE_REPOSITORY_POLL_SECONDS": "0.2", "CONVSERVE_REPOSITORY_CONTROL": "enabled"}
+    server = start_server(model_repository, tmp_path / "log", env)
     try:
         with grpc.insecure_channel(server.target) as channel, VisionClient(server.target) as client:
             kserve = pb_grpc.GRPCInferenceServiceStub(channel)

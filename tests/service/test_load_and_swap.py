@@ -128,7 +128,7 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_memory_stays_flat_across_load_unload_cycles(model_repository, tmp_path):
-    server = start_server(model_repository, tmp_path / "log")
+    server = start_server(model_repository, tmp_path / "log", {"CONVSERVE_REPOSITORY_CONTROL": "enabled"})
     try:
         with grpc.insecure_channel(server.target) as channel, VisionClient(server.target) as client:
             kserve = pb_grpc.GRPCInferenceServiceStub(channel)

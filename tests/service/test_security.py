@@ -7,6 +7,7 @@ Certificates are made here with the openssl CLI: a throwaway CA, a server certif
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -14,6 +15,7 @@ import ssl
 import subprocess
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -319,7 +321,8 @@ def test_repository_control_needs_the_admin_token(token_server: RunningServer) -
 def _http(
     url: str, token: str | None = None, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, dict]:
-    all_headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
+    json_body = {"Content-Type": "application/json"} if body is not None else {}  # as JSON clients send
+    all_headers = {**json_body, **(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
     request = urllib.request.Request(
         url, data=body, headers=all_headers, method="POST" if body is not None else "GET"
     )
@@ -328,6 +331,17 @@ def _http(
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read() or b"{}")
+
+
+def _post_without_content_type(base: str, path: str) -> int:
+    """POST `{}` with no Content-Type and no browser headers, as tritonclient's HTTP client does
+    (urllib would add a form Content-Type)."""
+    connection = http.client.HTTPConnection(urllib.parse.urlsplit(base).netloc, timeout=TIMEOUT)
+    try:
+        connection.request("POST", path, body=b"{}", headers={"Content-Length": "2"})
+        return connection.getresponse().status
+    finally:
+        connection.close()
 
 
 def test_http_applies_the_same_token_rules(token_server: RunningServer) -> None:
@@ -380,12 +394,11 @@ def test_tokens_never_reach_the_log(token_server: RunningServer) -> None:
         assert secret not in log  # ... without the tokens
 
 
-def test_repository_control_disabled(model_repository: Path, tmp_path: Path) -> None:
-    """Disabled: PERMISSION_DENIED (the RPC exists and the index still works; the server's policy
-    forbids the call, which UNIMPLEMENTED would misreport as a missing extension)."""
-    server = start_server(
-        model_repository, tmp_path / "server.log", {"CONVSERVE_REPOSITORY_CONTROL": "disabled"}
-    )
+def test_repository_control_is_off_by_default(model_repository: Path, tmp_path: Path) -> None:
+    """Default settings: PERMISSION_DENIED / 403 naming the flag to change (the RPC exists and the
+    index still works; the server's policy forbids the call, which UNIMPLEMENTED would misreport
+    as a missing extension)."""
+    server = start_server(model_repository, tmp_path / "server.log")
     try:
         with grpc.insecure_channel(server.target) as channel:
             kserve = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -393,11 +406,47 @@ def test_repository_control_disabled(model_repository: Path, tmp_path: Path) -> 
                 lambda: kserve.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="lenet5")),
                 lambda: kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="lenet5")),
             ):
-                assert _code(call) is grpc.StatusCode.PERMISSION_DENIED
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert "--repository-control enabled" in info.value.details()
             assert len(kserve.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=TIMEOUT).models) == 1
             assert kserve.ModelReady(pb.ModelReadyRequest(name="lenet5"), timeout=TIMEOUT).ready
-        status, body = _http(server.http_url + "/v2/repository/models/lenet5/unload", body=b"{}")
-        assert status == 403 and "disabled" in body["error"]
+        for action in ("load", "unload"):
+            url = f"{server.http_url}/v2/repository/models/lenet5/{action}"
+            status, body = _http(url, body=b"{}")
+            assert status == 403 and "CONVSERVE_REPOSITORY_CONTROL=enabled" in body["error"]
+        assert _http(server.http_url + "/v2/models/lenet5/ready")[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_page_of_another_site_cannot_unload_a_model(model_repository: Path, tmp_path: Path) -> None:
+    """With control on, what a browser sends for a cross-site page is refused; clients are not."""
+    server = start_server(
+        model_repository, tmp_path / "server.log", {"CONVSERVE_REPOSITORY_CONTROL": "enabled"}
+    )
+    unload = server.http_url + "/v2/repository/models/lenet5/unload"
+    own_origin = server.http_url
+    try:
+        refused = [
+            {"Content-Type": "text/plain", "Origin": "http://evil.example"},  # a plain cross-site post
+            {"Content-Type": "application/json", "Origin": "http://evil.example"},
+            {"Origin": "null"},  # a sandboxed page, no body type
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Content-Type": "text/plain"},  # same site, but not JSON
+            {"Content-Type": "application/x-www-form-urlencoded", "Origin": own_origin},
+        ]
+        for headers in refused:
+            status, body = _http(unload, body=b"{}", headers=headers)
+            assert status == 403, (headers, status, body)
+            assert "refused" in body["error"]
+        assert _http(server.http_url + "/v2/models/lenet5/ready")[0] == 200, "the model stayed ready"
+        json_same_site = {"Content-Type": "application/json; charset=utf-8", "Origin": own_origin}
+        assert _http(unload, body=b"{}", headers=json_same_site)[0] == 200
+        assert _http(server.http_url + "/v2/models/lenet5/ready")[0] != 200
+        assert _post_without_content_type(server.http_url, "/v2/repository/models/lenet5/load") == 200
+        assert _http(server.http_url + "/v2/models/lenet5/ready")[0] == 200
     finally:
         server.stop()
 
@@ -427,14 +476,16 @@ def test_policy_rules() -> None:
     assert _denied(policy, "Classify", "Bearer u1x") == "UNAUTHENTICATED: invalid bearer token"
     policy.check("Check", None, health=True)
     assert _denied(_policy(protect_health=True), "Check", None, health=True).startswith("UNAUTHENTICATED")
-    policy.check("RepositoryModelLoad", "Bearer u1")  # enabled: any valid token
+    assert _denied(policy, "RepositoryModelLoad", "Bearer a1").startswith("PERMISSION_DENIED")  # default
+    _policy(repository_control="enabled").check("RepositoryModelLoad", "Bearer u1")  # any valid token
     admin = _policy(repository_control="admin")
     assert _denied(admin, "RepositoryModelLoad", "Bearer u1").startswith("PERMISSION_DENIED")
     admin.check("RepositoryModelUnload", "Bearer a1")
     disabled = _policy(repository_control="disabled")
     assert _denied(disabled, "RepositoryModelLoad", "Bearer a1").startswith("PERMISSION_DENIED")
     assert _denied(disabled, "RepositoryModelLoad", None).startswith("UNAUTHENTICATED")
-    open_policy = AuthPolicy()  # no tokens: open, except what repository_control says
+    assert _denied(AuthPolicy(), "RepositoryModelLoad", None).startswith("PERMISSION_DENIED")  # default
+    open_policy = AuthPolicy(repository_control="enabled")  # no tokens: open, as the setting says
     open_policy.check("Classify", None)
     open_policy.check("RepositoryModelLoad", None)
     assert _denied(AuthPolicy(repository_control="admin"), "RepositoryModelLoad", "Bearer a1").startswith(
