@@ -80,8 +80,9 @@ models: install
 test: install system-deps
 	$(BIN)/python -m pytest
 
-# What tests/deploy runs besides the dev extra's tools: Debian's prometheus package (prometheus and
-# promtool), installed when missing (as root, else through sudo; Recommends left out), and kubectl.
+# What the tests run besides the dev extra's tools: Debian's prometheus package (prometheus and
+# promtool, for tests/deploy) and libb64 (for perf_analyzer), installed when missing (as root, else
+# through sudo; Recommends left out), and kubectl.
 .PHONY: system-deps
 system-deps:
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
@@ -90,6 +91,13 @@ system-deps:
 		$$sudo apt-get update -qq \
 		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			prometheus >/dev/null; \
+	fi
+	@if ! /sbin/ldconfig -p | grep -q 'libb64\.so\.0d'; then \
+		echo "installing Debian's libb64-0d for perf_analyzer"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq \
+		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			libb64-0d >/dev/null; \
 	fi
 	@command -v kubectl >/dev/null 2>&1 || { \
 		echo "kubectl is missing: tests/deploy renders deploy/k8s with kubectl kustomize" >&2; exit 1; }

@@ -47,8 +47,9 @@ def onnxruntime() -> ModuleType:
     # $HOME, which fails (with a warning) on a read-only root filesystem.
     if hasattr(ort, "disable_telemetry_events"):
         ort.disable_telemetry_events()
-    if CUDA in ort.get_available_providers() and importlib.util.find_spec("nvidia") is not None:
-        # CUDA and cuDNN came from pip (the `cuda` extra): load them before the first session.
+    if CUDA in ort.get_available_providers() and importlib.util.find_spec("nvidia.cudnn") is not None:
+        # CUDA and cuDNN came from pip (the `cuda` extra): load them before the first session. (Other
+        # nvidia-* wheels alone, such as the CUDA runtime perf_analyzer needs, are not enough.)
         ort.preload_dlls()
     return ort
 

@@ -334,11 +334,37 @@ def test_kserve_encoder_decoder_and_captioner(cap_server: RunningServer, scenes:
         answer = stub.ModelInfer(whole_request)
         captions = decode_output(answer.outputs[0], answer.raw_output_contents[0])
         stats = stub.ModelStatistics(kserve_pb.ModelStatisticsRequest(name="captioner.decoder"))
+
+        # the decoder's own checks: a token beyond the vocabulary, an image beyond those given
+        vocabulary = log_probs.shape[1]  # one log-probability per word
+        for name, bad, allowed in (("token", vocabulary, f"0..{vocabulary - 1}"), ("image_index", 2, "0..1")):
+            wrong = kserve_pb.ModelInferRequest()
+            wrong.CopyFrom(step)
+            position = [t.name for t in step.inputs].index(name)
+            values = np.frombuffer(step.raw_input_contents[position], np.int64).copy()
+            values[1] = bad
+            wrong.raw_input_contents[position] = values.tobytes()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(wrong)
+            assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert f"input {name!r}: {bad} at index [1] is outside {allowed}" in info.value.details()
     with VisionClient(cap_server.target) as client:
         best = client.caption([_png(s) for s in scenes[:2]])
     assert answer.id == "c1" and captions.shape == (2, 1)
     assert [c.decode() for c in captions.ravel()] == [r.captions[0].text for r in best.results]
     assert stats.model_stats[0].execution_count > 0  # decode-loop steps count as decoder runs
+    with grpc.insecure_channel(cap_server.target) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        for name in ("captioner", "captioner.encoder", "captioner.decoder"):
+            read = stub.ModelStatistics(kserve_pb.ModelStatisticsRequest(name=name)).model_stats[0]
+            counts = read.inference_stats
+            assert counts.success.count > 0, name
+            assert (
+                counts.success.count
+                == counts.compute_input.count
+                == counts.compute_infer.count
+                == counts.compute_output.count
+            ), (name, counts)
 
 
 def test_http_caption_and_kserve_captioner(cap_server: RunningServer, scenes: np.ndarray) -> None:

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import onnx
 import pytest
 import yaml
 from conftest import RunningServer, start_server
-from onnx import TensorProto, helper
 from PIL import Image
+from toy_models import toy_generator
 
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
@@ -27,39 +26,7 @@ LATENT = 64
 
 
 def _toy_generator(path: Path) -> None:
-    """image = uint8(clip(30 * (z + label) + 128)), reshaped to (N, 1, 8, 8): labels and latents both show."""
-    nodes = [
-        helper.make_node("Cast", ["label"], ["label_f"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["label_f", "axis1"], ["label_col"]),
-        helper.make_node("Add", ["z", "label_col"], ["shifted"]),
-        helper.make_node("Mul", ["shifted", "thirty"], ["scaled"]),
-        helper.make_node("Add", ["scaled", "mid"], ["centred"]),
-        helper.make_node("Clip", ["centred", "zero", "top"], ["clipped"]),
-        helper.make_node("Reshape", ["clipped", "shape"], ["square"]),
-        helper.make_node("Cast", ["square"], ["image"], to=TensorProto.UINT8),
-    ]
-    constants = [
-        helper.make_tensor("axis1", TensorProto.INT64, [1], [1]),
-        helper.make_tensor("thirty", TensorProto.FLOAT, [], [30.0]),
-        helper.make_tensor("mid", TensorProto.FLOAT, [], [128.0]),
-        helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
-        helper.make_tensor("top", TensorProto.FLOAT, [], [255.0]),
-        helper.make_tensor("shape", TensorProto.INT64, [4], [-1, 1, 8, 8]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "toy_generator",
-        [
-            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", LATENT]),
-            helper.make_tensor_value_info("label", TensorProto.INT64, ["batch"]),
-        ],
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", 1, 8, 8])],
-        initializer=constants,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True)
-    onnx.save(model, str(path))
+    toy_generator(path, LATENT)
 
 
 @pytest.fixture(scope="module")
