@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 import pytest
@@ -155,24 +156,33 @@ class AlwaysFails(Model):
         raise RuntimeError("this model fails every run")
 
 
-async def _batched(
-    model: Model, values: list[int], max_batch_size: int = 64, **options: object
-) -> tuple[list[object], list[IsolationReport]]:
-    """Submit one request per value while a first request (value 1) holds the model, so that
-    they all queue and run together; results in order, the first one's left out."""
-    reports: list[IsolationReport] = []
-    batcher = DynamicBatcher(
-        model, BatchingOptions(max_batch_size=max_batch_size), on_isolation=reports.append, **options
-    )
+Calls = Callable[[DynamicBatcher, float], list[Awaitable[list[np.ndarray]]]]
+
+
+async def _together(
+    model: Model, options: BatchingOptions, calls: Calls, reports: list[IsolationReport] | None = None
+) -> list[object]:
+    """Make `calls(batcher, now)` while a first request (value 1) holds the model, so that they all
+    queue and run together; their results (or errors) in order."""
+    batcher = DynamicBatcher(model, options, on_isolation=(reports if reports is not None else []).append)
     model.gate.clear()
     first = asyncio.create_task(batcher.submit(rows(1)))
     await asyncio.sleep(0.02)  # the first run has started and waits at the gate
-    tasks = [asyncio.create_task(batcher.submit(rows(v))) for v in values]
+    tasks = [asyncio.ensure_future(call) for call in calls(batcher, asyncio.get_running_loop().time())]
     await asyncio.sleep(0.02)  # all queued
     model.gate.set()
     results = await asyncio.gather(first, *tasks, return_exceptions=True)
     await batcher.close()
-    return list(results[1:]), reports
+    return list(results[1:])
+
+
+async def _batched(model: Model, values: list[int]) -> tuple[list[object], list[IsolationReport]]:
+    """One request of one row per value, run together."""
+    reports: list[IsolationReport] = []
+    results = await _together(
+        model, BatchingOptions(), lambda batcher, _: [batcher.submit(rows(v)) for v in values], reports
+    )
+    return results, reports
 
 
 def test_a_bad_request_fails_alone_and_its_neighbours_get_their_answers() -> None:
@@ -214,54 +224,32 @@ def test_two_bad_requests_in_one_half_fail_alone() -> None:
 
 
 def test_a_request_split_across_runs_fails_as_a_whole_and_only_it() -> None:
-    model = Model(poison=13)
-
-    async def main() -> list[object]:
-        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=4))
-        model.gate.clear()
-        first = asyncio.create_task(batcher.submit(rows(1)))
-        await asyncio.sleep(0.02)
-        tasks = [
-            asyncio.create_task(batcher.submit(rows(2))),
-            asyncio.create_task(batcher.submit(rows(3, 4, 5, 13, 6))),  # rows in two runs
-            asyncio.create_task(batcher.submit(rows(7))),
+    def calls(batcher: DynamicBatcher, now: float) -> list[Awaitable[list[np.ndarray]]]:
+        return [
+            batcher.submit(rows(2)),
+            batcher.submit(rows(3, 4, 5, 13, 6)),  # rows in two runs
+            batcher.submit(rows(7)),
         ]
-        await asyncio.sleep(0.02)
-        model.gate.set()
-        results = await asyncio.gather(first, *tasks, return_exceptions=True)
-        await batcher.close()
-        return results
 
-    results = asyncio.run(main())
-    assert [isinstance(r, RuntimeError) for r in results] == [False, False, True, False]
-    np.testing.assert_array_equal(results[3][0], [[14, 14]])
+    model = Model(poison=13)
+    results = asyncio.run(_together(model, BatchingOptions(max_batch_size=4), calls))
+    assert [isinstance(r, RuntimeError) for r in results] == [False, True, False]
+    np.testing.assert_array_equal(results[2][0], [[14, 14]])
 
 
 def test_requests_past_their_deadline_are_not_retried() -> None:
-    model = Model(seconds=0.05, poison=13)
-
-    async def main() -> list[object]:
-        loop = asyncio.get_running_loop()
-        batcher = DynamicBatcher(model, BatchingOptions())
-        model.gate.clear()
-        first = asyncio.create_task(batcher.submit(rows(1)))
-        await asyncio.sleep(0.02)
-        soon = loop.time() + 0.08  # passes during the failed run
-        tasks = [
-            asyncio.create_task(batcher.submit(rows(13))),
-            asyncio.create_task(batcher.submit(rows(2), deadline=soon)),
-            asyncio.create_task(batcher.submit(rows(3))),
+    def calls(batcher: DynamicBatcher, now: float) -> list[Awaitable[list[np.ndarray]]]:
+        return [
+            batcher.submit(rows(13)),
+            batcher.submit(rows(2), deadline=now + 0.08),  # passes during the failed run
+            batcher.submit(rows(3)),
         ]
-        await asyncio.sleep(0.02)
-        model.gate.set()
-        results = await asyncio.gather(first, *tasks, return_exceptions=True)
-        await batcher.close()
-        return results
 
-    results = asyncio.run(main())
-    assert isinstance(results[1], RuntimeError)
-    assert isinstance(results[2], DeadlineExceeded)
-    np.testing.assert_array_equal(results[3][0], [[6, 6]])
+    model = Model(seconds=0.05, poison=13)
+    results = asyncio.run(_together(model, BatchingOptions(), calls))
+    assert isinstance(results[0], RuntimeError)
+    assert isinstance(results[1], DeadlineExceeded)
+    np.testing.assert_array_equal(results[2][0], [[6, 6]])
     assert not any((run == 2).any() for run in model.runs[2:]), "the expired request ran again"
 
 
