@@ -325,29 +325,28 @@ class DynamicBatcher:
         What this gives up: two bad requests that land in different halves of the first split
         fail their whole run (the neighbours of a single bad request are always answered).
         """
-        groups = _by_request(slices)
-        if len(groups) == 1:
-            self._fail(groups[0], error)
+        if len(slices) == 1:  # one request's rows (a request has one slice per run)
+            self._fail(slices[0], error)
             return
         retries = failed = 0
         first_split = True
-        todo = [groups]
+        todo = [slices]
         while todo:
             part = todo.pop()
             middle = len(part) // 2
-            failures: list[tuple[list[list[_Slice]], Exception]] = []
+            failures: list[tuple[list[_Slice], Exception]] = []
             for half in (part[:middle], part[middle:]):
                 live = self._still_waiting(loop, half)
                 if not live:
                     continue
                 retries += 1
-                half_error = await self._attempt(loop, [piece for group in live for piece in group])
+                half_error = await self._attempt(loop, live)
                 if half_error is not None:
                     failures.append((live, half_error))
             if first_split and len(failures) == 2:
-                for live, half_error in failures:
-                    for group in live:
-                        failed += self._fail(group, half_error)
+                failed += sum(
+                    self._fail(piece, half_error) for live, half_error in failures for piece in live
+                )
                 break
             first_split = False
             for live, half_error in failures:
@@ -357,25 +356,23 @@ class DynamicBatcher:
                     todo.append(live)
         self._on_isolation(IsolationReport(retries, failed))
 
-    def _still_waiting(
-        self, loop: asyncio.AbstractEventLoop, groups: list[list[_Slice]]
-    ) -> list[list[_Slice]]:
-        """The groups whose request still wants an answer; those past their deadline fail now."""
+    def _still_waiting(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> list[_Slice]:
+        """The slices whose request still wants an answer; those past their deadline fail now."""
         now = loop.time()
         live = []
-        for group in groups:
-            request = group[0].request
+        for piece in slices:
+            request = piece.request
             if request.finished():
                 continue
             if request.deadline is not None and now >= request.deadline:
-                self._fail(group, DeadlineExceeded("deadline passed before its run could be retried"))
+                self._fail(piece, DeadlineExceeded("deadline passed before its run could be retried"))
                 continue
-            live.append(group)
+            live.append(piece)
         return live
 
-    def _fail(self, group: list[_Slice], error: Exception) -> int:
-        """Fail a group's request (1) unless it is already finished (0); its queued rows never run."""
-        request = group[0].request
+    def _fail(self, piece: _Slice, error: Exception) -> int:
+        """Fail the slice's request (1) unless it is already finished (0); its queued rows never run."""
+        request = piece.request
         self._forget(request)
         if request.finished():
             return 0
@@ -402,14 +399,6 @@ def _deliver(slices: list[_Slice], outputs: Sequence[np.ndarray], seconds: float
             if request.done_rows == request.rows:
                 request.future.set_result(_assemble(request))
         offset += count
-
-
-def _by_request(slices: list[_Slice]) -> list[list[_Slice]]:
-    """A run's slices grouped by request, in order (a request has one slice per run, but be safe)."""
-    groups: dict[_Request, list[_Slice]] = {}
-    for piece in slices:
-        groups.setdefault(piece.request, []).append(piece)
-    return list(groups.values())
 
 
 def _rows(feeds: Feeds) -> int:
