@@ -14,7 +14,8 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from service import __version__, bench
+from bench import load as bench
+from service import __version__
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient
 
 
@@ -242,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from service.logs import configure_logging
-    from service.runtime import ModelLoadError, onnxruntime
+    from service.engine.sessions import ModelLoadError, onnxruntime
+    from service.observability.logs import configure_logging
     from service.server import ConvserveServer
     from service.settings import Settings
 
@@ -331,7 +332,7 @@ def _caption(client: VisionClient, args: argparse.Namespace) -> int:
     )
     captions = response.results[0].captions
     if args.attention is not None:
-        from service.attention import attention_png  # Pillow only
+        from service.client.attention import attention_png  # Pillow only
 
         best = captions[0]
         maps = [np.asarray(a.weights, np.float32).reshape(a.rows, a.columns) for a in best.attention]

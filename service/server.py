@@ -24,22 +24,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from service import metrics
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.auth import AuthPolicy
-from service.batching import BatchingOptions
-from service.calls import register
-from service.decoding import DecodingOptions
-from service.http import build_app
+from service.engine.batching import BatchingOptions
+from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
+from service.kinds.captioner.beam_search import DecodingOptions
+from service.observability import metrics
 from service.repository import ModelRepository, ModelVersion, VersionState
-from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
-from service.servicers.common import set_default_timeout
-from service.servicers.kserve import KServeServicer
-from service.servicers.vision import VisionServicer
+from service.security.auth import AuthPolicy
 from service.settings import Settings, grpc_threads_low, runs_inline
-from service.threads import threads_started_at_low_priority
+from service.transports.calls import register
+from service.transports.grpc.common import set_default_timeout
+from service.transports.grpc.kserve import KServeServicer
+from service.transports.grpc.threads import threads_started_at_low_priority
+from service.transports.grpc.vision import VisionServicer
+from service.transports.http.routes import build_app
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.manifest import (
+from service.contract.manifest import (
     DigitAdaptation,
     GeneratorSpec,
     InputSpec,

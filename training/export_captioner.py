@@ -17,7 +17,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
+from service.contract.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
 from training.caption_decoding import greedy_decode
 from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
 from training.data.scenes import load_scene_split

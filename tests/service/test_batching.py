@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import BatchingOptions, DynamicBatcher, RunReport
+from service.engine.batching import BatchingOptions, DynamicBatcher, RunReport
 from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
 
 

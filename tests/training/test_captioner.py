@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
 from training.caption_decoding import beam_search, greedy_decode
 from training.data.scenes import generate_split
 from training.export import export_checkpoint

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
 from training.evaluate import (
     diversity_ratio,
     frechet_distance,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
 from training import export
 from training.data.digits import load_digit_splits
 from training.export import ExportError, ExportResult, export_checkpoint, load_checkpoint, published_versions

@@ -9,7 +9,7 @@ throughput over it shows the cost of everything else (batching, onnxruntime, boo
 
 The signatures come from the repository's ONNX files (onnxruntime reads them; nothing is run).
 
-    python -m service.noop_server --model-repository models --model lenet5 --port 8101
+    python -m bench.noop_server --model-repository models --model lenet5 --port 8101
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from service import tensors
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.codecs import tensors
+from service.engine.sessions import CPU, ModelSession, SessionOptions, TensorSpec
 from service.errors import ConvserveError, ModelNotFound, status_for
-from service.runtime import CPU, ModelSession, SessionOptions, TensorSpec
 from service.server import new_grpc_server
-from service.servicers.kserve import check_headers
 from service.settings import Settings
+from service.transports.grpc.kserve import check_headers
 
 log = logging.getLogger(__name__)
 

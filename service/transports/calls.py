@@ -22,10 +22,10 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from service import metrics
-from service.auth import AuthError, AuthPolicy, MethodAccess, metadata_value
 from service.errors import InvalidArgument, status_for
-from service.statistics import VersionStatistics
+from service.observability import metrics
+from service.observability.statistics import VersionStatistics
+from service.security.auth import AuthError, AuthPolicy, MethodAccess, metadata_value
 
 log = logging.getLogger("convserve.access")
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import imaging
-from service.manifest import DigitAdaptation, Manifest
-from service.runtime import ModelLoadError, ModelSession
+from service.contract import preprocessing as imaging
+from service.contract.manifest import DigitAdaptation, Manifest
+from service.engine.sessions import ModelLoadError, ModelSession
 
 
 @dataclass(frozen=True)

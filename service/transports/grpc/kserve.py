@@ -13,20 +13,22 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import numpy as np
 
-from service import __version__, codecs, tensors
+from service import __version__
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service._proto.inference import model_config_pb2 as config_pb
-from service.auth import check_model_name
-from service.calls import current_call, observe_message
+from service.codecs import images as codecs
+from service.codecs import tensors
+from service.engine.sessions import CUDA, ModelSession, TensorSpec
 from service.errors import ConvserveError, InvalidArgument, ModelNotFound, status_for
-from service.pipelines import CaptionerPipeline
-from service.pipelines.captioner import KSERVE_INPUT, KSERVE_OUTPUT, caption, caption_options
+from service.kinds import CaptionerPipeline
+from service.kinds.captioner.pipeline import KSERVE_INPUT, KSERVE_OUTPUT, caption, caption_options
+from service.observability.statistics import Duration
 from service.repository import CAPTIONER_PARTS, ModelRepository, ModelVersion, VersionState
-from service.runtime import CUDA, ModelSession, TensorSpec
-from service.servicers.common import deadline_of, resolve
+from service.security.auth import check_model_name
 from service.settings import Settings
-from service.statistics import Duration
+from service.transports.calls import current_call, observe_message
+from service.transports.grpc.common import deadline_of, resolve
 
 SERVER_NAME = "convserve"
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"

@@ -6,10 +6,10 @@ import asyncio
 
 import grpc
 
-from service.calls import current_call
 from service.errors import ModelNotFound
-from service.metrics import UNKNOWN_MODEL
+from service.observability.metrics import UNKNOWN_MODEL
 from service.repository import ModelRepository, ModelVersion
+from service.transports.calls import current_call
 
 #: Seconds a request gets when its client set no deadline (`default_timeout_seconds`); 0: none.
 #: One server per process: `ConvserveServer.start()` sets it from the settings.

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from service.contract.manifest import GeneratorSpec, Manifest
+from service.engine.sessions import ModelLoadError, ModelSession
 from service.errors import InvalidArgument
-from service.manifest import GeneratorSpec, Manifest
-from service.runtime import ModelLoadError, ModelSession
 
 
 @dataclass(frozen=True)

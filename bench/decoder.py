@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from service.decoding import DECODER_OUTPUTS, BeamSearch, merge
-from service.manifest import load_manifest
-from service.pipelines.captioner import CaptionerPipeline
-from service.runtime import CPU, ModelLoadError, ModelSession, SessionOptions
+from service.contract.manifest import load_manifest
+from service.engine.sessions import CPU, ModelLoadError, ModelSession, SessionOptions
+from service.kinds.captioner.beam_search import DECODER_OUTPUTS, BeamSearch, merge
+from service.kinds.captioner.pipeline import CaptionerPipeline
 
 
 class DecoderBenchError(Exception):

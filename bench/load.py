@@ -42,14 +42,14 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.decoder import DecoderBenchError, DecoderStep, DecoderTimer, gains, image_counts
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.bench_decoder import DecoderBenchError, DecoderStep, DecoderTimer, gains, image_counts
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient, to_image
-from service.http import HEADER_LENGTH
-from service.runtime import CPU, ModelSession, SessionOptions
-from service.tensors import DATATYPES
+from service.codecs.tensors import DATATYPES
+from service.engine.sessions import CPU, ModelSession, SessionOptions
+from service.transports.http.routes import HEADER_LENGTH
 
 #: task: Classify over gRPC; kserve: ModelInfer over gRPC; http: KServe v2 infer over HTTP/REST.
 APIS = ("task", "kserve", "http", "caption")
@@ -1165,7 +1165,7 @@ def render_caption_markdown(report: CaptionReport) -> str:
 
 
 def environment() -> dict[str, Any]:
-    from service.runtime import onnxruntime
+    from service.engine.sessions import onnxruntime
 
     return {
         "cpus": os.cpu_count(),
@@ -1552,7 +1552,7 @@ def _transports_command(args: argparse.Namespace) -> int:
 
 
 def _suite_command(args: argparse.Namespace) -> int:
-    from service import bench_suite  # it builds on this module
+    from bench import suite as bench_suite  # it builds on this module
 
     options = bench_suite.SuiteOptions(
         repository=args.model_repository,

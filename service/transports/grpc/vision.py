@@ -10,17 +10,17 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from service import codecs
 from service._proto.convserve.v1 import vision_pb2 as pb
 from service._proto.convserve.v1 import vision_pb2_grpc as pb_grpc
-from service.calls import current_call
+from service.codecs import images as codecs
 from service.errors import InvalidArgument
-from service.pipelines import CaptionerPipeline, ClassifierPipeline
-from service.pipelines.captioner import caption, caption_options
-from service.pipelines.generator import GeneratorPipeline, grid_png, to_png
+from service.kinds import CaptionerPipeline, ClassifierPipeline
+from service.kinds.captioner.pipeline import caption, caption_options
+from service.kinds.generator import GeneratorPipeline, grid_png, to_png
 from service.repository import ModelEntry, ModelRepository, ModelVersion, VersionState
-from service.servicers.common import deadline_of, resolve
 from service.settings import Settings
+from service.transports.calls import current_call
+from service.transports.grpc.common import deadline_of, resolve
 
 #: Requests with at most this many bytes of images are decoded on the event loop: for small images the
 #: hand-off to a thread costs more than the work (measured with `convserve bench`).

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Histogram
 
-from service import metrics
+from service.observability import metrics
 
 
 @dataclass

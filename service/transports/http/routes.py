@@ -22,15 +22,22 @@ from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from service import tensors
 from service._proto.convserve.v1 import vision_pb2 as vision_pb
 from service._proto.inference import grpc_predict_v2_pb2 as pb
-from service.auth import AuthError, AuthPolicy, http_middleware
-from service.calls import REQUEST_ID_KEY, CallInfo, begin_call, end_call, new_request_id, record_call
+from service.codecs import tensors
 from service.errors import InvalidArgument, status_for
-from service.servicers.common import default_deadline
-from service.servicers.kserve import KServeServicer
-from service.servicers.vision import VisionServicer
+from service.security.auth import AuthError, AuthPolicy, http_middleware
+from service.transports.calls import (
+    REQUEST_ID_KEY,
+    CallInfo,
+    begin_call,
+    end_call,
+    new_request_id,
+    record_call,
+)
+from service.transports.grpc.common import default_deadline
+from service.transports.grpc.kserve import KServeServicer
+from service.transports.grpc.vision import VisionServicer
 
 log = logging.getLogger(__name__)
 

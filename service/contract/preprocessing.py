@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageFilter
 
-from service.manifest import DigitAdaptation
+from service.contract.manifest import DigitAdaptation
 
 #: Below this spread between dark and bright pixels an image is treated as blank.
 _MIN_CONTRAST = 32

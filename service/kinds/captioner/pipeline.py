@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import imaging
-from service.batching import DynamicBatcher
-from service.decoding import (
+from service.contract import preprocessing as imaging
+from service.contract.manifest import CaptionerSpec, Manifest
+from service.engine.batching import DynamicBatcher
+from service.engine.sessions import ModelLoadError, ModelSession, TensorSpec
+from service.errors import InvalidArgument
+from service.kinds.captioner.beam_search import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
     PER_HYPOTHESIS_DECODER_INPUTS,
@@ -23,9 +26,6 @@ from service.decoding import (
     Hypothesis,
     merge,
 )
-from service.errors import InvalidArgument
-from service.manifest import CaptionerSpec, Manifest
-from service.runtime import ModelLoadError, ModelSession, TensorSpec
 
 ENCODER_OUTPUTS = ("features", "projected", "h", "c")
 #: What `captioner` itself takes and answers through KServe v2: encoded images in, best captions out.

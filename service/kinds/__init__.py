@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from service.manifest import Manifest
-from service.pipelines.captioner import CaptionerPipeline
-from service.pipelines.classifier import ClassifierPipeline
-from service.pipelines.generator import GeneratorPipeline
-from service.runtime import ModelSession
+from service.contract.manifest import Manifest
+from service.engine.sessions import ModelSession
+from service.kinds.captioner.pipeline import CaptionerPipeline
+from service.kinds.classifier import ClassifierPipeline
+from service.kinds.generator import GeneratorPipeline
 
 Pipeline = ClassifierPipeline | GeneratorPipeline | CaptionerPipeline
 

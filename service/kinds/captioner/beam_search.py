@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import metrics
 from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
+from service.observability import metrics
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from service import bench
+from bench import load as bench
 from service.cli import main
 
 

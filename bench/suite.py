@@ -1,7 +1,7 @@
 """`convserve bench --suite` (`make bench`): convserve beside its two limits, in one run.
 
 - The transport limit T: a do-nothing KServe v2 server built from our own stack
-  (`service.noop_server`) answering the same ModelInfer requests with zeros.
+  (`bench.noop_server`) answering the same ModelInfer requests with zeros.
 - The compute limit R: onnxruntime in a process of its own, at batch 1 and at its best batch size.
 - convserve on each model through KServe v2 ModelInfer (raw tensors) and the task API (Classify).
 
@@ -34,12 +34,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from service import bench
+from bench import load as bench
+from bench.load import BenchError, LoadResult, Progress, ServerProcess, Workload
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.bench import BenchError, LoadResult, Progress, ServerProcess, Workload
 from service.client import DEFAULT_TIMEOUT_SECONDS, VisionClient
-from service.runtime import ModelSession, SessionOptions
+from service.engine.sessions import ModelSession, SessionOptions
 from service.settings import Settings
 
 SUITE_MODELS = ("lenet5", "scenes-resnet")
@@ -217,7 +217,7 @@ def compute_in_child(
 ) -> dict[int, float]:
     """measure_compute in a child process pinned like the servers, so it gets their core alone."""
     command = [
-        sys.executable, "-m", "service.bench_suite", "compute", str(model_path),
+        sys.executable, "-m", "bench.suite", "compute", str(model_path),
         ",".join(str(b) for b in batch_sizes), str(seconds),
     ]  # fmt: skip
     done = subprocess.run(
@@ -267,7 +267,7 @@ def convserve_command(repository: Path) -> list[str]:
 
 
 def noop_command(repository: Path, models: Sequence[str]) -> list[str]:
-    command = [sys.executable, "-m", "service.noop_server", "--model-repository", str(repository)]
+    command = [sys.executable, "-m", "bench.noop_server", "--model-repository", str(repository)]
     for model in models:
         command += ["--model", model]
     return [*command, "--port", "{port}"]
@@ -669,11 +669,9 @@ def _yes(met: bool) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m service.bench_suite compute MODEL.onnx 1,8,64 SECONDS`: the child of compute_in_child."""
+    """`python -m bench.suite compute MODEL.onnx 1,8,64 SECONDS`: the child of compute_in_child."""
     if len(argv) != 4 or argv[0] != "compute":
-        print(
-            "usage: python -m service.bench_suite compute MODEL.onnx BATCH,BATCH,... SECONDS", file=sys.stderr
-        )
+        print("usage: python -m bench.suite compute MODEL.onnx BATCH,BATCH,... SECONDS", file=sys.stderr)
         return 2
     rates = measure_compute(Path(argv[1]), [int(b) for b in argv[2].split(",")], float(argv[3]))
     print(json.dumps(rates))

@@ -15,11 +15,12 @@ import grpc
 import numpy as np
 import pytest
 
-from service import bench, bench_suite
+from bench import load as bench
+from bench import suite as bench_suite
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.batching import BatchingOptions, DynamicBatcher
 from service.cli import main
+from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.server import ConvserveServer
 from service.settings import Settings, runs_inline
 
