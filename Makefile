@@ -92,7 +92,7 @@ system-deps:
 bench: install
 	$(BIN)/convserve-train all --missing --repository $(MODELS)
 	@mkdir -p bench-results
-	$(BIN)/convserve bench --suite --model-repository $(MODELS) \
+	$(BIN)/convserve-bench --suite --model-repository $(MODELS) \
 		--json bench-results/suite.json --markdown bench-results/suite.md
 
 SOAK_REQUESTS ?= 100000

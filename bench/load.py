@@ -1,4 +1,4 @@
-"""`convserve bench`: a closed-loop load generator, and two interleaved comparisons.
+"""`convserve-bench`: a closed-loop load generator, and two interleaved comparisons.
 
 Closed loop: each of `concurrency` workers sends its next request when the previous one answers,
 so the offered load follows the server's speed and latency is not inflated by a client backlog.
@@ -48,6 +48,7 @@ from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient, to_image
 from service.codecs.tensors import DATATYPES
+from service.contract.preprocessing import levels_to_uint8, resize
 from service.engine.sessions import CPU, ModelSession, SessionOptions
 from service.transports.http.routes import HEADER_LENGTH
 
@@ -91,6 +92,7 @@ TRANSPORT_NAMES = {
 MAX_DISTINCT_REQUESTS = 512
 #: How many random inputs stand in for real images when the model's data is not available.
 RANDOM_INPUTS = 256
+DIGIT_MAX_LEVEL = 16  # scikit-learn's digits have grey levels 0..16
 SERVER_START_SECONDS = 120.0
 SERVER_STOP_SECONDS = 30.0
 
@@ -323,22 +325,24 @@ class Workload:
 def workload_images(
     model: str, item_shape: Sequence[int], datatype: str, seed: int = 0
 ) -> tuple[np.ndarray, str]:
-    """Held-out digits for lenet5 when the trainer's data is importable, else random values.
+    """scikit-learn's digits for lenet5 when scikit-learn is installed (the train extra), else random values.
 
-    The server image has neither scikit-learn nor torch, so the random fallback must exist.
+    The digits go through the preprocessing the trainer uses (`service.contract`), so they are what
+    lenet5 was trained on; the bench never imports the trainer itself.
     """
     shape = tuple(item_shape)
     if any(d < 0 for d in shape):
         raise BenchError(f"the model's input has free dimensions {list(shape)}; cannot make inputs for it")
-    if model == "lenet5" and datatype == "UINT8":
+    if model == "lenet5" and datatype == "UINT8" and len(shape) == 3 and shape[0] == 1:
         try:
-            from training.data.digits import load_digit_splits
+            from sklearn.datasets import load_digits
         except ImportError:
             pass
         else:
-            images = load_digit_splits().test.images
-            if images.shape[1:] == shape:
-                return images, f"{len(images)} held-out digits"
+            levels = load_digits().images  # (1797, 8, 8), grey levels 0..16
+            native = levels_to_uint8(levels, DIGIT_MAX_LEVEL)
+            images = np.stack([resize(digit, shape[1], shape[2]) for digit in native])[:, None]
+            return images, f"{len(images)} scikit-learn digits"
     if datatype not in DATATYPES or datatype == "BYTES":
         raise BenchError(f"the model's input is {datatype}; only numeric inputs can be generated")
     dtype = DATATYPES[datatype].dtype
@@ -1419,7 +1423,7 @@ def parse_concurrency(text: str) -> tuple[int, ...]:
 
 
 def main(args: argparse.Namespace) -> int:
-    """`convserve bench`: exit 0 when requests succeeded, 1 when none did or the bench could not run."""
+    """`convserve-bench`: exit 0 when requests succeeded, 1 when none did or the bench could not run."""
     try:
         _check(args)
         if args.suite:

@@ -1,4 +1,4 @@
-"""`convserve bench --suite` (`make bench`): convserve beside its two limits, in one run.
+"""`convserve-bench --suite` (`make bench`): convserve beside its two limits, in one run.
 
 - The transport limit T: a do-nothing KServe v2 server built from our own stack
   (`bench.noop_server`) answering the same ModelInfer requests with zeros.
@@ -568,7 +568,7 @@ def render_markdown(report: SuiteReport) -> str:
     env = report.environment
     options = report.options
     lines = [
-        f"### convserve bench --suite ({report.started})",
+        f"### convserve-bench --suite ({report.started})",
         "",
         f"Machine: {env['cpus']} CPUs ({env['platform']}), Python {env['python']}, onnxruntime "
         f"{env['onnxruntime']}, grpcio {env['grpcio']}; {report.cores.describe()}; onnxruntime "

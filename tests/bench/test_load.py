@@ -1,4 +1,4 @@
-"""`convserve bench`: structure and sanity only; a shared noisy machine makes timings meaningless here."""
+"""`convserve-bench`: structure and sanity only; a shared noisy machine makes timings meaningless here."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench import load as bench
-from service.cli import main
+from bench.cli import main
 
 
 def _workload(target: str) -> bench.Workload:
@@ -96,7 +96,7 @@ def test_errors_are_counted_by_status_code(server) -> None:
 
 
 def test_cli_bench_json(server, capsys) -> None:
-    code = main(["bench", "--target", server.target, "--concurrency", "2", "--duration", "0.3", "--json"])
+    code = main(["--target", server.target, "--concurrency", "2", "--duration", "0.3", "--json"])
     record = json.loads(capsys.readouterr().out)
     assert code == 0
     (result,) = record["results"]
@@ -106,14 +106,14 @@ def test_cli_bench_json(server, capsys) -> None:
 
 def test_cli_bench_http_json(server, capsys) -> None:
     target = server.http_url.removeprefix("http://")
-    argv = ["bench", "--api", "http", "--target", target, "--concurrency", "4", "--duration", "0.5", "--json"]
+    argv = ["--api", "http", "--target", target, "--concurrency", "4", "--duration", "0.5", "--json"]
     code = main(argv)
     record = json.loads(capsys.readouterr().out)
     assert code == 0
     (result,) = record["results"]
     assert (record["target"], record["api"], record["model"]) == (target, "http", "lenet5")
     assert result["requests"] > 0 and result["errors"] == {}
-    assert main(["bench", "--api", "http", "--target", target, "--model", "nope", "--duration", "0.1"]) == 1
+    assert main(["--api", "http", "--target", target, "--model", "nope", "--duration", "0.1"]) == 1
     assert "HTTP 404" in capsys.readouterr().err
 
 
@@ -121,7 +121,7 @@ def test_cli_compare_tiny(trained_lenet, tmp_path, capsys) -> None:
     json_path, markdown_path = tmp_path / "bench.json", tmp_path / "bench.md"
     code = main(
         [
-            "bench", "--compare", "--model-repository", str(trained_lenet),
+            "--compare", "--model-repository", str(trained_lenet),
             "--concurrency", "2", "--repeats", "1", "--duration", "0.5", "--warmup", "0.1",
             "--json", str(json_path), "--markdown", str(markdown_path),
         ]
@@ -154,7 +154,7 @@ def test_cli_transports_tiny(trained_lenet, tmp_path, capsys) -> None:
     json_path = tmp_path / "transports.json"
     code = main(
         [
-            "bench", "--transports", "--model-repository", str(trained_lenet),
+            "--transports", "--model-repository", str(trained_lenet),
             "--concurrency", "2", "--repeats", "1", "--duration", "0.5", "--warmup", "0.1",
             "--json", str(json_path),
         ]
@@ -176,11 +176,11 @@ def test_cli_transports_tiny(trained_lenet, tmp_path, capsys) -> None:
 
 
 def test_cli_bench_refuses_impossible_flags(capsys) -> None:
-    assert main(["bench", "--duration", "0"]) == 1
+    assert main(["--duration", "0"]) == 1
     assert "--duration must be > 0" in capsys.readouterr().err
-    assert main(["bench", "--compare", "--requests", "5"]) == 1
+    assert main(["--compare", "--requests", "5"]) == 1
     assert "not --requests" in capsys.readouterr().err
-    assert main(["bench", "--transports", "--requests", "5"]) == 1
+    assert main(["--transports", "--requests", "5"]) == 1
     assert "not --requests" in capsys.readouterr().err
-    assert main(["bench", "--compare", "--transports"]) == 1
+    assert main(["--compare", "--transports"]) == 1
     assert "choose one" in capsys.readouterr().err

@@ -17,9 +17,9 @@ import pytest
 
 from bench import load as bench
 from bench import suite as bench_suite
+from bench.cli import main
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.cli import main
 from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.server import ConvserveServer
 from service.settings import Settings, runs_inline
@@ -67,7 +67,7 @@ def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
     json_path, markdown_path = tmp_path / "suite.json", tmp_path / "suite.md"
     code = main(
         [
-            "bench", "--suite", "--models", "lenet5", "--model-repository", str(trained_lenet),
+            "--suite", "--models", "lenet5", "--model-repository", str(trained_lenet),
             "--concurrency", "1,2", "--repeats", "1", "--duration", "0.3", "--warmup", "0.1",
             "--json", str(json_path), "--markdown", str(markdown_path),
         ]
