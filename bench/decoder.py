@@ -5,7 +5,7 @@ images is cheaper than N runs over one. On a CPU the decoder's work grows with i
 ceiling is low; on a GPU a step of a hundred rows costs little more than one of three. This module
 times one decoder step, in this process, over 1, 2, 4, ... images with a beam's worth of live
 hypotheses each (real encoder outputs, one real step in), and reports the gain in images per
-second over one image per step, so `convserve bench --compare --api caption` can put the served
+second over one image per step, so `convserve-bench --compare --api caption` can put the served
 ratio beside the graph's own.
 """
 
@@ -21,8 +21,9 @@ import numpy as np
 import yaml
 
 from service.contract.manifest import load_manifest
+from service.contract.tensor_names import DECODER_OUTPUTS
 from service.engine.sessions import CPU, ModelLoadError, ModelSession, SessionOptions
-from service.kinds.captioner.beam_search import DECODER_OUTPUTS, BeamSearch, merge
+from service.kinds.captioner.beam_search import BeamSearch, merge
 from service.kinds.captioner.pipeline import CaptionerPipeline
 
 

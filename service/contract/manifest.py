@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.contract.tensor_names import GENERATOR_INPUTS, GENERATOR_OUTPUT
+
 CONFIG_FILE = "config.yaml"
 #: Health entries of the server itself; no model may take these names.
 RESERVED_NAMES = frozenset({"liveness"})
@@ -106,10 +108,10 @@ class Batching(_Strict):
 class GeneratorSpec(_Strict):
     """A label-conditional image generator: (latent z, label) -> uint8 images (N, C, H, W)."""
 
-    latent_input: str = "z"  # float32 (N, latent_size), drawn from a standard normal
-    label_input: str = "label"  # int64 (N,), an index into `labels`
+    latent_input: str = GENERATOR_INPUTS[0]  # float32 (N, latent_size), drawn from a standard normal
+    label_input: str = GENERATOR_INPUTS[1]  # int64 (N,), an index into `labels`
     latent_size: int = Field(gt=0)
-    output: str = "image"  # uint8 (N, channels, height, width); scaling to 0..255 is in the graph
+    output: str = GENERATOR_OUTPUT  # uint8 (N, channels, height, width); scaling to 0..255 is in the graph
     channels: Literal[1, 3] = 1
     height: int = Field(gt=0)
     width: int = Field(gt=0)

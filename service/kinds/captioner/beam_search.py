@@ -28,17 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.contract.tensor_names import DECODER_OUTPUTS
 from service.errors import DeadlineExceeded, ModelNotReady, QueueFull
 from service.observability import metrics
 
 log = logging.getLogger(__name__)
 
-#: The decoder graph's inputs and outputs (training/export_captioner.py writes them so): token, h,
-#: c and image_index per hypothesis, features and projected per image (the graph gathers them).
-DECODER_INPUTS = ("token", "h", "c", "features", "projected", "image_index")
-DECODER_OUTPUTS = ("log_probs", "next_h", "next_c", "alpha")
-#: Decoder graphs exported before image_index take features and projected once per hypothesis.
-PER_HYPOTHESIS_DECODER_INPUTS = DECODER_INPUTS[:5]
 Feeds = dict[str, np.ndarray]
 
 

@@ -2,7 +2,7 @@
 
 Two graphs (see `CaptionerSpec`): the encoder runs once per image, through the version's dynamic
 batcher; the decoder runs once per step for every hypothesis of every caption in flight, in the
-version's `DecodeLoop` (service/decoding.py).
+version's `DecodeLoop` (service/kinds/captioner/beam_search.py).
 """
 
 from __future__ import annotations
@@ -14,20 +14,17 @@ import numpy as np
 
 from service.contract import preprocessing as imaging
 from service.contract.manifest import CaptionerSpec, Manifest
+from service.contract.tensor_names import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_OUTPUTS,
+    PER_HYPOTHESIS_DECODER_INPUTS,
+)
 from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession, TensorSpec
 from service.errors import InvalidArgument
-from service.kinds.captioner.beam_search import (
-    DECODER_INPUTS,
-    DECODER_OUTPUTS,
-    PER_HYPOTHESIS_DECODER_INPUTS,
-    BeamSearch,
-    DecodeLoop,
-    Hypothesis,
-    merge,
-)
+from service.kinds.captioner.beam_search import BeamSearch, DecodeLoop, Hypothesis, merge
 
-ENCODER_OUTPUTS = ("features", "projected", "h", "c")
 #: What `captioner` itself takes and answers through KServe v2: encoded images in, best captions out.
 KSERVE_INPUT = TensorSpec("image", "tensor(string)", np.dtype(object), (-1, 1))
 KSERVE_OUTPUT = TensorSpec("caption", "tensor(string)", np.dtype(object), (-1, 1))
