@@ -42,7 +42,7 @@ help:
 	@echo "make bench    the performance suite: convserve vs transport and compute limits (bench-results/)"
 	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
-	@echo "make lint     ruff check and format check"
+	@echo "make lint     ruff, the import rules, the duplicate-code check, the docs site (mkdocs --strict)"
 	@echo "make container-test  build the image, run it read-only and call it, compose up convserve + Prometheus (docker, else podman)"
 	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
 
@@ -111,9 +111,11 @@ protos: install
 proto-check: install
 	$(BIN)/python -m pytest -q tests/test_proto_contract.py
 
+# ruff; the import rules between packages (pyproject.toml's [tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 # Needs root where podman must be installed; see deploy/docker/container-test.sh.
 container-test: install
@@ -124,4 +126,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .import_linter_cache
