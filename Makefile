@@ -111,11 +111,13 @@ protos: install
 proto-check: install
 	$(BIN)/python -m pytest -q tests/test_proto_contract.py
 
-# ruff; the import rules between packages (pyproject.toml's [tool.importlinter]).
+# ruff; the import rules between packages (pyproject.toml's [tool.importlinter]); copies of code
+# beyond tools/duplicate_code_baseline.txt.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-logo
+	$(BIN)/python tools/duplicate_code.py
 
 # Needs root where podman must be installed; see deploy/docker/container-test.sh.
 container-test: install
