@@ -17,6 +17,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from service import __version__
+from service._proto.convserve.v1 import vision_pb2 as pb
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient
 
 
@@ -146,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             return commands[args.command](client, args)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"error: {exc.code().name}: {exc.details() or 'the server gave no details'}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -282,14 +283,15 @@ def _models(client: VisionClient, args: argparse.Namespace) -> int:
         as_dict = json_format.MessageToDict(
             response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
+        for model in as_dict["models"]:
+            for version in model["versions"]:
+                version["state"] = _state_name(pb.ModelState.Value(version["state"]))
         print(json.dumps(as_dict["models"], indent=2))
         return 0
     if not response.models:
         print("no models")
     for model in response.models:
-        spec = model.input
-        shape = f"{spec.channels}x{spec.height}x{spec.width} {spec.color_mode}"
-        print(f"{model.name}  kind={model.kind or '?'}  input={shape}")
+        print(_model_line(model))
         for v in model.versions:
             state = _state_name(v.state)
             detail = v.provider if state == "READY" else v.reason
@@ -297,15 +299,33 @@ def _models(client: VisionClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_line(model: pb.ModelInfo) -> str:
+    """`name  kind=...  input=CxHxW MODE`; a model without an image input (a tensor model) has no input."""
+    line = f"{model.name}  kind={model.kind or '?'}"
+    spec = model.input
+    if spec.channels and spec.height and spec.width:
+        line += f"  input={spec.channels}x{spec.height}x{spec.width} {spec.color_mode}"
+    return line
+
+
 def _health(client: VisionClient, args: argparse.Namespace) -> int:
-    status = client.health(args.service)
+    try:
+        status = client.health(args.service)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        print(
+            f"error: NOT_FOUND: the server has no health entry {args.service!r} "
+            "('' for readiness, 'liveness', or the name of a model it serves)",
+            file=sys.stderr,
+        )
+        return 1
     print(status)
     return 0 if status == "SERVING" else 1
 
 
 def _state_name(state: int) -> str:
-    from service._proto.convserve.v1 import vision_pb2 as pb
-
+    """READY, LOADING, FAILED, UNLOADED: the names the docs use, without the proto's prefix."""
     return pb.ModelState.Name(state).removeprefix("MODEL_STATE_")
 
 

@@ -103,6 +103,7 @@ class ConvserveServer:
             SessionOptions(
                 providers=tuple(settings.providers),
                 require_gpu=settings.require_gpu,
+                explicit_providers="providers" in settings.model_fields_set,
                 intra_op_threads=settings.intra_op_threads,
                 spinning=settings.ort_spinning,
             ),

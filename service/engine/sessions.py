@@ -51,6 +51,24 @@ def onnxruntime() -> ModuleType:
     return ort
 
 
+#: (asked, got) fallbacks already noted once for this process.
+_noted_fallbacks: set[tuple[str, str]] = set()
+
+
+def _report_fallback(asked: str, got: str, path: Path, explicit: bool) -> None:
+    """A session that did not get its first provider: a warning per graph when the operator asked for
+    that provider, else one note per process (onnxruntime-gpu on a machine without a GPU is normal)."""
+    if explicit:
+        log.warning(
+            "asked for %s, got %s for %s (--log-level DEBUG shows onnxruntime's reason)", asked, got, path
+        )
+    elif (asked, got) not in _noted_fallbacks:
+        _noted_fallbacks.add((asked, got))
+        log.info("%s is not usable here: models run on %s (--log-level DEBUG shows why)", asked, got)
+    else:
+        log.debug("%s runs on %s, not %s", path, got, asked)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """A graph input or output: name, numpy dtype, shape with -1 for free dimensions."""
@@ -84,6 +102,9 @@ def _tensor_spec(node: Any) -> TensorSpec:
 class SessionOptions:
     providers: tuple[str, ...]
     require_gpu: bool = False
+    #: The providers were chosen by the operator (setting or flag), not left at the default: a
+    #: fallback from the first one is then a warning for every graph, not a single note.
+    explicit_providers: bool = False
     intra_op_threads: int = 0
     spinning: bool = False
 
@@ -112,12 +133,8 @@ class ModelSession:
             raise ModelLoadError(f"onnxruntime could not load {path.name}: {reason}") from exc
         self.provider = self._session.get_providers()[0]
         if providers[0] != self.provider:
-            log.warning(
-                "asked for %s, got %s for %s (--log-level DEBUG shows onnxruntime's reason)",
-                providers[0],
-                self.provider,
-                path,
-            )
+            explicit = options.explicit_providers or options.require_gpu
+            _report_fallback(providers[0], self.provider, path, explicit)
         if options.require_gpu and self.provider != CUDA:
             raise ModelLoadError(f"{REQUIRE_GPU_FAILURE} but {path.name} runs on {self.provider}")
         # Named leading dimensions of the inputs: inputs that name different ones (a decoder's
