@@ -46,7 +46,7 @@ help:
 	@echo "make bench    the performance suite: convserve vs transport and compute limits (bench-results/)"
 	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
-	@echo "make lint     ruff check and format check"
+	@echo "make lint     ruff, the import rules, the duplicate-code check, the docs site (mkdocs --strict)"
 	@echo "make container-test  build the image, run it read-only and call it, compose up convserve + Prometheus (docker, else podman)"
 	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
 	@echo "           SERVE_ARGS='--repository-control enabled' (allow model load/unload for local work)"
@@ -105,7 +105,7 @@ system-deps:
 bench: install
 	$(BIN)/convserve-train all --missing --repository $(MODELS)
 	@mkdir -p bench-results
-	$(BIN)/convserve bench --suite --model-repository $(MODELS) \
+	$(BIN)/convserve-bench --suite --model-repository $(MODELS) \
 		--json bench-results/suite.json --markdown bench-results/suite.md
 
 SOAK_REQUESTS ?= 100000
@@ -124,9 +124,13 @@ protos: install
 proto-check: install
 	$(BIN)/python -m pytest -q tests/test_proto_contract.py
 
+# ruff; the import rules between packages (pyproject.toml's [tool.importlinter]); copies of code
+# beyond tools/duplicate_code_baseline.txt.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/python tools/duplicate_code.py
 
 # Needs root where podman must be installed; see deploy/docker/container-test.sh.
 container-test: install
@@ -137,4 +141,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .import_linter_cache

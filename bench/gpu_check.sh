@@ -59,5 +59,5 @@ kill $SERVER; wait $SERVER || true; trap - EXIT
 
 mkdir -p bench-results
 # The suite starts its own servers; with the CUDA provider asked for in their environment.
-"$PYTHON" -m service bench --suite --model-repository "$REPOSITORY" \
+"$PYTHON" -m bench --suite --model-repository "$REPOSITORY" \
     --json bench-results/gpu-suite.json --markdown bench-results/gpu-suite.md

@@ -1,11 +1,13 @@
-"""`convserve`: run the server, or call one (classify, models, health)."""
+"""`convserve`: run the server, or call one (classify, generate, caption, models, health)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +16,8 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from service import __version__, bench
+from service import __version__
+from service._proto.convserve.v1 import vision_pb2 as pb
 from service.client import DEFAULT_TARGET, DEFAULT_TIMEOUT_SECONDS, VisionClient
 
 
@@ -118,108 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     client_flags(health)
     security_flags(health)
 
-    bench_parser = commands.add_parser(
-        "bench",
-        help="closed-loop load on a server, --compare batching off / on / in-process, "
-        "or --transports KServe v2 over gRPC / HTTP",
-    )
-    bench_parser.add_argument("--model", default="lenet5", help="model name (default: lenet5)")
-    bench_parser.add_argument(
-        "--api",
-        choices=bench.APIS,
-        default="task",
-        help="task: Classify; kserve: ModelInfer over gRPC; http: KServe v2 infer over HTTP/REST with "
-        f"binary tensors, --target being the HTTP port (default there: {bench.DEFAULT_HTTP_TARGET}) "
-        "(default: task; --transports: not used)",
-    )
-    bench_parser.add_argument(
-        "--concurrency",
-        type=bench.parse_concurrency,
-        help="workers, each sending its next request when the previous answers; N or N,N,... "
-        f"(default: {bench.DEFAULT_CONCURRENCY}; with --compare or --transports: 1,16,64)",
-    )
-    amount = bench_parser.add_mutually_exclusive_group()
-    amount.add_argument(
-        "--duration",
-        type=float,
-        help=f"seconds measured per point (default: {bench.DEFAULT_DURATION_SECONDS:g}; "
-        f"with --compare or --transports: {bench.COMPARE_DURATION_SECONDS:g})",
-    )
-    amount.add_argument("--requests", type=int, help="requests measured per point, instead of --duration")
-    bench_parser.add_argument(
-        "--images-per-request", type=int, default=1, help="images per request (default: 1)"
-    )
-    bench_parser.add_argument(
-        "--warmup",
-        type=float,
-        default=bench.DEFAULT_WARMUP_SECONDS,
-        help="seconds of uncounted load before each point (default: %(default)s)",
-    )
-    bench_parser.add_argument(
-        "--channels",
-        type=int,
-        default=bench.DEFAULT_CHANNELS,
-        help="gRPC channels (connections) shared round-robin by the workers (default: %(default)s)",
-    )
-    bench_parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="machine-readable result: to stdout, or to PATH (comparisons: raw repeats and summary)",
-    )
-    bench_parser.add_argument(
-        "--compare",
-        action="store_true",
-        help="start servers with batching off and on and compare them with in-process onnxruntime",
-    )
-    bench_parser.add_argument(
-        "--transports",
-        action="store_true",
-        help="start one server (defaults) and compare KServe v2 over gRPC (raw tensors) and over HTTP "
-        "(binary tensors)",
-    )
-    bench_parser.add_argument(
-        "--suite",
-        action="store_true",
-        help="the performance suite: convserve beside a no-op KServe v2 server (transport limit) and "
-        "in-process onnxruntime (compute limit), pinned to separate cores, for --models",
-    )
-    bench_parser.add_argument(
-        "--models",
-        type=lambda text: tuple(m for m in text.split(",") if m),
-        default=None,
-        help="--suite: comma-separated models (default: lenet5,scenes-resnet)",
-    )
-    bench_parser.add_argument(
-        "--model-repository",
-        type=Path,
-        default=Path("models"),
-        help="--compare, --transports, --suite: repository to serve (default: models)",
-    )
-    bench_parser.add_argument(
-        "--repeats",
-        type=int,
-        default=bench.COMPARE_REPEATS,
-        help="--compare, --transports, --suite: repeats (default: %(default)s)",
-    )
-    bench_parser.add_argument(
-        "--markdown",
-        type=Path,
-        metavar="PATH",
-        help="--compare, --transports, --suite: also write the table to PATH",
-    )
-    client_flags(bench_parser)
-    bench_parser.set_defaults(target=None)  # chosen by --api: the gRPC or the HTTP port
+    # Listed for --help only: main() hands `convserve bench ...` to `convserve-bench` before parsing.
+    commands.add_parser("bench", help="alias of convserve-bench (development install only)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    if args.command == "bench":
-        return bench.main(args)
     try:
         with VisionClient(
             args.target,
@@ -239,16 +152,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             return commands[args.command](client, args)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(f"error: {exc.code().name}: {exc.details() or 'the server gave no details'}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
+def _bench(argv: list[str]) -> int:
+    """`convserve bench ARGS` runs `convserve-bench ARGS` in a child process; `service` never imports it."""
+    if importlib.util.find_spec("bench") is None:
+        print(
+            "error: no convserve-bench here: it comes with the development install (make install)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        return subprocess.call([sys.executable, "-m", "bench", *argv])
+    except KeyboardInterrupt:
+        return 130
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from service.logs import configure_logging
-    from service.runtime import ModelLoadError, onnxruntime
+    from service.engine.sessions import ModelLoadError, onnxruntime
+    from service.observability.logs import configure_logging
     from service.server import ConvserveServer
     from service.settings import Settings
 
@@ -337,7 +264,7 @@ def _caption(client: VisionClient, args: argparse.Namespace) -> int:
     )
     captions = response.results[0].captions
     if args.attention is not None:
-        from service.attention import attention_png  # Pillow only
+        from service.client.attention import attention_png  # Pillow only
 
         best = captions[0]
         maps = [np.asarray(a.weights, np.float32).reshape(a.rows, a.columns) for a in best.attention]
@@ -362,14 +289,15 @@ def _models(client: VisionClient, args: argparse.Namespace) -> int:
         as_dict = json_format.MessageToDict(
             response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
+        for model in as_dict["models"]:
+            for version in model["versions"]:
+                version["state"] = _state_name(pb.ModelState.Value(version["state"]))
         print(json.dumps(as_dict["models"], indent=2))
         return 0
     if not response.models:
         print("no models")
     for model in response.models:
-        spec = model.input
-        shape = f"{spec.channels}x{spec.height}x{spec.width} {spec.color_mode}"
-        print(f"{model.name}  kind={model.kind or '?'}  input={shape}")
+        print(_model_line(model))
         for v in model.versions:
             state = _state_name(v.state)
             detail = v.provider if state == "READY" else v.reason
@@ -377,15 +305,33 @@ def _models(client: VisionClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_line(model: pb.ModelInfo) -> str:
+    """`name  kind=...  input=CxHxW MODE`; a model without an image input (a tensor model) has no input."""
+    line = f"{model.name}  kind={model.kind or '?'}"
+    spec = model.input
+    if spec.channels and spec.height and spec.width:
+        line += f"  input={spec.channels}x{spec.height}x{spec.width} {spec.color_mode}"
+    return line
+
+
 def _health(client: VisionClient, args: argparse.Namespace) -> int:
-    status = client.health(args.service)
+    try:
+        status = client.health(args.service)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        print(
+            f"error: NOT_FOUND: the server has no health entry {args.service!r} "
+            "('' for readiness, 'liveness', or the name of a model it serves)",
+            file=sys.stderr,
+        )
+        return 1
     print(status)
     return 0 if status == "SERVING" else 1
 
 
 def _state_name(state: int) -> str:
-    from service._proto.convserve.v1 import vision_pb2 as pb
-
+    """READY, LOADING, FAILED, UNLOADED: the names the docs use, without the proto's prefix."""
     return pb.ModelState.Name(state).removeprefix("MODEL_STATE_")
 
 

@@ -22,14 +22,14 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from service import metrics
-from service.batching import BatchingOptions, CheckFunction, DynamicBatcher
-from service.decoding import DecodeLoop, DecodingOptions
+from service.contract.manifest import CONFIG_FILE, Manifest, load_manifest
+from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
+from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions
 from service.errors import ModelNotFound, ModelNotReady
-from service.manifest import CONFIG_FILE, Manifest, load_manifest
-from service.pipelines import CaptionerPipeline, Pipeline, build_pipeline
-from service.runtime import ModelLoadError, ModelSession, SessionOptions
-from service.statistics import VersionStatistics
+from service.kinds import CaptionerPipeline, Pipeline, build_pipeline
+from service.kinds.captioner.beam_search import DecodeLoop, DecodingOptions
+from service.observability import metrics
+from service.observability.statistics import VersionStatistics
 
 log = logging.getLogger(__name__)
 

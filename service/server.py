@@ -24,22 +24,23 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from prometheus_client import start_http_server
 
-from service import metrics
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.auth import AuthPolicy
-from service.batching import BatchingOptions
-from service.calls import register
-from service.decoding import DecodingOptions
-from service.http import build_app
+from service.engine.batching import BatchingOptions
+from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
+from service.kinds.captioner.beam_search import DecodingOptions
+from service.observability import metrics
 from service.repository import ModelRepository, ModelVersion, VersionState
-from service.runtime import REQUIRE_GPU_FAILURE, SessionOptions
-from service.servicers.common import set_default_timeout
-from service.servicers.kserve import KServeServicer
-from service.servicers.vision import VisionServicer
+from service.security.auth import AuthPolicy
+from service.security.tls import grpc_server_credentials, http_ssl_context, tls_enabled
 from service.settings import Settings, grpc_threads_low, runs_inline
-from service.threads import threads_started_at_low_priority
+from service.transports.calls import register
+from service.transports.grpc.common import set_default_timeout
+from service.transports.grpc.kserve import KServeServicer
+from service.transports.grpc.threads import threads_started_at_low_priority
+from service.transports.grpc.vision import VisionServicer
+from service.transports.http.routes import build_app
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,6 @@ OVERALL = ""
 DEFAULT_TLS_HEALTH_PORT = 8003
 
 
-def tls_enabled(settings: Settings) -> bool:
-    """Whether the gRPC and HTTP ports speak TLS; a half-configured TLS is an error, never plaintext."""
-    cert, key, ca = settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
-    if (cert is None) != (key is None):
-        raise ValueError("TLS needs both CONVSERVE_TLS_CERT_FILE and CONVSERVE_TLS_KEY_FILE")
-    if ca is not None and cert is None:
-        raise ValueError("CONVSERVE_TLS_CLIENT_CA_FILE (mutual TLS) needs a server certificate and key too")
-    return cert is not None
-
-
 def health_port(settings: Settings) -> int:
     """The plaintext health-only port: -1 when off."""
     if settings.health_port is not None:
@@ -66,41 +57,9 @@ def health_port(settings: Settings) -> int:
     return DEFAULT_TLS_HEALTH_PORT if tls_enabled(settings) else -1
 
 
-def _read(path: object, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:  # type: ignore[call-overload]
-            return f.read()
-    except OSError as exc:
-        raise OSError(f"cannot read {what} {path}: {exc.strerror}") from None
-
-
-def grpc_server_credentials(settings: Settings) -> grpc.ServerCredentials:
-    """TLS credentials of the gRPC port; with a client CA, client certificates are required and verified."""
-    cert = _read(settings.tls_cert_file, "TLS certificate")
-    key = _read(settings.tls_key_file, "TLS key")
-    ca = _read(settings.tls_client_ca_file, "client CA") if settings.tls_client_ca_file else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
-    )
-
-
-def http_ssl_context(settings: Settings) -> ssl.SSLContext:
-    """The HTTP port's TLS: the same certificate, and the same client CA for mutual TLS."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
-        if settings.tls_client_ca_file is not None:
-            context.load_verify_locations(cafile=str(settings.tls_client_ca_file))
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise OSError(f"cannot load the TLS certificate, key or client CA: {exc}") from None
-    return context
-
-
 def new_grpc_server(settings: Settings) -> grpc.aio.Server:
     """A grpc.aio server with our channel arguments; on one core (or when asked), the threads grpc
-    starts for it run below the event loop (`service.threads`)."""
+    starts for it run below the event loop (`service.transports.grpc.threads`)."""
     with threads_started_at_low_priority(grpc_threads_low(settings.grpc_threads_priority)):
         return grpc.aio.server(options=grpc_server_options(settings))
 
@@ -144,6 +103,7 @@ class ConvserveServer:
             SessionOptions(
                 providers=tuple(settings.providers),
                 require_gpu=settings.require_gpu,
+                explicit_providers="providers" in settings.model_fields_set,
                 intra_op_threads=settings.intra_op_threads,
                 spinning=settings.ort_spinning,
             ),

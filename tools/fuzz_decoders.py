@@ -18,8 +18,9 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 with atheris.instrument_imports(include=["service", "PIL"]):
-    from service import codecs, tensors
     from service._proto.inference import grpc_predict_v2_pb2 as pb
+    from service.codecs import images as codecs
+    from service.codecs import tensors
     from service.errors import InvalidArgument
 
 MAX_PIXELS = 1 << 16

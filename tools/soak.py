@@ -26,7 +26,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service import bench
+from bench import load as bench
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import VisionClient

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.manifest import CONFIG_FILE
+from service.contract.manifest import CONFIG_FILE
 from training import train_captioner, train_classifier, train_gan, train_scenes_resnet
 from training.export import published_versions
 from training.runs import CHECKPOINT_FILE

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.manifest import (
+from service.contract.manifest import (
     DigitAdaptation,
     GeneratorSpec,
     InputSpec,
@@ -32,6 +32,12 @@ from service.manifest import (
     Provenance,
     ResizeAdaptation,
     write_manifest,
+)
+from service.contract.tensor_names import (
+    CLASSIFIER_INPUT,
+    CLASSIFIER_OUTPUT,
+    GENERATOR_INPUTS,
+    GENERATOR_OUTPUT,
 )
 from training.data.digits import DATA_DESCRIPTION, load_digit_splits
 from training.data.scenes import CLASS_LABELS as SCENE_CLASS_LABELS
@@ -45,13 +51,9 @@ from training.models.resnet import ResNet, ResNetConfig
 
 OPSET = 18
 MODEL_FILE = "model.onnx"
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
 #: Largest |onnxruntime - torch| allowed on any logit.
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 64)
-GENERATOR_INPUTS = ("z", "label")
-GENERATOR_OUTPUT = "image"
 #: Largest |onnxruntime - torch| allowed on a generated pixel, in uint8 levels: float round-off
 #: may move a value across a rounding boundary, and nothing more is allowed.
 GENERATOR_PARITY_LEVELS = 1
@@ -116,8 +118,8 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
         model.eval(),
         (example,),
         str(path),
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        input_names=[CLASSIFIER_INPUT],
+        output_names=[CLASSIFIER_OUTPUT],
         dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
         opset_version=OPSET,
         dynamo=True,
@@ -134,9 +136,9 @@ def check_graph(path: Path) -> None:
         raise ExportError(f"{path}: invalid ONNX: {e}") from e
     graph = onnx.load(str(path)).graph
     inputs, outputs = [i.name for i in graph.input], [o.name for o in graph.output]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+    if inputs != [CLASSIFIER_INPUT] or outputs != [CLASSIFIER_OUTPUT]:
         raise ExportError(
-            f"{path}: expected I/O {[INPUT_NAME]} -> {[OUTPUT_NAME]}, got {inputs} -> {outputs}"
+            f"{path}: expected I/O {[CLASSIFIER_INPUT]} -> {[CLASSIFIER_OUTPUT]}, got {inputs} -> {outputs}"
         )
     tensor_type = graph.input[0].type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.UINT8:
@@ -167,7 +169,7 @@ def parity_max_abs_diff(model: nn.Module, path: Path, batches: list[np.ndarray])
     worst = 0.0
     with torch.no_grad():
         for batch in batches:
-            (ort_logits,) = session.run([OUTPUT_NAME], {INPUT_NAME: batch})
+            (ort_logits,) = session.run([CLASSIFIER_OUTPUT], {CLASSIFIER_INPUT: batch})
             torch_logits = model.eval()(torch.tensor(batch)).numpy()
             if ort_logits.shape != torch_logits.shape:
                 raise ExportError(f"onnxruntime returned {ort_logits.shape}, torch {torch_logits.shape}")
@@ -210,13 +212,13 @@ def build_manifest(checkpoint: dict, config: LeNetConfig | ResNetConfig, parity:
         kind="classifier",
         description="LeNet-5 trained on scikit-learn's handwritten digits",
         input=InputSpec(
-            name=INPUT_NAME,
+            name=CLASSIFIER_INPUT,
             channels=config.in_channels,
             height=config.image_size,
             width=config.image_size,
             color_mode="L",
         ),
-        output_name=OUTPUT_NAME,
+        output_name=CLASSIFIER_OUTPUT,
         adaptation=DigitAdaptation(canvas=32, source_size=8, levels=17),
         labels=[str(d) for d in range(config.num_classes)],
         metrics={
@@ -234,13 +236,13 @@ def _scenes_manifest(checkpoint: dict, config: ResNetConfig, parity: float) -> M
         kind="classifier",
         description="residual network naming the colour and shape of the large object in a generated scene",
         input=InputSpec(
-            name=INPUT_NAME,
+            name=CLASSIFIER_INPUT,
             channels=config.in_channels,
             height=config.image_size,
             width=config.image_size,
             color_mode="RGB",
         ),
-        output_name=OUTPUT_NAME,
+        output_name=CLASSIFIER_OUTPUT,
         adaptation=ResizeAdaptation(),
         labels=list(SCENE_CLASS_LABELS),
         metrics={

@@ -17,17 +17,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from service.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
+from service.contract.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
+from service.contract.tensor_names import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from training.caption_decoding import greedy_decode
 from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
 from training.data.scenes import load_scene_split
 from training.models.captioner import END, START, Captioner, CaptionerConfig, DecoderState
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
-ENCODER_INPUTS, ENCODER_OUTPUTS = ("image",), ("features", "projected", "h", "c")
-#: features and projected come once per image; image_index says which image each hypothesis reads.
-DECODER_INPUTS = ("token", "h", "c", "features", "projected", "image_index")
-DECODER_OUTPUTS = ("log_probs", "next_h", "next_c", "alpha")
 #: Largest |onnxruntime - torch| allowed on any output of either graph.
 PARITY_TOLERANCE = 1e-4
 PARITY_BATCHES = (1, 64)

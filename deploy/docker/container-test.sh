@@ -194,6 +194,18 @@ build_image() {
     echo "$IMAGE: $("$ENGINE" image inspect --format '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
 }
 
+image_holds_only_the_server() {  # no bench, training or tests code in the runtime image
+    local found
+    found=$("$ENGINE" run --rm --entrypoint python "$IMAGE" -c '
+import importlib.metadata, importlib.util
+names = ("bench", "training", "tests")
+found = [name for name in names if importlib.util.find_spec(name)]
+found += [str(f) for f in importlib.metadata.files("convserve") if f.parts[0] in names]
+print(" ".join(found))') || fail "$ENGINE run python in $IMAGE"
+    [[ -z $found ]] || fail "the server image holds code that is not the server's: $found"
+    echo "image: the server only (no bench, training or tests)"
+}
+
 free_ports() {  # free_ports N: N free TCP ports on 127.0.0.1
     "$BIN/python" -c '
 import socket, sys
@@ -334,6 +346,7 @@ if [[ $ENGINE == podman ]]; then
 fi
 step "train models on the host (--quick, or reused)" train_models
 step "build the runtime image (MODELS_FROM=context)" build_image
+step "image contents: the server only" image_holds_only_the_server
 step "run it: read-only, non-root; wait for readiness" run_server
 step "check: classify, models, HTTP, metrics, healthcheck" check_server
 step "stop (SIGTERM, exit 0)" stop_server

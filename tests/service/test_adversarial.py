@@ -22,11 +22,11 @@ import pytest
 from conftest import RunningServer, start_server
 from drawing import draw_digit, png_bytes
 
-from service import tensors
 from service._proto.convserve.v1 import vision_pb2 as vpb
 from service._proto.convserve.v1 import vision_pb2_grpc as vpb_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kpb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kpb_grpc
+from service.codecs import tensors
 
 OK, INVALID, NOT_FOUND, UNAVAILABLE = "OK", "INVALID_ARGUMENT", "NOT_FOUND", "UNAVAILABLE"
 IN_BAND = "OK+error"

@@ -11,9 +11,9 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 import pytest
 
-from service.batching import BatchingOptions, DynamicBatcher, IsolationReport, RunReport
+from service.engine.batching import BatchingOptions, DynamicBatcher, IsolationReport, RunReport
 from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
-from service.statistics import RequestTimes
+from service.observability.statistics import RequestTimes
 
 
 class Model:

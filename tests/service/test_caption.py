@@ -21,14 +21,15 @@ import pytest
 from conftest import RunningServer, start_server
 from PIL import Image
 
-from service import bench, metrics
+from bench import load as bench
+from bench.decoder import DecoderBenchError, DecoderTimer, gains, image_counts
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.bench_decoder import DecoderBenchError, DecoderTimer, gains, image_counts
 from service.client import AsyncVisionClient, VisionClient
-from service.decoding import BeamSearch, DecodeLoop, DecodingOptions, merge
+from service.codecs.tensors import decode_output, encode_bytes
 from service.errors import DeadlineExceeded, QueueFull
-from service.tensors import decode_output, encode_bytes
+from service.kinds.captioner.beam_search import BeamSearch, DecodeLoop, DecodingOptions, merge
+from service.observability import metrics
 
 SCENES = 16
 

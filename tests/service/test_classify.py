@@ -13,7 +13,7 @@ from drawing import draw_digit, jpeg_bytes, photo_like, png_bytes
 from PIL import Image
 
 from service.client import VisionClient
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
 from training.data.digits import load_digit_splits
 
 

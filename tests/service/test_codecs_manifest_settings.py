@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from service import codecs
+from service.codecs import images as codecs
+from service.contract.manifest import InputSpec, Manifest, load_manifest, write_manifest
 from service.errors import INTERNAL_MESSAGE, InvalidArgument, ModelNotFound, ModelNotReady, status_for
-from service.manifest import InputSpec, Manifest, load_manifest, write_manifest
 from service.settings import Settings
 
 
@@ -87,7 +87,7 @@ def test_settings_from_env_and_overrides(monkeypatch) -> None:
 
 
 def test_softmax_top_k_ranking() -> None:
-    from service.pipelines.classifier import ClassifierPipeline
+    from service.kinds.classifier import ClassifierPipeline
 
     pipeline = ClassifierPipeline.__new__(ClassifierPipeline)
     pipeline.manifest = Manifest(
@@ -105,7 +105,7 @@ def test_softmax_top_k_ranking() -> None:
 
 
 def test_version_policies() -> None:
-    from service.manifest import VersionPolicy
+    from service.contract.manifest import VersionPolicy
 
     on_disk = ["5", "3", "2", "1"]  # newest first, as the repository lists them
     assert VersionPolicy().select(on_disk) == ["5"]

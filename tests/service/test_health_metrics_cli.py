@@ -148,9 +148,30 @@ def test_cli_models_and_health(server) -> None:
     assert models.returncode == 0, models.stderr
     (entry,) = json.loads(models.stdout)
     assert entry["name"] == "lenet5"
-    assert entry["versions"][0]["state"] == "MODEL_STATE_READY"
+    assert entry["versions"][0]["state"] == "READY"  # the name the docs use, as in the text output
+    text = _cli("models", "--target", server.target)
+    assert text.returncode == 0, text.stderr
+    assert text.stdout.splitlines()[:2] == [
+        "lenet5  kind=classifier  input=1x32x32 L",
+        "  version 1: READY  " + entry["versions"][0]["provider"],
+    ]
     health = _cli("health", "--target", server.target)
     assert (health.returncode, health.stdout.strip()) == (0, "SERVING")
+    unknown = _cli("health", "--service", "nope", "--target", server.target)
+    assert unknown.returncode == 1
+    assert "no health entry 'nope'" in unknown.stderr and "liveness" in unknown.stderr
+
+
+def test_cli_models_line_of_a_model_without_an_image_input() -> None:
+    from service._proto.convserve.v1 import vision_pb2 as pb
+    from service.cli import _model_line
+
+    assert _model_line(pb.ModelInfo(name="mynet", kind="tensor")) == "mynet  kind=tensor"
+    image = pb.InputSpec(channels=3, height=64, width=64, color_mode="RGB")
+    assert (
+        _model_line(pb.ModelInfo(name="s", kind="classifier", input=image))
+        == "s  kind=classifier  input=3x64x64 RGB"
+    )
 
 
 def test_cli_health_fails_when_nothing_listens() -> None:

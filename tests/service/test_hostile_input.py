@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image, ImageFile
 
-from service import codecs, imaging, tensors
 from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service.codecs import images as codecs
+from service.codecs import tensors
+from service.contract import preprocessing as imaging
+from service.contract.manifest import DigitAdaptation
 from service.errors import InvalidArgument
-from service.manifest import DigitAdaptation
 
 InputTensor = pb.ModelInferRequest.InferInputTensor
 OutputTensor = pb.ModelInferResponse.InferOutputTensor

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from drawing import draw_digit
 
-from service import imaging
-from service.manifest import DigitAdaptation
+from service.contract import preprocessing as imaging
+from service.contract.manifest import DigitAdaptation
 
 SPEC = DigitAdaptation()
 

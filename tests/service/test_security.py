@@ -29,9 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.auth import AuthError, AuthPolicy, _digest, check_model_name, read_tokens
 from service.client import VisionClient
 from service.errors import InvalidArgument
+from service.security.auth import AuthError, AuthPolicy, _digest, check_model_name, read_tokens
 from service.settings import Settings
 
 USER_TOKEN = "user-" + secrets.token_hex(16)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from service import tensors
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
+from service.codecs import tensors
 from service.errors import InvalidArgument
 
 InputTensor = pb.ModelInferRequest.InferInputTensor

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from service.settings import grpc_threads_low, one_usable_cpu
-from service.threads import LOW_PRIORITY_NICE, lower_priority, thread_ids
+from service.transports.grpc.threads import LOW_PRIORITY_NICE, lower_priority, thread_ids
 
 # A fresh process, so that grpc's threads do not exist yet: it creates a grpc.aio server inside the
 # block, binds, starts and answers one call (so threads started on the way count too), then prints
@@ -17,7 +17,7 @@ _CHILD = """
 import asyncio, json, os, sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from service.threads import thread_ids, threads_started_at_low_priority
+from service.transports.grpc.threads import thread_ids, threads_started_at_low_priority
 
 async def main():
     with threads_started_at_low_priority(sys.argv[1] == "low"):

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
+from service.contract.tensor_names import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from training.caption_decoding import beam_search, greedy_decode
 from training.data.scenes import generate_split
 from training.export import export_checkpoint
@@ -77,6 +79,13 @@ def test_quick_run_evaluates_and_publishes_two_graphs_that_agree_with_torch(tmp_
     assert {"bleu1", "bleu4", "cider_d", "semantic_accuracy"} <= set(table["test"]["greedy"])
     version = tmp_path / "models" / "captioner" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx"]
+    for graph, inputs, outputs in [
+        ("encoder.onnx", ENCODER_INPUTS, ENCODER_OUTPUTS),
+        ("decoder.onnx", DECODER_INPUTS, DECODER_OUTPUTS),
+    ]:  # the names the server runs the graphs by (service.contract)
+        session = ort.InferenceSession(str(version / graph), providers=["CPUExecutionProvider"])
+        assert tuple(i.name for i in session.get_inputs()) == inputs
+        assert tuple(o.name for o in session.get_outputs()) == outputs
     manifest = load_manifest(tmp_path / "models" / "captioner")
     assert manifest.kind == "captioner" and manifest.captioner.grid == (8, 8)
     assert manifest.metrics["parity_max_abs_diff"] < 1e-4

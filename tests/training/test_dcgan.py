@@ -10,7 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
+from service.contract.tensor_names import GENERATOR_INPUTS, GENERATOR_OUTPUT
 from training.evaluate import (
     diversity_ratio,
     frechet_distance,
@@ -103,6 +104,11 @@ def test_export_parity(generator: Generator, tmp_path: Path) -> None:
     result = export_checkpoint(checkpoint, tmp_path / "models")
     assert result.parity_max_abs_diff <= 1
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    # the graph's names are the contract's, and so are the manifest's
+    assert tuple(i.name for i in session.get_inputs()) == GENERATOR_INPUTS
+    assert [o.name for o in session.get_outputs()] == [GENERATOR_OUTPUT]
+    spec = load_manifest(tmp_path / "models" / "dcgan").generator
+    assert (spec.latent_input, spec.label_input, spec.output) == (*GENERATOR_INPUTS, GENERATOR_OUTPUT)
     model, _ = load_checkpoint(checkpoint)
     for batch in (1, 64):
         z = np.random.default_rng(batch).standard_normal((batch, SMALL.latent_size)).astype(np.float32)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from service.imaging import levels_to_uint8, resize
+from service.contract.preprocessing import levels_to_uint8, resize
 from training.data.digits import DATA_DESCRIPTION, DigitSplits, load_digit_splits
 
 SPLIT_NAMES = ("train", "validation", "test")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
+from service.contract.tensor_names import CLASSIFIER_INPUT, CLASSIFIER_OUTPUT
 from training import export
 from training.data.digits import load_digit_splits
 from training.export import ExportError, ExportResult, export_checkpoint, load_checkpoint, published_versions
@@ -64,6 +65,17 @@ def test_graph_has_named_uint8_input_and_dynamic_batch(published: tuple[Path, li
     dims = image.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 32, 32]
     assert [o.name for o in model.graph.output] == ["logits"]
+
+
+def test_graph_and_manifest_use_the_contract_names(
+    published: tuple[Path, list[ExportResult]],
+) -> None:
+    repository, results = published
+    session = ort.InferenceSession(str(results[-1].path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [CLASSIFIER_INPUT]
+    assert [o.name for o in session.get_outputs()] == [CLASSIFIER_OUTPUT]
+    manifest = load_manifest(repository / "lenet5")
+    assert (manifest.input.name, manifest.output_name) == (CLASSIFIER_INPUT, CLASSIFIER_OUTPUT)
 
 
 @pytest.mark.parametrize("batch", [1, 64])

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.manifest import load_manifest
+from service.contract.manifest import load_manifest
 from training.__main__ import main
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "convserve-train"

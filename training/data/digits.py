@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from service.imaging import levels_to_uint8, resize
+from service.contract.preprocessing import levels_to_uint8, resize
 
 #: Fixed seed of the split: independent of the training seed, so every run sees the same test set.
 SPLIT_SEED = 20240611

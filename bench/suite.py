@@ -1,0 +1,684 @@
+"""`convserve-bench --suite` (`make bench`): convserve beside its two limits, in one run.
+
+- The transport limit T: a do-nothing KServe v2 server built from our own stack
+  (`bench.noop_server`) answering the same ModelInfer requests with zeros.
+- The compute limit R: onnxruntime in a process of its own, at batch 1 and at its best batch size.
+- convserve on each model through KServe v2 ModelInfer (raw tensors) and the task API (Classify).
+
+One request costs at least 1/T of a core for the transport and 1/R for the model, so no server can
+answer more than L = 1 / (1/T + 1/R) requests per second on one core; the table gives each
+convserve point as a fraction of L. Servers and the in-process runs are pinned to one core and the
+load generator (this process) to another, so they never share a core, and onnxruntime has one
+thread everywhere. Points are repeated and interleaved (per repeat, per concurrency: the no-op
+server, then convserve per model and API) so drift on a noisy machine hits every target alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench import load as bench
+from bench.load import BenchError, LoadResult, Progress, ServerProcess, Workload
+from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service.client import DEFAULT_TIMEOUT_SECONDS, VisionClient
+from service.engine.sessions import ModelSession, SessionOptions
+from service.settings import Settings
+
+SUITE_MODELS = ("lenet5", "scenes-resnet")
+SUITE_CONCURRENCY = (1, 8, 32, 64)
+SUITE_APIS = ("kserve", "task")
+SUITE_BATCH_SIZES = (1, 8, 32, 64, 128)
+#: Goals: fraction of L at the highest concurrency; extra p50 at concurrency 1; cold start; memory.
+GOAL_FRACTION_OF_LIMIT = 0.90
+GOAL_EXTRA_P50_MS = 0.3
+GOAL_COLD_START_SECONDS = 3.0
+GOAL_RSS_MB = 500.0
+#: onnxruntime threads in the server and in the compute-limit process alike.
+SERVER_ENV = {"CONVSERVE_INTRA_OP_THREADS": "1"}
+#: Settings of the caller that the suite's server keeps (all other CONVSERVE_* are dropped).
+PASSED_SETTINGS = ("CONVSERVE_PROVIDERS", "CONVSERVE_REQUIRE_GPU")
+TARGET_NAMES = {
+    "noop": "no-op KServe v2 server (transport limit T)",
+    "kserve": "convserve, KServe v2 ModelInfer (raw tensors)",
+    "task": "convserve, task API (Classify)",
+}
+
+
+@dataclass(frozen=True)
+class SuiteOptions:
+    repository: Path = Path("models")
+    models: tuple[str, ...] = SUITE_MODELS
+    concurrencies: tuple[int, ...] = SUITE_CONCURRENCY
+    repeats: int = 3
+    duration: float = 3.0
+    warmup: float = 1.0
+    channels: int = bench.DEFAULT_CHANNELS
+    timeout: float = DEFAULT_TIMEOUT_SECONDS
+    batch_sizes: tuple[int, ...] = SUITE_BATCH_SIZES
+    compute_seconds: float = 1.0  # per batch size, per repeat
+
+
+@dataclass(frozen=True)
+class Cores:
+    """Where the servers (and the in-process runs) and the load generator run; None: not pinned."""
+
+    server: frozenset[int] | None
+    client: frozenset[int] | None
+
+    def describe(self) -> str:
+        if self.server is None or self.client is None:
+            return "not pinned (fewer than 2 usable cores)"
+        return f"server on core(s) {sorted(self.server)}, load generator on core(s) {sorted(self.client)}"
+
+
+def choose_cores() -> Cores:
+    """The first usable core for the servers, the second for the load generator."""
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        return Cores(None, None)
+    return Cores(frozenset(usable[:1]), frozenset(usable[1:2]))
+
+
+@dataclass(frozen=True)
+class RunTotals:
+    """A model version's onnxruntime runs as its ModelStatistics count them (cumulative, or a difference)."""
+
+    images: int  # inference_count: rows run
+    runs: int  # execution_count
+    compute_ns: int  # compute_infer: wall time of onnxruntime's runs, as the server times them
+
+    def __sub__(self, earlier: RunTotals) -> RunTotals:
+        return RunTotals(
+            self.images - earlier.images, self.runs - earlier.runs, self.compute_ns - earlier.compute_ns
+        )
+
+    @property
+    def us_per_image(self) -> float:
+        return self.compute_ns / 1000 / self.images if self.images > 0 else math.nan
+
+    @property
+    def mean_batch(self) -> float:
+        return self.images / self.runs if self.runs > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class SuitePoint:
+    repeat: int
+    target: str  # noop | kserve | task
+    model: str
+    result: LoadResult
+    # convserve: its onnxruntime runs during the point, warm-up and drain included (read before and
+    # after it); per image, they compare with the window's CPU per request.
+    runs: RunTotals | None = None
+
+
+@dataclass(frozen=True)
+class ComputePoint:
+    repeat: int
+    model: str
+    images_per_second: dict[int, float]  # batch size -> images/s
+
+
+@dataclass
+class ServerFacts:
+    """What the convserve server cost to start and to keep."""
+
+    cold_start_seconds: float
+    rss_ready_mb: float
+    rss_end_mb: float = math.nan
+    rss_peak_mb: float = math.nan
+    models: list[str] = field(default_factory=list)
+    providers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteReport:
+    options: SuiteOptions
+    cores: Cores
+    environment: dict[str, Any]
+    server: ServerFacts
+    workloads: dict[str, str]
+    points: list[SuitePoint]
+    compute: list[ComputePoint]
+    started: str  # ISO date and time
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        options = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.options).items()}
+        return {
+            "started": self.started,
+            "options": options,
+            "cores": self.cores.describe(),
+            "environment": self.environment,
+            "server": asdict(self.server),
+            "workloads": self.workloads,
+            "points": [
+                {
+                    "repeat": p.repeat,
+                    "target": p.target,
+                    "model": p.model,
+                    **p.result.to_dict(),
+                    "onnxruntime": asdict(p.runs) if p.runs else None,
+                }
+                for p in self.points
+            ],
+            "compute": [asdict(c) for c in self.compute],
+            "summary": self.summary(),
+        }
+
+
+# --- the compute limit, in a process of its own ---------------------------------------------------
+
+
+def measure_compute(model_path: Path, batch_sizes: Sequence[int], seconds: float) -> dict[int, float]:
+    """Images/s of back-to-back onnxruntime runs per batch size, one intra-op thread.
+
+    The providers are the server's (CONVSERVE_PROVIDERS), so on a GPU machine both use CUDA.
+    """
+    providers = tuple(Settings().providers)
+    session = ModelSession(model_path, SessionOptions(providers=providers, intra_op_threads=1))
+    spec = session.inputs[0]
+    rng = np.random.default_rng(0)
+    rates = {}
+    for size in batch_sizes:
+        shape = (size, *spec.shape[1:])
+        feeds = {spec.name: rng.integers(0, 256, size=shape).astype(spec.dtype)}
+        session.run(feeds)  # a new shape: onnxruntime allocates on its first run
+        runs, start = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - start) < seconds:
+            session.run(feeds)
+            runs += 1
+        rates[size] = runs * size / elapsed
+    return rates
+
+
+def compute_in_child(
+    model_path: Path, batch_sizes: Sequence[int], seconds: float, cores: frozenset[int] | None
+) -> dict[int, float]:
+    """measure_compute in a child process pinned like the servers, so it gets their core alone."""
+    command = [
+        sys.executable, "-m", "bench.suite", "compute", str(model_path),
+        ",".join(str(b) for b in batch_sizes), str(seconds),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        preexec_fn=_pin(cores),
+        timeout=60 + 2 * seconds * len(batch_sizes),
+    )
+    if done.returncode != 0:
+        raise BenchError(f"the in-process onnxruntime run failed:\n{done.stderr[-2000:]}")
+    return {int(k): v for k, v in json.loads(done.stdout).items()}
+
+
+def _pin(cores: frozenset[int] | None) -> Any:
+    if cores is None:
+        return None
+    return lambda: os.sched_setaffinity(0, cores)
+
+
+# --- servers ---------------------------------------------------------------------------------------
+
+
+def start_pinned(
+    command: list[str], log_path: Path, env: dict[str, str], cores: frozenset[int] | None
+) -> ServerProcess:
+    """A server child on free loopback ports (filled into `command` as {port}, {http_port})."""
+    port, http_port = bench.free_ports(2)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONVSERVE_")}
+    argv = [part.format(port=port, http_port=http_port) for part in command]
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            argv,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**clean, **env},
+            preexec_fn=_pin(cores),
+        )
+    return ServerProcess(process, f"127.0.0.1:{port}", log_path, f"127.0.0.1:{http_port}")
+
+
+def convserve_command(repository: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "service", "serve", "--model-repository", str(repository),
+        "--host", "127.0.0.1", "--grpc-port", "{port}", "--http-port", "{http_port}", "--metrics-port", "-1",
+    ]  # fmt: skip
+
+
+def noop_command(repository: Path, models: Sequence[str]) -> list[str]:
+    command = [sys.executable, "-m", "bench.noop_server", "--model-repository", str(repository)]
+    for model in models:
+        command += ["--model", model]
+    return [*command, "--port", "{port}"]
+
+
+def rss_mb(pid: int, field_name: str = "VmRSS") -> float:
+    """Resident (VmRSS) or peak resident (VmHWM) memory of a process, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return math.nan
+
+
+@contextlib.contextmanager
+def suite_servers(
+    options: SuiteOptions, cores: Cores, say: Progress
+) -> Iterator[tuple[ServerProcess, ServerProcess, ServerFacts]]:
+    """convserve (timed from start to SERVING), then the no-op server; both stopped on the way out."""
+    started: list[ServerProcess] = []
+    with tempfile.TemporaryDirectory(prefix="convserve-suite-") as logs:
+        try:
+            say(f"starting convserve on {options.repository} ({cores.describe()})")
+            begin = time.perf_counter()
+            server = start_pinned(
+                convserve_command(options.repository),
+                Path(logs) / "convserve.log",
+                {
+                    **{k: os.environ[k] for k in PASSED_SETTINGS if k in os.environ},
+                    **SERVER_ENV,
+                    "CONVSERVE_REPOSITORY_POLL_SECONDS": "0",
+                },
+                cores.server,
+            )
+            started.append(server)
+            bench.wait_until_serving(server, poll_seconds=0.02)
+            facts = ServerFacts(
+                cold_start_seconds=time.perf_counter() - begin, rss_ready_mb=rss_mb(server.process.pid)
+            )
+            noop = start_pinned(
+                noop_command(options.repository, options.models),
+                Path(logs) / "noop.log",
+                {},
+                cores.server,
+            )
+            started.append(noop)
+            bench.wait_until_serving(noop)
+            yield server, noop, facts
+            facts.rss_end_mb = rss_mb(server.process.pid)
+            facts.rss_peak_mb = rss_mb(server.process.pid, "VmHWM")
+        finally:
+            for process in started:
+                process.stop()
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def run_suite(options: SuiteOptions, progress: Progress | None = None) -> SuiteReport:
+    say = progress or (lambda line: None)
+    for model in options.models:
+        if not (options.repository / model).is_dir():
+            raise BenchError(f"no model {model!r} in {options.repository} (run `make models` first)")
+    cores = choose_cores()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    previous = os.sched_getaffinity(0)
+    if cores.client is not None:
+        os.sched_setaffinity(0, cores.client)  # before any gRPC thread of this process exists
+    try:
+        with suite_servers(options, cores, say) as (server, noop, facts):
+            say(f"convserve SERVING after {facts.cold_start_seconds:.2f} s, RSS {facts.rss_ready_mb:.0f} MB")
+            facts.models, facts.providers = served_models(server.target)
+            points, compute, workloads = asyncio.run(_measure(options, cores, server, noop, say))
+    finally:
+        os.sched_setaffinity(0, previous)
+    return SuiteReport(
+        options=options,
+        cores=cores,
+        environment=bench.environment(),
+        server=facts,
+        workloads=workloads,
+        points=points,
+        compute=compute,
+        started=started,
+    )
+
+
+async def run_totals(target: str, model: str, version: str) -> RunTotals:
+    """The version's onnxruntime runs so far, from its KServe ModelStatistics."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        answer = await stub.ModelStatistics(
+            kserve_pb2.ModelStatisticsRequest(name=model, version=version), timeout=10
+        )
+    (stats,) = answer.model_stats
+    # per batch size, compute_infer counts runs; inference_stats.compute_infer counts each request
+    run_ns = sum(batch.compute_infer.ns for batch in stats.batch_stats)
+    return RunTotals(stats.inference_count, stats.execution_count, run_ns)
+
+
+def served_models(target: str) -> tuple[list[str], dict[str, str]]:
+    """The models the server has READY and the execution provider each really got."""
+    with VisionClient(target, timeout=10) as client:
+        models = client.list_models().models
+    providers = {m.name: m.versions[0].provider for m in models if m.versions}
+    return sorted(m.name for m in models), providers
+
+
+async def _measure(
+    options: SuiteOptions, cores: Cores, server: ServerProcess, noop: ServerProcess, say: Progress
+) -> tuple[list[SuitePoint], list[ComputePoint], dict[str, str]]:
+    workloads: dict[str, Workload] = {}
+    for model in options.models:
+        workloads[model] = await bench.workload_at(server.target, model, options.timeout)
+    targets = {"noop": noop, "kserve": server, "task": server}
+    points: list[SuitePoint] = []
+    compute: list[ComputePoint] = []
+    for repeat in range(options.repeats):
+        for model, workload in workloads.items():
+            path = options.repository / model / workload.version / "model.onnx"
+            rates = await asyncio.to_thread(
+                compute_in_child, path, options.batch_sizes, options.compute_seconds, cores.server
+            )
+            compute.append(ComputePoint(repeat, model, rates))
+            best = max(rates, key=rates.__getitem__)
+            say(
+                f"repeat {repeat + 1}/{options.repeats}  {model} in-process: "
+                f"{rates[min(rates)]:.0f} images/s at batch {min(rates)}, {rates[best]:.0f} at batch {best}"
+            )
+        for concurrency in options.concurrencies:
+            for model, workload in workloads.items():
+                for target in ("noop", *SUITE_APIS):
+                    process = targets[target]
+                    convserve = target != "noop"
+                    before = await run_totals(process.target, model, workload.version) if convserve else None
+                    result = await bench.bench_server(
+                        process.target,
+                        workload,
+                        "kserve" if target == "noop" else target,
+                        concurrency,
+                        duration=options.duration,
+                        warmup=options.warmup,
+                        channels=options.channels,
+                        timeout=options.timeout,
+                        server_pid=process.process.pid,
+                    )
+                    runs = None
+                    if before is not None:
+                        runs = await run_totals(process.target, model, workload.version) - before
+                    points.append(SuitePoint(repeat, target, model, result, runs))
+                    say(
+                        f"repeat {repeat + 1}/{options.repeats}  {model:<13} "
+                        + bench.point_line(target, result)
+                    )
+    return points, compute, {m: bench.describe_workload(w) for m, w in workloads.items()}
+
+
+# --- the summary -------------------------------------------------------------------------------------
+
+
+def limit(transport: float, compute: float) -> float:
+    """L = 1 / (1/T + 1/R): the most requests/s one core can answer paying both costs."""
+    if transport <= 0 or compute <= 0:
+        return math.nan
+    return 1 / (1 / transport + 1 / compute)
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def summarize(report: SuiteReport) -> dict[str, Any]:
+    """Per model: the limits, every point's medians and spread, its fraction of L, and the goals."""
+    options = report.options
+    models: dict[str, Any] = {}
+    for model in options.models:
+        computed = [c.images_per_second for c in report.compute if c.model == model]
+        sizes = sorted(computed[0]) if computed else []
+        by_size = {size: _median([c[size] for c in computed]) for size in sizes}
+        best_size = max(by_size, key=by_size.__getitem__) if by_size else 0
+        compute_limit = by_size.get(best_size, math.nan)
+        batch1_ms = 1000 / by_size[1] if by_size.get(1) else math.nan
+        rows = []
+        for concurrency in options.concurrencies:
+            by_target = {
+                target: [
+                    p
+                    for p in report.points
+                    if p.model == model and p.target == target and p.result.concurrency == concurrency
+                ]
+                for target in ("noop", *SUITE_APIS)
+            }
+            transport = _median([p.result.requests_per_second for p in by_target["noop"]])
+            bound = limit(transport, compute_limit)
+            for target, target_points in by_target.items():
+                results = [p.result for p in target_points]
+                runs = [p.runs for p in target_points if p.runs is not None]
+                throughput = [r.requests_per_second for r in results]
+                rows.append(
+                    {
+                        "model": model,
+                        "target": target,
+                        "concurrency": concurrency,
+                        "requests_per_second": bench.spread(throughput),
+                        "p50_ms": bench.spread([r.p50_ms for r in results]),
+                        "p99_ms": bench.spread([r.p99_ms for r in results]),
+                        "client_cpu_percent": _median([r.cpu_percent for r in results]),
+                        "errors": sum(sum(r.errors.values()) for r in results),
+                        "limit": bound,
+                        "fraction_of_limit": bench.spread([t / bound for t in throughput])
+                        if target != "noop" and not math.isnan(bound)
+                        else None,
+                        "server_cpu_us_per_request": _median([r.server_cpu_us_per_request for r in results]),
+                        "onnxruntime_us_per_image": _median([r.us_per_image for r in runs]) if runs else None,
+                        "mean_batch": _median([r.mean_batch for r in runs]) if runs else None,
+                    }
+                )
+        models[model] = {
+            "compute_images_per_second": by_size,
+            "best_batch_size": best_size,
+            "compute_limit": compute_limit,
+            "batch1_latency_ms": batch1_ms,
+            "rows": rows,
+            "goals": _goals(rows, options.concurrencies, batch1_ms),
+            "server_cpu": _server_cpu(rows, max(options.concurrencies), compute_limit, batch1_ms),
+        }
+    server = report.server
+    return {
+        "models": models,
+        "server_goals": {
+            "cold_start_seconds": server.cold_start_seconds,
+            "cold_start_met": server.cold_start_seconds <= GOAL_COLD_START_SECONDS,
+            "rss_peak_mb": server.rss_peak_mb,
+            "rss_met": bool(server.rss_peak_mb <= GOAL_RSS_MB),
+        },
+    }
+
+
+def _server_cpu(
+    rows: Sequence[dict[str, Any]], concurrency: int, compute_limit: float, batch1_ms: float
+) -> dict[str, dict[str, float]]:
+    """Where one request's server CPU goes, per API, at `concurrency`: the no-op server's cost
+    for the same request (transport), onnxruntime's as the server timed it, and the rest
+    (convserve's own: checks, batching, metrics, the log line). With the in-process cost beside
+    it, this says which part holds a point below L. The suite sends one image per request, so
+    onnxruntime's time per image is its time per request; it is wall time, so a run the core
+    was taken from counts in full and the rest is, if anything, understated."""
+    transport = _row(rows, "noop", concurrency)["server_cpu_us_per_request"]
+    costs = {}
+    for api in SUITE_APIS:
+        row = _row(rows, api, concurrency)
+        total = row["server_cpu_us_per_request"]
+        onnxruntime = row["onnxruntime_us_per_image"]
+        onnxruntime = math.nan if onnxruntime is None else onnxruntime
+        costs[api] = {
+            "server_us": total,
+            "transport_us": transport,
+            "onnxruntime_us": onnxruntime,
+            "onnxruntime_in_process_batch1_us": batch1_ms * 1000,
+            "onnxruntime_in_process_best_us": 1e6 / compute_limit,
+            "convserve_us": total - transport - onnxruntime,
+            "mean_batch": math.nan if row["mean_batch"] is None else row["mean_batch"],
+        }
+    return costs
+
+
+def _row(rows: Sequence[dict[str, Any]], target: str, concurrency: int) -> dict[str, Any]:
+    return next(r for r in rows if r["target"] == target and r["concurrency"] == concurrency)
+
+
+def _goals(rows: Sequence[dict[str, Any]], concurrencies: Sequence[int], batch1_ms: float) -> dict[str, Any]:
+    """The throughput goal at the highest concurrency, the latency goal at the lowest, per API."""
+    high, low = max(concurrencies), min(concurrencies)
+    goals: dict[str, Any] = {}
+    noop_p50 = _row(rows, "noop", low)["p50_ms"]["median"]
+    for api in SUITE_APIS:
+        fraction = _row(rows, api, high)["fraction_of_limit"]
+        median_fraction = fraction["median"] if fraction else None
+        p50 = _row(rows, api, low)["p50_ms"]["median"]
+        allowed = (noop_p50 or math.nan) + batch1_ms + GOAL_EXTRA_P50_MS
+        goals[api] = {
+            "concurrency": high,
+            "fraction_of_limit": median_fraction,
+            "throughput_met": median_fraction is not None and median_fraction >= GOAL_FRACTION_OF_LIMIT,
+            "p50_ms_at_low_concurrency": p50,
+            "p50_allowed_ms": allowed,
+            "latency_met": p50 is not None and p50 <= allowed,
+        }
+    return goals
+
+
+# --- the table -----------------------------------------------------------------------------------------
+
+
+def render_markdown(report: SuiteReport) -> str:
+    summary = report.summary()
+    env = report.environment
+    options = report.options
+    lines = [
+        f"### convserve-bench --suite ({report.started})",
+        "",
+        f"Machine: {env['cpus']} CPUs ({env['platform']}), Python {env['python']}, onnxruntime "
+        f"{env['onnxruntime']}, grpcio {env['grpcio']}; {report.cores.describe()}; onnxruntime "
+        "with 1 intra-op thread in the server and in-process.",
+        f"Method: {options.repeats} repeat(s) of {options.duration:g} s per point after "
+        f"{options.warmup:g} s warm-up, interleaved; figures are medians with (min - max) over repeats. "
+        "L = 1 / (1/T + 1/R), T the no-op server's requests/s at the same concurrency, R onnxruntime's "
+        "images/s at its best batch size.",
+        "",
+    ]
+    for model, facts in summary["models"].items():
+        rates = ", ".join(
+            f"batch {size}: {rate:,.0f}" for size, rate in facts["compute_images_per_second"].items()
+        )
+        lines += [
+            f"**{model}** ({report.workloads.get(model, '')}); in-process images/s: {rates}; "
+            f"R = {facts['compute_limit']:,.0f}, batch-1 latency {facts['batch1_latency_ms']:.3f} ms.",
+            "",
+            "| target | concurrency | requests/s | p50 ms | p99 ms | L | of L | client CPU "
+            "| server CPU µs/request | onnxruntime µs/image (batch) | errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in facts["rows"]:
+            fraction = row["fraction_of_limit"]
+            cells = [
+                TARGET_NAMES[row["target"]],
+                str(row["concurrency"]),
+                bench.format_spread(row["requests_per_second"], 0),
+                bench.format_spread(row["p50_ms"], 2),
+                bench.format_spread(row["p99_ms"], 2),
+                f"{row['limit']:,.0f}",
+                bench.format_spread(fraction, 2) if fraction else "-",
+                f"{row['client_cpu_percent']:.0f}%",
+                _or_dash(row["server_cpu_us_per_request"], ".0f"),
+                _onnxruntime_cell(row),
+                str(row["errors"]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", *_server_cpu_lines(facts["server_cpu"], max(options.concurrencies)), ""]
+    lines += ["| goal | model | API | measured | goal | met |", "|---|---|---|---:|---:|---|"]
+    for model, facts in summary["models"].items():
+        for api, goal in facts["goals"].items():
+            fraction = goal["fraction_of_limit"]
+            lines.append(
+                f"| throughput at concurrency {goal['concurrency']} | {model} | {api} "
+                f"| {_or_dash(fraction, '.2f')} of L | >= {GOAL_FRACTION_OF_LIMIT:.2f} of L "
+                f"| {_yes(goal['throughput_met'])} |"
+            )
+            lines.append(
+                f"| p50 at concurrency {min(options.concurrencies)} | {model} | {api} "
+                f"| {_or_dash(goal['p50_ms_at_low_concurrency'], '.2f')} ms "
+                f"| <= {goal['p50_allowed_ms']:.2f} ms | {_yes(goal['latency_met'])} |"
+            )
+    server = summary["server_goals"]
+    models = ", ".join(report.server.models)
+    lines += [
+        f"| cold start to SERVING | {models} | - | {server['cold_start_seconds']:.2f} s "
+        f"| <= {GOAL_COLD_START_SECONDS:g} s | {_yes(server['cold_start_met'])} |",
+        f"| peak RSS | {models} | - | {server['rss_peak_mb']:.0f} MB | <= {GOAL_RSS_MB:g} MB "
+        f"| {_yes(server['rss_met'])} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _onnxruntime_cell(row: dict[str, Any]) -> str:
+    if row["onnxruntime_us_per_image"] is None:
+        return "-"
+    return f"{_or_dash(row['onnxruntime_us_per_image'], '.0f')} ({_or_dash(row['mean_batch'], '.1f')})"
+
+
+def _server_cpu_lines(costs: dict[str, dict[str, float]], concurrency: int) -> list[str]:
+    lines = [
+        f"Where one request's server CPU goes at concurrency {concurrency} (µs; onnxruntime in the "
+        "server: the wall time of its runs; in-process: runs back to back, batch 1 / best batch):",
+        "",
+        "| API | server CPU | no-op server (transport) | onnxruntime in the server (batch) "
+        "| onnxruntime in-process | convserve's own |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for api, cost in costs.items():
+        lines.append(
+            f"| {api} | {_or_dash(cost['server_us'], '.0f')} | {_or_dash(cost['transport_us'], '.0f')} "
+            f"| {_or_dash(cost['onnxruntime_us'], '.0f')} ({_or_dash(cost['mean_batch'], '.1f')}) "
+            f"| {_or_dash(cost['onnxruntime_in_process_batch1_us'], '.0f')} / "
+            f"{_or_dash(cost['onnxruntime_in_process_best_us'], '.0f')} "
+            f"| {_or_dash(cost['convserve_us'], '.0f')} |"
+        )
+    return lines
+
+
+def _or_dash(value: float | None, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m bench.suite compute MODEL.onnx 1,8,64 SECONDS`: the child of compute_in_child."""
+    if len(argv) != 4 or argv[0] != "compute":
+        print("usage: python -m bench.suite compute MODEL.onnx BATCH,BATCH,... SECONDS", file=sys.stderr)
+        return 2
+    rates = measure_compute(Path(argv[1]), [int(b) for b in argv[2].split(",")], float(argv[3]))
+    print(json.dumps(rates))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""Running ONNX graphs: onnxruntime sessions and their providers, and the dynamic batcher."""

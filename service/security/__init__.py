@@ -1,0 +1,1 @@
+"""Who may call: bearer tokens and repository-control policy; TLS for the listening ports."""

@@ -1,0 +1,1 @@
+"""KServe v2 over HTTP/REST and the task routes, on aiohttp."""
