@@ -1,7 +1,7 @@
 """Write crd-schemas.json.gz: the OpenAPI schemas of KServe's ClusterServingRuntime and
 InferenceService CRDs at one release, without their descriptions (most of their size).
 
-test_kserve.py validates deploy/kserve against these, so the check runs offline and does not
+test_kserve_runtime.py validates deploy/kserve against these, so the check runs offline and does not
 move when KServe releases. To pin another release (needs network access to GitHub):
 
     python3 tests/deploy/kserve/update_crd_schemas.py v0.20.0
