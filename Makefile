@@ -47,7 +47,8 @@ help:
 	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff, the import rules, the duplicate-code check, the docs site (mkdocs --strict)"
-	@echo "make container-test  build the image, run it read-only and call it, compose up convserve + Prometheus (docker, else podman)"
+	@echo "make container-test  build the image, run it read-only and as the KServe runtime, compose up with the trainer (docker, else podman)"
+	@echo "make container-test-gpu  build the ORT=gpu EXTRAS=cuda image and check it on the CPU (provider, CONVSERVE_REQUIRE_GPU)"
 	@echo "variables: ORT=gpu|cpu (now $(ORT)), EXTRAS=cuda, MODELS=$(MODELS), PYTHON=$(PYTHON)"
 	@echo "           SERVE_ARGS='--repository-control enabled' (allow model load/unload for local work)"
 
@@ -135,6 +136,12 @@ lint: install
 # Needs root where podman must be installed; see deploy/docker/container-test.sh.
 container-test: install
 	VENV=$(VENV) deploy/docker/container-test.sh
+
+# The ORT=gpu EXTRAS=cuda image (about 2.9 GB), built and run on the CPU; its dependencies layer is
+# cached by the engine, so later runs rebuild only convserve's own layer.
+.PHONY: container-test-gpu
+container-test-gpu: install
+	VENV=$(VENV) deploy/docker/container-test.sh gpu
 
 format: install
 	$(BIN)/ruff format .

@@ -1,7 +1,8 @@
 """Builds and runs the gRPC server: servicers, health, reflection, metrics port, graceful stop.
 
 Health entries (grpc.health.v1):
-- "" (readiness): SERVING once every model present at start is loaded or marked failed;
+- "" (readiness): SERVING once every model present at start is loaded or marked failed, and while at
+  least CONVSERVE_MIN_MODELS models have a ready version (and, with require_gpu, every one runs on CUDA);
 - "<model>": SERVING while at least one version of that model is ready;
 - "liveness": SERVING while the process answers at all.
 
@@ -134,6 +135,9 @@ class ConvserveServer:
         self._background: set[asyncio.Task[None]] = set()
         self._ready_series: dict[tuple[str, str], str] = {}
         self._ready = False  # KServe ServerReady, in step with the overall health entry
+        self._started = False  # the models present at start are loaded (or failed)
+        self._stopping = False
+        self._not_ready_because = "starting"
 
     async def start(self) -> None:
         """Bind the ports, answer liveness at once, load the models, then report ready."""
@@ -188,17 +192,41 @@ class ConvserveServer:
         await self._start_health_port()
         await self._start_http(build_app(kserve, vision, settings.max_message_bytes, policy), ssl_context)
         await self.repository.refresh()
-        without_gpu = self._versions_without_gpu()
-        if without_gpu:  # a GPU deployment on a node without working CUDA must not take traffic
-            log.error(
-                "require_gpu: CUDA is not active for %s; readiness stays NOT_SERVING", ", ".join(without_gpu)
-            )
-        else:
-            await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
-            self._ready = True
-            log.info("ready: %d model(s) in %s", len(self.repository.entries()), settings.model_repository)
+        self._started = True
+        await self._update_readiness()
         if settings.repository_poll_seconds > 0:
             self._poller = asyncio.create_task(self._poll(settings.repository_poll_seconds))
+
+    def _readiness_problem(self) -> str:
+        """Why the server must not take traffic now; empty when it may."""
+        without_gpu = self._versions_without_gpu()
+        if without_gpu:  # a GPU deployment on a node without working CUDA must not take traffic
+            return f"require_gpu: CUDA is not active for {', '.join(without_gpu)}"
+        ready = [e.name for e in self.repository.entries() if self.repository.has_ready_version(e.name)]
+        if len(ready) < self.settings.min_models:
+            return (
+                f"min_models: {len(ready)} model(s) ready ({', '.join(ready) or 'none'}) of at least "
+                f"{self.settings.min_models} expected in {self.settings.model_repository}"
+            )
+        return ""
+
+    async def _update_readiness(self) -> None:
+        """Set the overall health entry and ServerReady from the models' states; log each change."""
+        if not self._started or self._stopping:
+            return
+        problem = self._readiness_problem()
+        if problem == self._not_ready_because:
+            return
+        self._not_ready_because = problem
+        self._ready = not problem
+        if problem:
+            await self.health.set(OVERALL, health_pb2.HealthCheckResponse.NOT_SERVING)
+            log.error("not ready: %s", problem)
+        else:
+            await self.health.set(OVERALL, health_pb2.HealthCheckResponse.SERVING)
+            log.info(
+                "ready: %d model(s) in %s", len(self.repository.entries()), self.settings.model_repository
+            )
 
     def _versions_without_gpu(self) -> list[str]:
         """`model/version` of every version that failed to load because require_gpu found no CUDA."""
@@ -221,6 +249,7 @@ class ConvserveServer:
 
     async def stop(self) -> None:
         """NOT_SERVING first (so load balancers stop sending), then finish in-flight work, then close."""
+        self._stopping = True
         self._ready = False
         await self.health.enter_graceful_shutdown()
         if self._poller is not None:
@@ -306,6 +335,10 @@ class ConvserveServer:
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        task = asyncio.get_running_loop().create_task(self.health.set(version.model, status))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        loop = asyncio.get_running_loop()
+        for task in (
+            loop.create_task(self.health.set(version.model, status)),
+            loop.create_task(self._update_readiness()),
+        ):
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)

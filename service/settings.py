@@ -57,6 +57,13 @@ class Settings(BaseSettings):
         "on one core they do not preempt it at every event; auto: low when the process may use only one CPU.",
     )
     warmup: bool = Field(default=True, description="Run one batch through each model before it is ready.")
+    min_models: int = Field(
+        default=0,
+        ge=0,
+        description="Readiness (the overall health entry, KServe ServerReady) only while at least this many "
+        "models have a ready version: a server that found fewer (an image or volume without its models, a "
+        "failed load, an unload) is not ready until enough are. 0: no minimum.",
+    )
     repository_poll_seconds: float = Field(
         default=5.0,
         ge=0,

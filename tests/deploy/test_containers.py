@@ -3,6 +3,7 @@ compose file mounting deploy/prometheus and deploy/grafana where they expect to 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -127,3 +128,41 @@ def test_compose_grafana_gets_the_provisioning_and_the_dashboards() -> None:
         "/var/lib/grafana/dashboards/convserve.json"
     )
     assert "prometheus" in compose()["services"]  # http://prometheus:9090 of the datasource
+
+
+def test_compose_builds_images_of_its_own() -> None:
+    """`docker compose up` builds dev tags, never a release's (which a cluster pulls with models baked
+    in) nor a moving one such as latest, cpu or gpu."""
+    services = compose()["services"]
+    images = {name: services[name]["image"] for name in ("convserve", "convserve-gpu", "trainer")}
+    defaults = {name: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", image) for name, image in images.items()}
+    assert defaults == {
+        "convserve": "convserve:dev",
+        "convserve-gpu": "convserve:dev-gpu",
+        "trainer": "convserve-trainer:dev",
+    }
+    for name in images:
+        assert services[name]["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+
+
+def test_bind_mounts_are_relabelled_for_selinux() -> None:
+    """`z`: on SELinux hosts (Fedora, RHEL) a container may read a host file only once it is relabelled."""
+    for name, service in compose()["services"].items():
+        for volume in service.get("volumes", []):
+            source, _target, *options = volume.split(":")
+            if source.startswith("."):
+                assert {"z", "Z"} & set(",".join(options).split(",")), f"{name}: {volume}"
+
+
+def test_the_trainer_publishes_into_the_volume_the_server_polls() -> None:
+    services = compose()["services"]
+    trainer, server = services["trainer"], services["convserve"]
+    shared = {v.split(":")[0]: v.split(":")[1] for v in server["volumes"]}
+    trained = {v.split(":")[0]: v.split(":")[1] for v in trainer["volumes"]}
+    assert shared["models"] == trained["models"] == "/models"
+    shell, flag, script = trainer["entrypoint"]
+    assert (shell, flag) == ("sh", "-c") and trainer["command"] == []
+    assert script.startswith("exec convserve-train all --missing") and "--repository /models" in script
+    # TRAIN_ARGS (e.g. "--quick --only lenet5") reaches the container, where its shell splits it
+    assert script.endswith(" $$TRAIN_ARGS") and trainer["environment"]["TRAIN_ARGS"] == "${TRAIN_ARGS:-}"
+    assert "CONVSERVE_REPOSITORY_POLL_SECONDS" not in server.get("environment", {})  # polling on: the default
