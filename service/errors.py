@@ -30,6 +30,10 @@ class QueueFull(ConvserveError):
     """The model's queue has no room for the request; retry later (with backoff)."""
 
 
+class BatchFailed(ConvserveError):
+    """The request's batch failed in both halves, so which requests cannot run is unknown; retry."""
+
+
 class DeadlineExceeded(ConvserveError):
     """The request's deadline passed before its work could start."""
 
@@ -39,6 +43,7 @@ STATUS_CODES: dict[type[ConvserveError], grpc.StatusCode] = {
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    BatchFailed: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
 

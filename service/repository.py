@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from service.contract.manifest import CONFIG_FILE, Manifest, load_manifest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
-from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions
+from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions, one_line_reason
 from service.errors import ModelNotFound, ModelNotReady
 from service.kinds import CaptionerPipeline, Pipeline, build_pipeline
 from service.kinds.captioner.beam_search import DecodeLoop, DecodingOptions
@@ -392,7 +392,7 @@ class ModelRepository:
             on_run=lambda report: stats.ran(report.rows, report.seconds),
             on_dequeue=lambda report: stats.queued(report.seconds),
             check=check,
-            on_isolation=lambda report: stats.isolated(report.retries, report.failed),
+            on_isolation=lambda report: stats.isolated(report.retries, report.alone, report.with_batch),
         )
 
     def _retire(self, version: ModelVersion, reason: str) -> None:
@@ -447,7 +447,7 @@ def _warm_up_failures_fail_the_version() -> Iterator[None]:
     except ModelLoadError:
         raise
     except Exception as exc:  # onnxruntime's own types, or a domain error from the session
-        raise ModelLoadError(f"the warm-up run failed: {exc}") from exc
+        raise ModelLoadError(f"the warm-up run failed: {one_line_reason(exc)}") from exc
 
 
 def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +28,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
+from service.errors import BatchFailed, DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
 
 log = logging.getLogger(__name__)
 Feeds = dict[str, np.ndarray]
@@ -63,10 +63,12 @@ class RunReport:
 
 @dataclass(frozen=True)
 class IsolationReport:
-    """A failed run of several requests was split: `retries` runs more, `failed` requests failed."""
+    """A failed run of several requests was split: `retries` runs more; `alone` requests failed on
+    their own (they cannot run), `with_batch` failed with their batch (both halves failed)."""
 
     retries: int
-    failed: int
+    alone: int
+    with_batch: int
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,9 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix="onnxruntime")
         self._workers: list[asyncio.Task[None]] = []
-        self._running: set[_Request] = set()  # requests with rows in a run right now
+        # requests with rows in a run right now, and in how many (with instances > 1, a request's
+        # rows can be in two runs at once)
+        self._running: Counter[_Request] = Counter()
         self._closed = False
 
     @property
@@ -290,14 +294,21 @@ class DynamicBatcher:
         return slices
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> None:
-        requests = {piece.request for piece in slices}
-        self._running |= requests
+        requests = [piece.request for piece in slices]
+        self._running.update(requests)
         try:
             error = await self._attempt(loop, slices)
             if error is not None:
                 await self._isolate(loop, slices, error)
+        except Exception as exc:  # a bug here must not leave the run's requests waiting forever
+            for piece in slices:
+                self._fail(piece, exc)
+            raise
         finally:
-            self._running -= requests
+            self._running.subtract(requests)
+            for request in requests:
+                if self._running[request] <= 0:
+                    del self._running[request]
 
     async def _attempt(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> Exception | None:
         """One run of these slices: their requests get their rows' outputs, or the run's error is returned."""
@@ -310,7 +321,14 @@ class DynamicBatcher:
         except Exception as exc:
             return exc
         seconds = time.perf_counter() - started
-        self._on_run(RunReport(sum(p.stop - p.start for p in slices), len(slices), seconds))
+        rows = sum(p.stop - p.start for p in slices)
+        if not _is_whole(slices):
+            shapes = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != rows]
+            if shapes:  # rows cannot be handed back: a run error, so isolation finds who can run
+                return RuntimeError(
+                    f"the model answered outputs of shapes {shapes} for a batch of {rows} rows"
+                )
+        self._on_run(RunReport(rows, len(slices), seconds))
         _deliver(slices, outputs, seconds)
         return None
 
@@ -321,40 +339,55 @@ class DynamicBatcher:
         cancelled or past their deadline are left out), and a failing half is halved again until
         a run of a single request fails: that request fails with its own error. A model that
         fails whatever its input would cost 2n-1 runs that way, so when both halves of the first
-        split fail, every request of the run fails with its half's error: three runs, whatever n.
-        What this gives up: two bad requests that land in different halves of the first split
-        fail their whole run (the neighbours of a single bad request are always answered).
+        split that runs both fail, every request left fails with `BatchFailed` (retry; nobody is
+        told that their input was at fault, nor sees another request's values): three runs,
+        whatever n. What this gives up: two bad requests that land in different halves of that
+        split fail their whole run (the neighbours of a single bad request are always answered).
         """
         if len(slices) == 1:  # one request's rows (a request has one slice per run)
             self._fail(slices[0], error)
             return
-        retries = failed = 0
+        retries = alone = with_batch = 0
         first_split = True
         todo = [slices]
         while todo:
             part = todo.pop()
             middle = len(part) // 2
+            ran = 0
             failures: list[tuple[list[_Slice], Exception]] = []
             for half in (part[:middle], part[middle:]):
                 live = self._still_waiting(loop, half)
                 if not live:
                     continue
-                retries += 1
+                ran += 1
                 half_error = await self._attempt(loop, live)
                 if half_error is not None:
                     failures.append((live, half_error))
-            if first_split and len(failures) == 2:
-                failed += sum(
-                    self._fail(piece, half_error) for live, half_error in failures for piece in live
-                )
-                break
-            first_split = False
+            retries += ran
+            if first_split and ran == 2:
+                first_split = False
+                if len(failures) == 2:
+                    with_batch = self._give_up([piece for live, _ in failures for piece in live], failures)
+                    break
             for live, half_error in failures:
                 if len(live) == 1:
-                    failed += self._fail(live[0], half_error)
+                    alone += self._fail(live[0], half_error)
                 else:
                     todo.append(live)
-        self._on_isolation(IsolationReport(retries, failed))
+        self._on_isolation(IsolationReport(retries, alone, with_batch))
+
+    def _give_up(self, slices: list[_Slice], failures: list[tuple[list[_Slice], Exception]]) -> int:
+        """Fail what is left of a run whose two halves both failed; the errors go to the log."""
+        log.warning(
+            "a batch of %d requests failed in both halves; failing them all: %s",
+            len(slices),
+            "; ".join(f"{type(error).__name__}: {error}" for _, error in failures),
+        )
+        failed = BatchFailed(
+            "the request failed with its batch: the model failed on both halves of the batch it was in "
+            "(a model that fails whatever its input, or more than one request it cannot run); retry"
+        )
+        return sum(self._fail(piece, failed) for piece in slices)
 
     def _still_waiting(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> list[_Slice]:
         """The slices whose request still wants an answer; those past their deadline fail now."""

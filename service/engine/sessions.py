@@ -169,7 +169,7 @@ class ModelSession:
         try:
             return self._session.run(self.output_names, feeds)
         except _input_error() as exc:
-            raise InvalidArgument(f"the model cannot run this input: {_reason(exc)}") from exc
+            raise InvalidArgument(f"the model cannot run this input: {one_line_reason(exc)}") from exc
 
 
 @cache
@@ -178,7 +178,7 @@ def _input_error() -> type[Exception]:
     return onnxruntime().capi.onnxruntime_pybind11_state.InvalidArgument
 
 
-def _reason(error: Exception) -> str:
+def one_line_reason(error: Exception) -> str:
     """onnxruntime's own words, without its status prefix, on one line and at most 300 characters."""
     reason = " ".join(str(error).split())
     for marker in ("Status Message: ", "INVALID_ARGUMENT : "):

@@ -44,11 +44,14 @@ class GeneratorPipeline:
     def plan(self, count: int, labels: list[int], seed: int) -> Plan:
         """Latents first, then any random labels, from one PCG64 stream seeded by `seed`."""
         classes = len(self.labels)
-        bad = [label for label in labels if not 0 <= label < classes]
-        if bad:
-            raise InvalidArgument(f"label(s) {bad} outside the classes 0..{classes - 1}")
         if len(labels) not in (0, 1, count):
             raise InvalidArgument(f"{len(labels)} labels for {count} images: give none, one or one per image")
+        bad = [label for label in labels if not 0 <= label < classes]
+        if bad:
+            shown = ", ".join(str(label) for label in bad[:3]) + (
+                f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            )
+            raise InvalidArgument(f"label {shown} outside the classes 0..{classes - 1}")
         rng = np.random.Generator(np.random.PCG64(seed))
         latents = rng.standard_normal((count, self.spec.latent_size), dtype=np.float32)
         if not labels:

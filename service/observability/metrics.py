@@ -81,8 +81,9 @@ BATCH_RETRIES = Counter(
 )
 ISOLATED_FAILURES = Counter(
     "convserve_isolated_failures",
-    "Requests that failed in a run retried after their batch failed: the requests that could not run.",
-    ["model", "version"],
+    "Requests that failed in runs retried after their batch failed, by cause: `input` (the request "
+    "failed alone: it cannot run), `batch` (both halves of its batch failed: it failed with them).",
+    ["model", "version", "cause"],
 )
 PENDING = Gauge(
     "convserve_pending_requests",

@@ -69,7 +69,8 @@ class VersionStatistics:
         self._inferences = metrics.INFERENCES.labels(*labels)
         self._executions = metrics.EXECUTIONS.labels(*labels)
         self._retries = metrics.BATCH_RETRIES.labels(*labels)
-        self._isolated = metrics.ISOLATED_FAILURES.labels(*labels)
+        self._failed_alone = metrics.ISOLATED_FAILURES.labels(*labels, "input")
+        self._failed_with_batch = metrics.ISOLATED_FAILURES.labels(*labels, "batch")
         self.pending = metrics.PENDING.labels(*labels)
 
     def queued(self, seconds: float) -> None:
@@ -88,10 +89,12 @@ class VersionStatistics:
         self._inferences.inc(rows)
         self._executions.inc()
 
-    def isolated(self, retries: int, failed: int) -> None:
-        """A failed batch was split: `retries` runs more, `failed` requests failed in them."""
+    def isolated(self, retries: int, alone: int, with_batch: int) -> None:
+        """A failed batch was split: `retries` runs more; requests that failed alone (they cannot
+        run) and with their batch (both halves failed)."""
         self._retries.inc(retries)
-        self._isolated.inc(failed)
+        self._failed_alone.inc(alone)
+        self._failed_with_batch.inc(with_batch)
 
     def answered(self, ok: bool, seconds: float, times: RequestTimes | None = None) -> None:
         """A request answered: a success commits all of its stage times at once, a failure only

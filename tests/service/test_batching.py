@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.engine.batching import BatchingOptions, DynamicBatcher, IsolationReport, RunReport
-from service.errors import DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
+from service.errors import BatchFailed, DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
 from service.observability.statistics import RequestTimes
 
 
@@ -197,22 +197,96 @@ def test_a_bad_request_fails_alone_and_its_neighbours_get_their_answers() -> Non
             np.testing.assert_array_equal(result[0], [[2 * value, 2 * value]])
     # the batch of 8, then halves of 4, 2 and 1 on the bad request's side: 2 + 2 + 2 retries
     assert len(model.runs) == 1 + 1 + 6
-    assert [(r.retries, r.failed) for r in reports] == [(6, 1)]
+    assert [(r.retries, r.alone, r.with_batch) for r in reports] == [(6, 1, 0)]
 
 
 def test_a_model_that_fails_every_run_fails_all_after_one_split_not_2n_minus_1_runs() -> None:
     model = AlwaysFails()
     results, reports = asyncio.run(_batched(model, list(range(2, 18))))
-    assert all(isinstance(r, RuntimeError) for r in results)
+    assert all(isinstance(r, BatchFailed) for r in results), "retry: nobody is told their input was bad"
+    assert all("this model fails" not in str(r) for r in results), "the model's error stays in the log"
     assert len(model.runs) == 1 + 1 + 2  # the first request alone, the batch, its two halves
-    assert [(r.retries, r.failed) for r in reports] == [(2, 16)]
+    assert [(r.retries, r.alone, r.with_batch) for r in reports] == [(2, 0, 16)]
 
 
 def test_two_bad_requests_in_both_halves_of_the_first_split_fail_their_whole_run() -> None:
     """The price of the bound above, as documented: the run's other requests fail too."""
     model = Model(poison=13)
     results, _ = asyncio.run(_batched(model, [13, 2, 3, 13]))
-    assert all(isinstance(r, RuntimeError) for r in results)
+    assert all(isinstance(r, BatchFailed) for r in results)
+
+
+class HoldsTheBatch(AlwaysFails):
+    """Fails every run; the second run (the batch) waits for `release` and says when it started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_started = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if len(self.runs) == 1:
+            self.batch_started.set()
+            self.release.wait(10)
+        return super().__call__(feeds)
+
+
+def test_the_bound_holds_when_one_half_of_the_first_split_is_gone() -> None:
+    """Requests cancelled while their batch ran leave nothing to rerun in their half: the first
+    split that runs both halves decides, so 16 requests still cost a bounded number of runs."""
+    model = HoldsTheBatch()
+
+    async def main() -> list[object]:
+        batcher = DynamicBatcher(model, BatchingOptions())
+        model.gate.clear()
+        first = asyncio.create_task(batcher.submit(rows(1)))
+        await asyncio.sleep(0.02)
+        tasks = [asyncio.create_task(batcher.submit(rows(v))) for v in range(2, 18)]
+        await asyncio.sleep(0.02)
+        model.gate.set()
+        await asyncio.to_thread(model.batch_started.wait, 10)
+        for task in tasks[:8]:  # the first half of the batch gives up while it runs
+            task.cancel()
+        await asyncio.sleep(0.01)
+        model.release.set()
+        results = await asyncio.gather(first, *tasks, return_exceptions=True)
+        await batcher.close()
+        return list(results[1:])
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, asyncio.CancelledError) for r in results[:8])
+    assert all(isinstance(r, BatchFailed) for r in results[8:])
+    assert len(model.runs) == 1 + 1 + 1 + 2  # first, the batch, its live half, that half's halves
+
+
+def test_outputs_without_a_row_per_input_row_fail_the_run_instead_of_hanging() -> None:
+    def scalar(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.array(len(feeds["x"]))]  # declares a batch axis, answers a 0-d array
+
+    async def main() -> list[object]:
+        batcher = DynamicBatcher(scalar, BatchingOptions(max_batch_size=2))
+        calls = [batcher.submit(rows(v)) for v in range(4)]
+        results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, list) for r in results), "each request, rerun alone, gets what it ran"
+
+
+def test_close_fails_a_request_whose_rows_are_in_two_runs_at_once() -> None:
+    """instances=2: a request's two slices run concurrently; close() while the second still runs."""
+    model = Model(seconds=0.2)
+
+    async def main() -> object:
+        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=2, instances=2))
+        request = asyncio.create_task(batcher.submit(rows(1, 2, 3)))
+        await asyncio.sleep(0.1)  # both runs have started
+        await batcher.close()
+        done, _ = await asyncio.wait({request}, timeout=5)
+        return request.exception() if done else "still waiting"
+
+    assert isinstance(asyncio.run(main()), ModelNotReady)
 
 
 def test_two_bad_requests_in_one_half_fail_alone() -> None:
@@ -220,7 +294,7 @@ def test_two_bad_requests_in_one_half_fail_alone() -> None:
     values = [13, 2, 13, 3, 4, 5, 6, 7]
     results, reports = asyncio.run(_batched(model, values))
     assert [isinstance(r, RuntimeError) for r in results] == [v == 13 for v in values]
-    assert reports[0].failed == 2
+    assert (reports[0].alone, reports[0].with_batch) == (2, 0)
 
 
 def test_a_request_split_across_runs_fails_as_a_whole_and_only_it() -> None:

@@ -112,9 +112,10 @@ def test_grid(gen_server: RunningServer) -> None:
     [
         ({"count": 0}, "count must be 1..32, got 0"),
         ({"count": 33}, "count must be 1..32, got 33"),
-        ({"count": 2, "labels": [3]}, "label(s) [3] outside the classes 0..2"),
-        ({"count": 2, "labels": [-1]}, "label(s) [-1] outside the classes 0..2"),
+        ({"count": 2, "labels": [3]}, "label 3 outside the classes 0..2"),
+        ({"count": 2, "labels": [-1]}, "label -1 outside the classes 0..2"),
         ({"count": 3, "labels": [0, 1]}, "2 labels for 3 images"),
+        ({"count": 5, "labels": [5, 6, 7, 8, 9]}, "label 5, 6, 7 and 2 more outside the classes 0..2"),
     ],
 )
 def test_bad_requests_are_invalid(gen_server: RunningServer, kwargs: dict, expected: str) -> None:
