@@ -126,12 +126,13 @@ proto-check: install
 	$(BIN)/python -m pytest -q tests/test_proto_contract.py
 
 # ruff; the import rules between packages (pyproject.toml's [tool.importlinter]); copies of code
-# beyond tools/duplicate_code_baseline.txt.
+# beyond tools/duplicate_code_baseline.txt; the documentation site, no broken link or anchor.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python tools/duplicate_code.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 # Needs root where podman must be installed; see deploy/docker/container-test.sh.
 container-test: install

@@ -15,6 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 NOT_IN_THE_SERVER = ("bench", "training", "tests")
+#: The Dockerfile stage that installs convserve itself into the server image (`pip install /src`).
+SERVER_STAGE = "runtime"
 
 
 def python(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -47,7 +49,7 @@ def server_stage_sources(tmp_path: Path) -> Path:
         words = line.split()
         if words[:1] == ["FROM"]:
             stage = words[-1] if "AS" in words else None
-        elif stage == "server-venv" and words[:1] == ["COPY"] and not any(w.startswith("--") for w in words):
+        elif stage == SERVER_STAGE and words[:1] == ["COPY"] and not any(w.startswith("--") for w in words):
             *sources, destination = words[1:]
             assert destination.startswith("/src"), line
             target = source_root / destination.removeprefix("/src").lstrip("/")
@@ -58,7 +60,9 @@ def server_stage_sources(tmp_path: Path) -> Path:
                     shutil.copytree(REPO / source, place, ignore=shutil.ignore_patterns("__pycache__"))
                 else:
                     shutil.copy2(REPO / source, place)
-    assert (source_root / "pyproject.toml").is_file(), "no server-venv stage copying pyproject.toml to /src"
+    assert (source_root / "pyproject.toml").is_file(), (
+        f"no {SERVER_STAGE} stage copying pyproject.toml to /src"
+    )
     return source_root
 
 

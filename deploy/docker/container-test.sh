@@ -255,7 +255,7 @@ build_trainer_image() {  # compose's trainer: torch on the CPU and convserve-tra
 
 image_holds_only_the_server() {  # no bench, training or tests code in the runtime image
     local found
-    found=$("$ENGINE" run --rm --entrypoint python "$IMAGE" -c '
+    found=$("$ENGINE" run --rm --network none --entrypoint python "$IMAGE" -c '
 import importlib.metadata, importlib.util
 names = ("bench", "training", "tests")
 found = [name for name in names if importlib.util.find_spec(name)]

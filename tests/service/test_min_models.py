@@ -29,7 +29,11 @@ def http_ready(base_url: str) -> tuple[int, bool]:
 
 
 def unload(base_url: str, model: str) -> None:
-    request = urllib.request.Request(f"{base_url}/v2/repository/models/{model}/unload", data=b"{}")
+    request = urllib.request.Request(
+        f"{base_url}/v2/repository/models/{model}/unload",
+        data=b"{}",
+        headers={"Content-Type": "application/json"},  # state-changing routes take JSON only
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.status == 200
 

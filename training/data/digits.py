@@ -1,7 +1,7 @@
 """scikit-learn's handwritten digits as uint8 images, split once and for all.
 
-The images go through the same helpers the server uses (`service.imaging`), so a digit sent
-to the server at 8x8 is upsampled exactly as the training images were.
+The images go through the same helpers the server uses (`service.contract.preprocessing`), so a
+digit sent to the server at 8x8 is upsampled exactly as the training images were.
 """
 
 from __future__ import annotations

@@ -62,7 +62,7 @@ def build_app(
 ) -> web.Application:
     """The routes; each is named after the gRPC method it shares, for metrics and the access log.
 
-    `policy`: bearer-token rules (service/auth.py), applied inside the serving middleware so refusals
+    `policy`: bearer-token rules (service/security/auth.py), applied inside the serving middleware so refusals
     (401/403) are logged and counted; none: open.
     """
     middlewares = [_serving_middleware, http_middleware(policy or AuthPolicy())]
