@@ -132,7 +132,7 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-logo
 	$(BIN)/python tools/duplicate_code.py
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir build/site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir build/site  # --quiet would hide what --strict counts
 
 # Needs root where podman must be installed; see deploy/docker/container-test.sh.
 container-test: install
