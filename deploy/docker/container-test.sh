@@ -456,7 +456,7 @@ import json, sys
 versions = {f"{m['name']}/{v['version']}": v for m in json.load(open(sys.argv[1])) for v in m["versions"]}
 assert versions, "no models"
 for name, v in sorted(versions.items()):
-    assert v["state"] == "MODEL_STATE_READY" and v["provider"] == "CPUExecutionProvider", (name, v)
+    assert v["state"] == "READY" and v["provider"] == "CPUExecutionProvider", (name, v)
 print(f"providers: {sorted({v['provider'] for v in versions.values()})} for {sorted(versions)}")
 EOF
     stop_container "$GPU_CONTAINER"
@@ -478,14 +478,14 @@ deadline = time.monotonic() + 120
 while True:  # until every model's versions are past loading
     listed = subprocess.run([convserve, "models", "--json", "--target", target], capture_output=True, text=True)
     states = {m["name"]: m["versions"] for m in json.loads(listed.stdout)} if listed.returncode == 0 else {}
-    loading = [v for vs in states.values() for v in vs if v["state"] == "MODEL_STATE_LOADING"]
+    loading = [v for vs in states.values() for v in vs if v["state"] == "LOADING"]
     if sorted(states) == wanted and not loading:
         break
     assert time.monotonic() < deadline, f"still loading: {states}"
     time.sleep(0.5)
 for name, versions in sorted(states.items()):
     for v in versions:
-        assert v["state"] == "MODEL_STATE_FAILED" and "require_gpu" in v["reason"], (name, v)
+        assert v["state"] == "FAILED" and "require_gpu" in v["reason"], (name, v)
         print(f"{name}/{v['version']}: {v['reason']}")
 health = subprocess.run([convserve, "health", "--target", target], capture_output=True, text=True)
 assert health.returncode == 1 and health.stdout.strip() == "NOT_SERVING", health
