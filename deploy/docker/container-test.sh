@@ -430,7 +430,13 @@ kserve_empty_repository() {  # a download that brought nothing: alive, never rea
     done
     sleep 2 # loading is over at once: readiness must stay down, not merely be late
     [[ $(probe_status) == 503 ]] || fail "an empty repository answers $(probe_status) on $probe_path"
-    "$ENGINE" logs "$KSERVE_CONTAINER" 2>&1 | grep -q "min_models: 0 model(s) ready" || fail "no min_models log"
+    # The whole log, then grep: with pipefail, `logs | grep -q` fails when grep stops reading early.
+    local logs
+    deadline=$((SECONDS + 30))
+    until logs=$("$ENGINE" logs "$KSERVE_CONTAINER" 2>&1) && grep -q "min_models: 0 model(s) ready" <<<"$logs"; do
+        ((SECONDS < deadline)) || fail "no min_models log"
+        sleep 0.5
+    done
     echo "empty repository: live, readiness probe 503 (min_models)"
     stop_container "$KSERVE_CONTAINER"
 }
