@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -119,8 +121,11 @@ def _channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-class VisionClient:
-    """Blocking client. Errors arrive as grpc.RpcError with the server's status code and message."""
+class _VisionCalls:
+    """The calls of both clients. Each returns what the stub returns: the response for
+    VisionClient, an awaitable of it for AsyncVisionClient."""
+
+    _channels: ModuleType  # grpc or grpc.aio, whose insecure_channel / secure_channel open the channel
 
     def __init__(
         self,
@@ -134,14 +139,14 @@ class VisionClient:
         tls_cert: PemLike | None = None,
         tls_key: PemLike | None = None,
     ) -> None:
+        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
         self.timeout = timeout
         self._metadata = _auth_metadata(token)
         options = _channel_options(max_message_bytes)
-        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
         self._channel = (
-            grpc.insecure_channel(target, options=options)
+            self._channels.insecure_channel(target, options=options)
             if credentials is None
-            else grpc.secure_channel(target, credentials, options=options)
+            else self._channels.secure_channel(target, credentials, options=options)
         )
         self._vision = pb_grpc.VisionStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -153,7 +158,8 @@ class VisionClient:
         version: str = "",
         top_k: int | None = None,
         timeout: float | None = None,
-    ) -> pb.ClassifyResponse:
+    ) -> Any:
+        """Top-k labels per image (pb.ClassifyResponse)."""
         request = classify_request(images, model, version, top_k)
         return self._vision.Classify(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
@@ -166,7 +172,8 @@ class VisionClient:
         grid: bool = False,
         version: str = "",
         timeout: float | None = None,
-    ) -> pb.GenerateResponse:
+    ) -> Any:
+        """Generated images (pb.GenerateResponse); the same seed gives the same pixels."""
         request = generate_request(model, count, labels, seed, grid, version)
         return self._vision.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
@@ -180,24 +187,34 @@ class VisionClient:
         count: int | None = None,
         attention: bool = False,
         timeout: float | None = None,
-    ) -> pb.CaptionResponse:
-        """The `count` best captions per image (server-side beam search); unset: the model's defaults."""
+    ) -> Any:
+        """The `count` best captions per image (pb.CaptionResponse; server-side beam search);
+        unset: the model's defaults."""
         request = caption_request(images, model, version, beam_size, max_length, count, attention)
         return self._vision.Caption(request, timeout=timeout or self.timeout, metadata=self._metadata)
 
-    def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return self._vision.ListModels(
-            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+    def list_models(self, timeout: float | None = None) -> Any:
+        """Every model and its versions (pb.ListModelsResponse)."""
+        request = pb.ListModelsRequest()
+        return self._vision.ListModels(request, timeout=timeout or self.timeout, metadata=self._metadata)
+
+    def _check_health(self, service: str, timeout: float | None) -> Any:
+        request = health_pb2.HealthCheckRequest(service=service)
+        return self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata)
+
+
+def _status_name(response: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+class VisionClient(_VisionCalls):
+    """Blocking client. Errors arrive as grpc.RpcError with the server's status code and message."""
+
+    _channels = grpc
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The status name of a health entry: "SERVING", "NOT_SERVING", ..."""
-        response = self._health.Check(
-            health_pb2.HealthCheckRequest(service=service),
-            timeout=timeout or self.timeout,
-            metadata=self._metadata,
-        )
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return _status_name(self._check_health(service, timeout))
 
     def close(self) -> None:
         self._channel.close()
@@ -209,80 +226,13 @@ class VisionClient:
         self.close()
 
 
-class AsyncVisionClient:
-    """asyncio client with the same calls as VisionClient."""
+class AsyncVisionClient(_VisionCalls):
+    """asyncio client with the same calls as VisionClient (await each)."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        max_message_bytes: int = 64 * 1024 * 1024,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        tls_ca: PemLike | None = None,
-        tls_cert: PemLike | None = None,
-        tls_key: PemLike | None = None,
-    ) -> None:
-        self.timeout = timeout
-        self._metadata = _auth_metadata(token)
-        options = _channel_options(max_message_bytes)
-        credentials = channel_credentials(tls, tls_ca, tls_cert, tls_key)
-        self._channel = (
-            grpc.aio.insecure_channel(target, options=options)
-            if credentials is None
-            else grpc.aio.secure_channel(target, credentials, options=options)
-        )
-        self._vision = pb_grpc.VisionStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-
-    async def classify(
-        self,
-        images: Sequence[ImageLike],
-        model: str = "lenet5",
-        version: str = "",
-        top_k: int | None = None,
-        timeout: float | None = None,
-    ) -> pb.ClassifyResponse:
-        request = classify_request(images, model, version, top_k)
-        return await self._vision.Classify(request, timeout=timeout or self.timeout, metadata=self._metadata)
-
-    async def generate(
-        self,
-        model: str = "dcgan",
-        count: int | None = None,
-        labels: Sequence[int] = (),
-        seed: int | None = None,
-        grid: bool = False,
-        version: str = "",
-        timeout: float | None = None,
-    ) -> pb.GenerateResponse:
-        request = generate_request(model, count, labels, seed, grid, version)
-        return await self._vision.Generate(request, timeout=timeout or self.timeout, metadata=self._metadata)
-
-    async def caption(
-        self,
-        images: Sequence[ImageLike],
-        model: str = "captioner",
-        version: str = "",
-        beam_size: int | None = None,
-        max_length: int | None = None,
-        count: int | None = None,
-        attention: bool = False,
-        timeout: float | None = None,
-    ) -> pb.CaptionResponse:
-        request = caption_request(images, model, version, beam_size, max_length, count, attention)
-        return await self._vision.Caption(request, timeout=timeout or self.timeout, metadata=self._metadata)
-
-    async def list_models(self, timeout: float | None = None) -> pb.ListModelsResponse:
-        return await self._vision.ListModels(
-            pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+    _channels = grpc.aio
 
     async def health(self, service: str = "", timeout: float | None = None) -> str:
-        request = health_pb2.HealthCheckRequest(service=service)
-        response = await self._health.Check(request, timeout=timeout or self.timeout, metadata=self._metadata)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+        return _status_name(await self._check_health(service, timeout))
 
     async def close(self) -> None:
         await self._channel.close()
