@@ -29,9 +29,9 @@ from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.codecs import tensors
 from service.engine.sessions import CPU, ModelSession, SessionOptions, TensorSpec
 from service.errors import ConvserveError, ModelNotFound, status_for
+from service.kinds.tensor import check_headers
 from service.server import new_grpc_server
 from service.settings import Settings
-from service.transports.grpc.kserve import check_headers
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,9 @@ class NoopServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         try:
             version, signature = self._model(request.model_name)
-            rows = check_headers(request, list(signature.inputs.values()), batchable=True)
-            tensors.decode_inputs(request, max_elements=self._max_elements)  # as the real server does
+            inputs = tensors.input_tensors(request)
+            rows = check_headers(inputs, list(signature.inputs.values()), batchable=True)
+            tensors.decode_tensors(inputs, max_elements=self._max_elements)  # as the real server does
         except ConvserveError as exc:
             await _abort(context, exc)
         response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)

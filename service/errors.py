@@ -1,11 +1,13 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the one table that maps each to its gRPC status code and HTTP status.
 
-Code anywhere in the server raises these; the interceptor turns them into a status with the
-error's message. Any other exception is a bug: the client gets INTERNAL with a generic message
-and the traceback goes to the log.
+Code anywhere in the server raises these; the call observation (service/dataplane/calls.py)
+turns them into the transport's status with the error's message. Any other exception is a bug:
+the client gets INTERNAL (HTTP 500) with a generic message and the traceback goes to the log.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import grpc
 
@@ -38,21 +40,61 @@ class DeadlineExceeded(ConvserveError):
     """The request's deadline passed before its work could start."""
 
 
-STATUS_CODES: dict[type[ConvserveError], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    BatchFailed: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+class Unauthenticated(ConvserveError):
+    """No bearer token, or one the server does not know."""
+
+
+class PermissionDenied(ConvserveError):
+    """A known caller asked for something it may not do (repository control, a cross-site request)."""
+
+
+class Cancelled(ConvserveError):
+    """The client went away (hung up, or cancelled the call) before the answer was ready."""
+
+
+@dataclass(frozen=True)
+class Status:
+    """How one kind of outcome goes out: its gRPC code and its HTTP status."""
+
+    code: grpc.StatusCode
+    http: int
+
+
+OK = Status(grpc.StatusCode.OK, 200)
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)
+
+#: The one error table. HTTP statuses as the Open Inference Protocol's REST binding expects them.
+STATUSES: dict[type[ConvserveError], Status] = {
+    InvalidArgument: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    ModelNotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
+    ModelNotReady: Status(grpc.StatusCode.UNAVAILABLE, 503),
+    QueueFull: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    BatchFailed: Status(grpc.StatusCode.UNAVAILABLE, 503),
+    DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
+    PermissionDenied: Status(grpc.StatusCode.PERMISSION_DENIED, 403),
+    Cancelled: Status(grpc.StatusCode.CANCELLED, 499),
+}
+#: gRPC code -> HTTP status, for outcomes known only by their code (e.g. a gRPC abort).
+HTTP_STATUS: dict[grpc.StatusCode, int] = {s.code: s.http for s in STATUSES.values()} | {
+    OK.code: OK.http,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    INTERNAL.code: INTERNAL.http,
 }
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
 
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC code and client-facing message for an exception."""
+def status_of(error: BaseException) -> Status:
+    """The status an exception goes out with: its class's (or a base's) entry, else INTERNAL."""
     for cls in type(error).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls], str(error)
-    return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        found = STATUSES.get(cls)  # type: ignore[arg-type]
+        if found is not None:
+            return found
+    return INTERNAL
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and client-facing message for an exception (INTERNAL hides the message)."""
+    status = status_of(error)
+    return status.code, (INTERNAL_MESSAGE if status is INTERNAL else str(error))

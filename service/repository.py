@@ -16,28 +16,23 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
 
 from service.contract.manifest import CONFIG_FILE, Manifest, load_manifest
-from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
-from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions, one_line_reason
+from service.engine.batching import BatchingOptions
+from service.engine.sessions import ModelLoadError, SessionOptions
 from service.errors import ModelNotFound, ModelNotReady
-from service.kinds import CaptionerPipeline, Pipeline, build_pipeline
-from service.kinds.captioner.beam_search import DecodeLoop, DecodingOptions
+from service.kinds import KINDS, DecodingOptions, LoadContext, LoadedModel
 from service.observability import metrics
 from service.observability.statistics import VersionStatistics
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.onnx"
-#: Kinds the server serves: a single model.onnx, or (captioner) an encoder and a decoder graph.
-SERVABLE_KINDS = ("classifier", "generator", "captioner", "tensor")
-#: A captioner's graphs are also KServe v2 tensor models of their own: `<captioner>.encoder`, ...
-CAPTIONER_PARTS = ("encoder", "decoder")
 #: How long a retired version may take to finish the requests it already accepted.
 DRAIN_SECONDS = 30.0
 
@@ -60,25 +55,30 @@ class ModelVersion:
     reason: str = ""
     provider: str = ""
     manifest: Manifest | None = None
-    session: ModelSession | None = None
-    pipeline: Pipeline | None = None  # None for kind `tensor`
-    batcher: DynamicBatcher | None = None
-    stats: VersionStatistics | None = None
+    loaded: LoadedModel | None = None  # what its kind loaded, while it is READY
+    stats: VersionStatistics | None = None  # kept after unloading, for the statistics API
     active: int = 0  # requests that chose this version and have not answered yet
-    #: A captioner's graphs as tensor models of their own ("encoder", "decoder"), named `<model>.<part>`.
-    parts: dict[str, ModelVersion] = field(default_factory=dict)
-    parent: ModelVersion | None = None  # the captioner version a part belongs to
-    model_file: str = MODEL_FILE  # the ONNX file behind `session`, as ModelConfig names it
 
     @contextmanager
     def in_use(self) -> Iterator[ModelVersion]:
-        """Hold the version for one request: retiring waits for it before releasing the session."""
-        holder = self.parent or self
-        holder.active += 1
+        """Hold the version for one request: retiring waits for it before releasing the sessions."""
+        self.active += 1
         try:
             yield self
         finally:
-            holder.active -= 1
+            self.active -= 1
+
+
+@dataclass(frozen=True)
+class Served:
+    """What answers a request: a ready version and its model, or one of the model's parts."""
+
+    version: ModelVersion
+    model: LoadedModel
+
+    @property
+    def name(self) -> str:
+        return self.model.name
 
 
 @dataclass
@@ -106,8 +106,11 @@ class ModelRepository:
         batching: BatchingOptions,
         warmup: bool = True,
         decoding: DecodingOptions | None = None,
+        settings: Settings | None = None,
     ) -> None:
+        """`settings`: the request limits a kind checks requests against (images, beams, sizes)."""
         self.root = root
+        self.settings = settings or Settings()
         self.options = options
         self.batching = batching
         self.warmup = warmup
@@ -128,15 +131,25 @@ class ModelRepository:
         entry = self._entries.get(name)
         return entry is not None and any(v.state is VersionState.READY for v in entry.versions.values())
 
-    def get(self, name: str, version: str = "") -> ModelVersion:
-        """The version that should answer: the given one, or the newest ready one.
+    def get(self, name: str, version: str = "") -> Served:
+        """What should answer: the given version, or the newest ready one.
 
-        `<captioner>.encoder` and `<captioner>.decoder` name a captioner version's graphs.
+        `<model>.<part>` names a part of a model's version (a captioner's `encoder` and `decoder`).
         """
         entry = self._entries.get(name)
         base, _, part = name.rpartition(".")
-        if entry is None and part in CAPTIONER_PARTS and self._is_captioner(base):
-            return self.get(base, version).parts[part]
+        if entry is None and base in self._entries:
+            served = self.get(base, version)
+            found = served.model.parts.get(part)
+            if found is not None:
+                return Served(served.version, found)
+        chosen = self.version(name, version)
+        assert chosen.loaded is not None, "a READY version has its model"
+        return Served(chosen, chosen.loaded)
+
+    def version(self, name: str, version: str = "") -> ModelVersion:
+        """The given version of a model if it is ready, else the newest ready one."""
+        entry = self._entries.get(name)
         if entry is None:
             known = ", ".join(sorted(self._entries)) or "none"
             raise ModelNotFound(f"model {name!r} not found (models: {known})")
@@ -157,10 +170,6 @@ class ModelRepository:
         if newest:
             raise ModelNotReady(_not_ready_message(newest[0]))
         raise ModelNotReady(f"model {name!r} has no version yet")
-
-    def _is_captioner(self, name: str) -> bool:
-        entry = self._entries.get(name)
-        return entry is not None and entry.manifest is not None and entry.manifest.kind == "captioner"
 
     async def refresh(self) -> None:
         """Bring the served set in line with the disk, except models unloaded by request."""
@@ -258,142 +267,34 @@ class ModelRepository:
         entry.versions[version] = loading
         self._notify(loading)
         started = time.perf_counter()
+        stats = VersionStatistics(entry.name, version)
+        context = LoadContext(
+            model=entry.name,
+            version=version,
+            stats=stats,
+            sessions=self.options,
+            batching=self.batching,
+            decoding=self.decoding,
+            settings=self.settings,
+            warmup=self.warmup,
+        )
         try:
-            session, pipeline = await asyncio.to_thread(self._build, manifest, loading.path)
+            kind = KINDS.get(manifest.kind)
+            if kind is None:
+                served = ", ".join(KINDS)
+                raise ModelLoadError(
+                    f"this server cannot serve models of kind {manifest.kind!r} (it serves: {served})"
+                )
+            loaded = await asyncio.to_thread(kind.load, manifest, loading.path, context)
         except ModelLoadError as exc:
             log.error("model %s version %s failed to load: %s", entry.name, version, exc)
             metrics.MODEL_LOAD_FAILURES.labels(entry.name).inc()
             self._set_state(loading, VersionState.FAILED, str(exc))
             return
         metrics.MODEL_LOAD_DURATION.labels(entry.name).observe(time.perf_counter() - started)
-        loading.session, loading.pipeline = session, pipeline
-        loading.stats = VersionStatistics(entry.name, version)
-        check = pipeline.feeds_check if pipeline is not None else None
-        loading.batcher = self._batcher(manifest, session, loading.stats, check)
-        loading.provider = session.provider
-        if isinstance(pipeline, CaptionerPipeline):
-            self._captioner_parts(loading, manifest, pipeline)
+        loading.loaded, loading.stats, loading.provider = loaded, stats, loaded.provider
         log.info("model %s version %s ready on %s", entry.name, version, loading.provider)
         self._set_state(loading, VersionState.READY, "")
-
-    def _captioner_parts(
-        self, version: ModelVersion, manifest: Manifest, pipeline: CaptionerPipeline
-    ) -> None:
-        """The decode loop, and the encoder and decoder as tensor models of their own.
-
-        The encoder part shares the version's session, batcher and statistics (Caption requests
-        run their images through that batcher); the decoder part has its own batcher for KServe
-        calls, and its statistics also count the decode loop's steps.
-        """
-        assert manifest.captioner is not None and version.stats is not None
-        spec = manifest.captioner
-        version.model_file = spec.encoder_file
-        encoder = ModelVersion(
-            model=f"{version.model}.encoder",
-            version=version.version,
-            path=version.path,
-            state=VersionState.READY,
-            manifest=manifest,
-            session=pipeline.encoder,
-            batcher=version.batcher,
-            stats=version.stats,
-            provider=pipeline.encoder.provider,
-            parent=version,
-            model_file=spec.encoder_file,
-        )
-        decoder_stats = VersionStatistics(f"{version.model}.decoder", version.version)
-        decoder = ModelVersion(
-            model=f"{version.model}.decoder",
-            version=version.version,
-            path=version.path,
-            state=VersionState.READY,
-            manifest=manifest,
-            session=pipeline.decoder,
-            batcher=self._batcher(manifest, pipeline.decoder, decoder_stats, pipeline.check_decoder_feeds),
-            stats=decoder_stats,
-            provider=pipeline.decoder.provider,
-            parent=version,
-            model_file=spec.decoder_file,
-        )
-        version.parts = {"encoder": encoder, "decoder": decoder}
-        pipeline.loop = DecodeLoop(
-            pipeline.decoder.run,
-            pipeline.decoder.output_names,
-            self.decoding,
-            version.model,
-            version.version,
-            on_step=decoder_stats.ran,
-            by_image=pipeline.by_image,
-        )
-
-    def _build(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline | None]:
-        if manifest.kind not in SERVABLE_KINDS:
-            served = ", ".join(SERVABLE_KINDS)
-            raise ModelLoadError(
-                f"this server cannot serve models of kind {manifest.kind!r} (it serves: {served})"
-            )
-        if manifest.kind == "captioner":
-            return self._build_captioner(manifest, version_dir)
-        model_file = version_dir / MODEL_FILE
-        if not model_file.is_file():
-            raise ModelLoadError(f"{model_file.name} is missing in version folder {version_dir.name}")
-        session = ModelSession(model_file, self.options)
-        pipeline = build_pipeline(manifest, session)
-        if self.warmup:
-            with _warm_up_failures_fail_the_version():
-                session.warmup()
-                if pipeline is not None:
-                    pipeline.warmup()
-        return session, pipeline
-
-    def _build_captioner(self, manifest: Manifest, version_dir: Path) -> tuple[ModelSession, Pipeline]:
-        """The encoder session (the version's own, behind its batcher) and the captioner pipeline."""
-        assert manifest.captioner is not None
-        files = [version_dir / manifest.captioner.encoder_file, version_dir / manifest.captioner.decoder_file]
-        for path in files:
-            if not path.is_file():
-                raise ModelLoadError(f"{path.name} is missing in version folder {version_dir.name}")
-        encoder, decoder = (ModelSession(path, self.options) for path in files)
-        pipeline = CaptionerPipeline(manifest, encoder, decoder)
-        if self.warmup:
-            with _warm_up_failures_fail_the_version():
-                pipeline.warmup()
-        return encoder, pipeline
-
-    def _batcher(
-        self,
-        manifest: Manifest,
-        session: ModelSession,
-        stats: VersionStatistics,
-        check: CheckFunction | None = None,
-    ) -> DynamicBatcher:
-        """Server defaults, overridden by the model's config; no batch axis means no merging.
-
-        `check`: the kind's checks of one request's arrays, run before it joins a batch.
-        """
-        chosen = manifest.batching
-        defaults = self.batching
-        options = BatchingOptions(
-            max_batch_size=defaults.max_batch_size
-            if chosen.max_batch_size is None
-            else chosen.max_batch_size,
-            max_queue_delay=defaults.max_queue_delay
-            if chosen.max_queue_delay is None
-            else chosen.max_queue_delay,
-            max_queue_size=chosen.max_queue_size or defaults.max_queue_size,
-            instances=chosen.instances or defaults.instances,
-            inline=defaults.inline,
-        )
-        if not session.batchable:
-            options = replace(options, max_batch_size=0, max_queue_delay=0.0)
-        return DynamicBatcher(
-            session.run,
-            options,
-            on_run=lambda report: stats.ran(report.rows, report.seconds),
-            on_dequeue=lambda report: stats.queued(report.seconds),
-            check=check,
-            on_isolation=lambda report: stats.isolated(report.retries, report.alone, report.with_batch),
-        )
 
     def _retire(self, version: ModelVersion, reason: str) -> None:
         """Stop new traffic at once; let accepted requests finish; then release the session."""
@@ -403,16 +304,9 @@ class ModelRepository:
             deadline = time.monotonic() + DRAIN_SECONDS
             while version.active and time.monotonic() < deadline:
                 await asyncio.sleep(0.005)
-            batcher, pipeline, parts = version.batcher, version.pipeline, version.parts
-            version.batcher = version.pipeline = version.session = None
-            version.parts = {}
-            if isinstance(pipeline, CaptionerPipeline):
-                await pipeline.close()
-            if batcher is not None:
-                await batcher.close()
-            for part in parts.values():
-                if part.batcher is not None and part.batcher is not batcher:
-                    await part.batcher.close()
+            loaded, version.loaded = version.loaded, None
+            if loaded is not None:
+                await loaded.close()
 
         task = asyncio.get_running_loop().create_task(drain())
         draining = self._retiring.setdefault(version.model, set())
@@ -436,18 +330,6 @@ class ModelRepository:
     def _notify(self, version: ModelVersion) -> None:
         for listener in self._listeners:
             listener(version)
-
-
-@contextmanager
-def _warm_up_failures_fail_the_version() -> Iterator[None]:
-    """A graph that cannot run its warm-up input fails its version (FAILED, with the reason), like
-    a graph that cannot load; it must not stop the server."""
-    try:
-        yield
-    except ModelLoadError:
-        raise
-    except Exception as exc:  # onnxruntime's own types, or a domain error from the session
-        raise ModelLoadError(f"the warm-up run failed: {one_line_reason(exc)}") from exc
 
 
 def _read_manifest(name: str, model_dir: Path) -> tuple[Manifest | None, str]:

@@ -28,17 +28,17 @@ from prometheus_client import start_http_server
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
+from service.dataplane import DataPlane
 from service.engine.batching import BatchingOptions
 from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
-from service.kinds.captioner.beam_search import DecodingOptions
+from service.kinds import DecodingOptions
 from service.observability import metrics
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.security.auth import AuthPolicy
 from service.security.tls import grpc_server_credentials, http_ssl_context, tls_enabled
 from service.settings import Settings, grpc_threads_low, runs_inline
-from service.transports.calls import register
-from service.transports.grpc.common import set_default_timeout
 from service.transports.grpc.kserve import KServeServicer
+from service.transports.grpc.registration import register
 from service.transports.grpc.threads import threads_started_at_low_priority
 from service.transports.grpc.vision import VisionServicer
 from service.transports.http.routes import build_app
@@ -121,6 +121,7 @@ class ConvserveServer:
                 batching=settings.caption_batching,
                 max_queue=settings.max_decode_queue,
             ),
+            settings=settings,
         )
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -142,15 +143,12 @@ class ConvserveServer:
     async def start(self) -> None:
         """Bind the ports, answer liveness at once, load the models, then report ready."""
         settings = self.settings
-        set_default_timeout(settings.default_timeout_seconds)
         tls = tls_enabled(settings)
         policy = AuthPolicy.from_settings(settings)
         self._start_metrics()
         server = new_grpc_server(settings)
-        vision = VisionServicer(self.repository, settings)
-        kserve = KServeServicer(
-            self.repository, lambda: self._ready, settings.max_message_bytes, settings=settings
-        )
+        plane = DataPlane(self.repository, settings, lambda: self._ready)
+        vision, kserve = VisionServicer(plane), KServeServicer(plane)
         # each method wrapped once: access control, request id, errors, access log, metrics
         register(server, vision_pb2_grpc.add_VisionServicer_to_server, vision, policy)
         register(server, kserve_grpc.add_GRPCInferenceServiceServicer_to_server, kserve, policy)
@@ -190,7 +188,7 @@ class ConvserveServer:
             settings.repository_control,
         )
         await self._start_health_port()
-        await self._start_http(build_app(kserve, vision, settings.max_message_bytes, policy), ssl_context)
+        await self._start_http(build_app(plane, settings.max_message_bytes, policy), ssl_context)
         await self.repository.refresh()
         self._started = True
         await self._update_readiness()

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.domain import EncodedImage, ImageInput, RawImage
 from service.errors import InvalidArgument
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP")
@@ -69,3 +70,15 @@ def decode_raw(data: bytes, height: int, width: int, channels: int, max_pixels: 
         )
     array = np.frombuffer(data, dtype=np.uint8).reshape(height, width, channels)
     return array[:, :, 0] if channels == 1 else array
+
+
+def decode_image(image: ImageInput, index: int, max_pixels: int) -> np.ndarray:
+    """A request's image number `index` as uint8 pixels; errors name the image."""
+    try:
+        if isinstance(image, EncodedImage):
+            return decode_encoded(image.data, max_pixels)
+        if isinstance(image, RawImage):
+            return decode_raw(image.data, image.height, image.width, image.channels, max_pixels)
+        raise InvalidArgument("image has neither encoded bytes nor a raw array")
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"image {index}: {exc}") from None

@@ -12,13 +12,14 @@ that promises a billion elements with ten bytes of data is rejected at once.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
+from service.domain import InputTensor, ParameterValue
 from service.errors import InvalidArgument
 
 # Every element costs at least one byte on the wire, so the largest gRPC message (64 MiB by
@@ -140,20 +141,45 @@ def element_count(
     return count
 
 
+def decode_tensor(tensor: InputTensor, *, max_elements: int = DEFAULT_MAX_ELEMENTS) -> np.ndarray:
+    """One request input as a numpy array of its shape.
+
+    Raw numeric data is wrapped without a copy: the array is read-only and does not own its
+    memory (copy it before writing). BYTES gives an object array of bytes. Any mismatch between
+    datatype, shape and data raises InvalidArgument naming the input.
+    """
+    what = f"input {tensor.name!r}"
+    return _decode(tensor.datatype, list(tensor.shape), tensor.raw, tensor.typed, max_elements, what)
+
+
+def decode_tensors(
+    inputs: Sequence[InputTensor], *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> dict[str, np.ndarray]:
+    """Every input of a request by name."""
+    arrays: dict[str, np.ndarray] = {}
+    for tensor in inputs:
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input {tensor.name!r} appears more than once")
+        arrays[tensor.name] = decode_tensor(tensor, max_elements=max_elements)
+    return arrays
+
+
 def decode_input(
     tensor: pb.ModelInferRequest.InferInputTensor,
     raw: bytes | None,
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> np.ndarray:
-    """One request input as a numpy array of its shape.
+    """One wire input (with its raw_input_contents entry, or None) as a numpy array; as decode_tensor."""
+    what = f"input {tensor.name!r}"
+    return _decode(tensor.datatype, list(tensor.shape), raw, typed_contents(tensor), max_elements, what)
 
-    `raw` is the input's entry in raw_input_contents, or None when the request sends typed
-    contents. Raw numeric data is wrapped without a copy: the array is read-only and does not
-    own its memory (copy it before writing). BYTES gives an object array of bytes.
-    Any mismatch between datatype, shape and data raises InvalidArgument naming the input.
-    """
-    return _decode(tensor, raw, max_elements, f"input {tensor.name!r}")
+
+def decode_inputs(
+    request: pb.ModelInferRequest, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> dict[str, np.ndarray]:
+    """Every input of a wire request by name; as decode_tensors."""
+    return decode_tensors(input_tensors(request), max_elements=max_elements)
 
 
 def decode_output(
@@ -163,35 +189,69 @@ def decode_output(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> np.ndarray:
     """One response output as a numpy array (for clients); as decode_input."""
-    return _decode(tensor, raw, max_elements, f"output {tensor.name!r}")
+    typed = typed_contents(tensor)
+    what = f"output {tensor.name!r}"
+    return _decode(tensor.datatype, list(tensor.shape), raw, typed, max_elements, what)
 
 
-def decode_inputs(
-    request: pb.ModelInferRequest, *, max_elements: int = DEFAULT_MAX_ELEMENTS
-) -> dict[str, np.ndarray]:
-    """Every input of a request by name, pairing raw_input_contents with inputs in order."""
+def typed_contents(
+    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferOutputTensor,
+) -> Sequence[object] | None:
+    """The values of a wire tensor's typed-contents field for its datatype; None without contents.
+
+    A datatype without a typed field (FP16), or an unknown one, gives an empty sequence: decoding
+    then says what is wrong.
+    """
+    if not tensor.HasField("contents"):
+        return None
+    kind = DATATYPES.get(tensor.datatype)
+    if kind is None or kind.contents is None:
+        return ()
+    return getattr(tensor.contents, kind.contents)
+
+
+def input_tensors(request: pb.ModelInferRequest) -> list[InputTensor]:
+    """A ModelInferRequest's inputs, pairing raw_input_contents with inputs in order."""
     raws = request.raw_input_contents
     if raws and len(raws) != len(request.inputs):
         raise InvalidArgument(
             f"request has {len(raws)} raw_input_contents for {len(request.inputs)} inputs; "
             "send one per input, in the order of inputs"
         )
-    arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} appears more than once")
-        arrays[tensor.name] = decode_input(tensor, raws[i] if raws else None, max_elements=max_elements)
-    return arrays
+    return [
+        InputTensor(
+            name=tensor.name,
+            datatype=tensor.datatype,
+            shape=tensor.shape,
+            raw=raws[i] if raws else None,
+            typed=typed_contents(tensor),
+            parameters=parameters(tensor.parameters),
+        )
+        for i, tensor in enumerate(request.inputs)
+    ]
+
+
+def parameters(wire: Mapping[str, pb.InferParameter]) -> dict[str, ParameterValue]:
+    """A protobuf parameter map as plain values."""
+    values: dict[str, ParameterValue] = {}
+    for name, parameter in wire.items():
+        which = parameter.WhichOneof("parameter_choice")
+        values[name] = getattr(parameter, which) if which is not None else ""
+    return values
 
 
 def encode_output(name: str, array: np.ndarray) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
     """An output's metadata and its raw little-endian bytes (BYTES as length-prefixed elements)."""
-    array = np.asarray(array)
-    kind = datatype_of(array.dtype)
-    tensor = pb.ModelInferResponse.InferOutputTensor(name=name, datatype=kind, shape=array.shape)
-    if kind == "BYTES":
-        return tensor, encode_bytes(array.ravel())
-    return tensor, np.ascontiguousarray(array, dtype=DATATYPES[kind].dtype).tobytes()
+    name_of_type, raw = encode_raw(array)
+    return pb.ModelInferResponse.InferOutputTensor(name=name, datatype=name_of_type, shape=array.shape), raw
+
+
+def encode_raw(array: np.ndarray) -> tuple[str, bytes]:
+    """An array's KServe datatype and raw little-endian bytes (BYTES as length-prefixed elements)."""
+    name = datatype_of(array.dtype)
+    if name == "BYTES":
+        return name, encode_bytes(array.ravel())
+    return name, np.ascontiguousarray(array, dtype=DATATYPES[name].dtype).tobytes()
 
 
 def encode_typed(array: np.ndarray) -> pb.InferTensorContents:
@@ -226,16 +286,17 @@ def _element_bytes(element: object) -> bytes:
 
 
 def _decode(
-    tensor: pb.ModelInferRequest.InferInputTensor | pb.ModelInferResponse.InferOutputTensor,
+    datatype_name: str,
+    shape: list[int],
     raw: bytes | None,
+    typed: Sequence[object] | None,
     max_elements: int,
     what: str,
 ) -> np.ndarray:
-    kind = datatype(tensor.datatype, what=what)
-    shape = list(tensor.shape)
+    kind = datatype(datatype_name, what=what)
     count = element_count(shape, max_elements=max_elements, what=what)
     if raw is not None:
-        if tensor.HasField("contents"):
+        if typed is not None:
             raise InvalidArgument(f"{what}: has both typed contents and raw contents; send one")
         if kind.name == "BYTES":
             return _decode_raw_bytes(raw, shape, count, what)
@@ -249,7 +310,7 @@ def _decode(
         if kind.name == "BOOL" and np.frombuffer(raw, dtype=np.uint8).max() > 1:
             raise InvalidArgument(f"{what}: BOOL raw data must be bytes 0 or 1")
         return np.frombuffer(raw, dtype=kind.dtype, count=count).reshape(shape)
-    return _decode_typed(tensor.contents, kind, shape, count, what)
+    return _decode_typed(() if typed is None else typed, kind, shape, count, what)
 
 
 def _decode_raw_bytes(raw: bytes, shape: list[int], count: int, what: str) -> np.ndarray:
@@ -285,11 +346,10 @@ def _decode_raw_bytes(raw: bytes, shape: list[int], count: int, what: str) -> np
 
 
 def _decode_typed(
-    contents: pb.InferTensorContents, kind: Datatype, shape: list[int], count: int, what: str
+    values: Sequence[object], kind: Datatype, shape: list[int], count: int, what: str
 ) -> np.ndarray:
     if kind.contents is None:
         raise InvalidArgument(f"{what}: {kind.name} has no typed contents field; send it as raw contents")
-    values = getattr(contents, kind.contents)
     if len(values) != count:
         raise InvalidArgument(
             f"{what}: shape {shape} of {kind.name} needs {count} values in {kind.contents}, got {len(values)}"

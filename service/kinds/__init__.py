@@ -1,23 +1,21 @@
-"""Pre- and post-processing per model kind; they see arrays with a batch axis, nothing of gRPC."""
+"""Model kinds as plugins: each module loads its kind and answers its tasks; the registry names them.
+
+Adding a kind = one module with a `ModelKind` + one line in `KINDS` (+ its proto messages and a
+domain request type if it has a task RPC). Nothing outside this package names a kind.
+"""
 
 from __future__ import annotations
 
-from service.contract.manifest import Manifest
-from service.engine.sessions import ModelSession
-from service.kinds.captioner.pipeline import CaptionerPipeline
-from service.kinds.classifier import ClassifierPipeline
-from service.kinds.generator import GeneratorPipeline
+from service.kinds.base import LoadContext, LoadedModel, ModelKind
+from service.kinds.captioner.beam_search import DecodingOptions
+from service.kinds.captioner.kind import CaptionerKind
+from service.kinds.classifier import ClassifierKind
+from service.kinds.generator import GeneratorKind
+from service.kinds.tensor import TensorKind
 
-Pipeline = ClassifierPipeline | GeneratorPipeline | CaptionerPipeline
+#: Every kind the server serves, by the manifest's `kind`.
+KINDS: dict[str, ModelKind] = {
+    kind.name: kind for kind in (ClassifierKind(), GeneratorKind(), CaptionerKind(), TensorKind())
+}
 
-
-def build_pipeline(manifest: Manifest, session: ModelSession) -> Pipeline | None:
-    """The task pipeline for a single-graph kind; None for `tensor` models (KServe v2 only).
-
-    A captioner has two graphs: the repository builds its CaptionerPipeline itself.
-    """
-    if manifest.kind == "classifier":
-        return ClassifierPipeline(manifest, session)
-    if manifest.kind == "generator":
-        return GeneratorPipeline(manifest, session)
-    return None
+__all__ = ["KINDS", "DecodingOptions", "LoadContext", "LoadedModel", "ModelKind"]

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from service.codecs.cost import INLINE, Codec, Work
+from service.codecs.images import decode_image
 from service.contract import preprocessing as imaging
 from service.contract.manifest import DigitAdaptation, Manifest
+from service.domain import ClassifyRequest, ClassifyResult, Prediction, image_bytes
+from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    index: int
-    score: float
+from service.kinds.base import MODEL_FILE, LoadContext
+from service.kinds.tensor import TensorModel, tensor_model
+from service.observability.statistics import RequestTimes
 
 
 class ClassifierPipeline:
@@ -32,11 +32,6 @@ class ClassifierPipeline:
         if manifest.output_name not in session.output_names:
             raise ModelLoadError(f"the ONNX graph has no output {manifest.output_name!r}")
         self._output_index = session.output_names.index(manifest.output_name)
-
-    @property
-    def feeds_check(self) -> None:
-        """Nothing to check beyond dtype and shape: every uint8 image is a valid input."""
-        return None
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One decoded image -> (C, H, W) uint8 in the training distribution."""
@@ -79,3 +74,61 @@ class ClassifierPipeline:
                 f"the model answers logits of shape {logits.shape} for one image, "
                 f"but the manifest lists {len(self.labels)} labels"
             )
+
+
+class ClassifierKind:
+    """Kind `classifier`: images in, ranked labels out (Classify), and its graph over KServe v2."""
+
+    name = "classifier"
+
+    def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> TensorModel:
+        session = context.session(version_dir, MODEL_FILE)
+        pipeline = ClassifierPipeline(manifest, session)
+        context.warm_up(session.warmup, pipeline.warmup)
+        model = tensor_model(context.model, manifest, session, context, context.stats)
+        settings = context.settings
+
+        def classify(request: ClassifyRequest) -> ClassifyJob:
+            return ClassifyJob(
+                request, pipeline, model.batcher, settings.default_top_k, settings.max_image_pixels
+            )
+
+        model.tasks[ClassifyRequest] = classify
+        return model
+
+
+class ClassifyJob:
+    """Decode and pre-process the images, run the batch, rank each row."""
+
+    finish_work = INLINE
+
+    def __init__(
+        self,
+        request: ClassifyRequest,
+        pipeline: ClassifierPipeline,
+        batcher: DynamicBatcher,
+        default_top_k: int,
+        max_pixels: int,
+    ) -> None:
+        self._images = request.images
+        self._top_k = default_top_k if request.top_k is None else request.top_k
+        self._pipeline = pipeline
+        self._max_pixels = max_pixels
+        self.batcher = batcher
+        self.rows = len(request.images)
+        self.prepare_work = Work(Codec.IMAGE, image_bytes(request.images))
+        self._batch = np.empty(0)
+        self._outputs: list[np.ndarray] = []
+
+    def prepare(self) -> None:
+        pipeline, limit = self._pipeline, self._max_pixels
+        self._batch = np.stack(
+            [pipeline.prepare(decode_image(image, i, limit)) for i, image in enumerate(self._images)]
+        )
+
+    async def run(self, deadline: float | None, times: RequestTimes) -> None:
+        self._outputs = await self.batcher.submit(self._pipeline.feeds(self._batch), deadline, times)
+
+    def finish(self) -> ClassifyResult:
+        pipeline = self._pipeline
+        return ClassifyResult(results=pipeline.rank(pipeline.logits(self._outputs), self._top_k))

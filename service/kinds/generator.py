@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from service.codecs.cost import INLINE, Codec, Work
 from service.contract.manifest import GeneratorSpec, Manifest
+from service.domain import GeneratedImage, GenerateRequest, GenerateResult
+from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession
 from service.errors import InvalidArgument
+from service.kinds.base import MODEL_FILE, LoadContext
 from service.kinds.checks import require_finite, require_within
+from service.kinds.tensor import TensorModel, tensor_model
+from service.observability.statistics import RequestTimes
 
 
 @dataclass(frozen=True)
@@ -59,11 +66,6 @@ class GeneratorPipeline:
         else:
             chosen = np.resize(np.asarray(labels, dtype=np.int64), count)
         return Plan(seed, latents, chosen)
-
-    @property
-    def feeds_check(self) -> Callable[[dict[str, np.ndarray]], None]:
-        """What the batcher checks each request with before it joins a batch."""
-        return self.check_feeds
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """One request's arrays (task API or KServe v2): finite latents, labels among the classes."""
@@ -112,3 +114,62 @@ def grid_png(images: np.ndarray, columns: int | None = None, gap: int = 2) -> by
         top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
         canvas[:, top : top + height, left : left + width] = image
     return to_png(canvas)
+
+
+class GeneratorKind:
+    """Kind `generator`: (count, labels, seed) in, images out (Generate), and its graph over KServe v2."""
+
+    name = "generator"
+
+    def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> TensorModel:
+        session = context.session(version_dir, MODEL_FILE)
+        pipeline = GeneratorPipeline(manifest, session)
+        context.warm_up(session.warmup, pipeline.warmup)
+        model = tensor_model(
+            context.model, manifest, session, context, context.stats, check=pipeline.check_feeds
+        )
+        model.tasks[GenerateRequest] = lambda request: GenerateJob(request, pipeline, model.batcher)
+        return model
+
+
+class GenerateJob:
+    """Draw the latents, run them, encode the images as PNG (in a thread: PNG encoding is slow)."""
+
+    prepare_work = INLINE
+
+    def __init__(
+        self, request: GenerateRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher
+    ) -> None:
+        count = 1 if request.count is None else request.count
+        self._pipeline = pipeline
+        self._grid = request.grid
+        self._plan = pipeline.plan(count, list(request.labels), _seed(request))
+        self.rows = count
+        self.batcher = batcher
+        spec = pipeline.spec
+        self.finish_work = Work(Codec.PNG, count * spec.height * spec.width)
+        self._outputs: list[np.ndarray] = []
+
+    def prepare(self) -> None:
+        """The latents were drawn when the job was planned: nothing to decode."""
+
+    async def run(self, deadline: float | None, times: RequestTimes) -> None:
+        self._outputs = await self.batcher.submit(self._pipeline.feeds(self._plan), deadline, times)
+
+    def finish(self) -> GenerateResult:
+        images = self._pipeline.images(self._outputs)
+        if self._grid:
+            pngs, grid = [b""] * len(images), grid_png(images)
+        else:
+            pngs, grid = [to_png(image) for image in images], b""
+        labels = self._pipeline.labels
+        generated = [
+            GeneratedImage(png=png, label_index=int(i), label=labels[int(i)])
+            for png, i in zip(pngs, self._plan.labels, strict=True)
+        ]
+        return GenerateResult(seed=self._plan.seed, images=generated, grid_png=grid)
+
+
+def _seed(request: GenerateRequest) -> int:
+    """The request's seed, or a fresh one (the response names it, so the images can be made again)."""
+    return secrets.randbits(63) if request.seed is None else request.seed

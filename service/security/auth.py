@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import grpc
 from aiohttp import web
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,12 +55,8 @@ CONTROL_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 _OPEN_GRPC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
-class AuthError(Exception):
-    """A request that may not proceed; `code` is UNAUTHENTICATED or PERMISSION_DENIED."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+#: What a refused request raises: domain errors, mapped to their statuses by service/errors.py.
+AuthError = (Unauthenticated, PermissionDenied)
 
 
 def check_model_name(name: str) -> None:
@@ -116,7 +111,8 @@ class AuthPolicy:
         return bool(self.tokens)
 
     def check(self, method: str, authorization: str | None, *, health: bool = False) -> None:
-        """Raise AuthError unless a call of `method` with this Authorization value may proceed."""
+        """Raise Unauthenticated or PermissionDenied unless a call of `method` with this
+        Authorization value may proceed."""
         if method in CONTROL_METHODS:
             self._check_control(authorization)
         elif health and not self.protect_health:
@@ -127,18 +123,18 @@ class AuthPolicy:
     def _check_control(self, authorization: str | None) -> None:
         if self.repository_control == "admin":
             if self._authenticate(authorization) != "admin":
-                raise AuthError(grpc.StatusCode.PERMISSION_DENIED, NOT_ADMIN)
+                raise PermissionDenied(NOT_ADMIN)
             return
         if self.enabled:
             self._authenticate(authorization)
         if self.repository_control == "disabled":
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, CONTROL_DISABLED)
+            raise PermissionDenied(CONTROL_DISABLED)
 
     def _authenticate(self, authorization: str | None) -> str:
-        """'admin' or 'user' for a known token; AuthError UNAUTHENTICATED otherwise."""
+        """'admin' or 'user' for a known token; Unauthenticated otherwise."""
         token = _bearer(authorization)
         if token is None:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, MISSING)
+            raise Unauthenticated(MISSING)
         given = _digest(token)
         user = _matches(given, self.tokens)
         admin = _matches(given, self.admin_tokens)
@@ -146,7 +142,7 @@ class AuthPolicy:
             return "admin"
         if user:
             return "user"
-        raise AuthError(grpc.StatusCode.UNAUTHENTICATED, INVALID)
+        raise Unauthenticated(INVALID)
 
 
 def _matches(given: bytes, known: Iterable[bytes]) -> bool:
@@ -182,7 +178,7 @@ class MethodAccess:
         )
 
     def check(self, metadata: Any) -> None:
-        """Raise AuthError unless a call with this invocation metadata may proceed."""
+        """Raise Unauthenticated or PermissionDenied unless a call with this metadata may proceed."""
         self._policy.check(self._method, metadata_value(metadata, AUTHORIZATION), health=self._health)
 
 
@@ -200,8 +196,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def http_middleware(policy: AuthPolicy) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """The same rules on HTTP: `Authorization: Bearer ...`; raises AuthError (the serving middleware
-    answers 401/403 with {"error": ...}). /v2/health/* and model readiness are health routes."""
+    """The same rules on HTTP: `Authorization: Bearer ...`; raises Unauthenticated or PermissionDenied
+    (the call observation answers 401/403 with {"error": ...}). /v2/health/* and model readiness are
+    health routes."""
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -227,12 +224,12 @@ def check_not_cross_site(request: web.Request) -> None:
     """
     origin = request.headers.get("Origin")
     if origin is not None and urlsplit(origin).netloc != request.host:
-        raise AuthError(grpc.StatusCode.PERMISSION_DENIED, CROSS_SITE)
+        raise PermissionDenied(CROSS_SITE)
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site not in ("same-origin", "none"):
-        raise AuthError(grpc.StatusCode.PERMISSION_DENIED, CROSS_SITE)
+        raise PermissionDenied(CROSS_SITE)
     content_type = request.headers.get("Content-Type")
     if content_type is None:
         return
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
-        raise AuthError(grpc.StatusCode.PERMISSION_DENIED, NOT_JSON)
+        raise PermissionDenied(NOT_JSON)

@@ -288,10 +288,19 @@ CASES = [
     ),
     Case(
         "KServe/RepositoryModelUnload",
-        "parameters",
+        "parameter it does not honour",
         kpb.RepositoryModelUnloadRequest(
             model_name="lenet5",
-            parameters={"unload_dependents": kpb.ModelRepositoryParameter(bool_param=True)},
+            parameters={"file:model.onnx": kpb.ModelRepositoryParameter(bytes_param=b"x")},
+        ),
+        INVALID,
+    ),
+    Case(
+        "KServe/RepositoryModelUnload",
+        "unload_dependents not a bool",
+        kpb.RepositoryModelUnloadRequest(
+            model_name="lenet5",
+            parameters={"unload_dependents": kpb.ModelRepositoryParameter(string_param="yes")},
         ),
         INVALID,
     ),
@@ -390,9 +399,27 @@ CASES = [
     ),
     Case(
         "KServe/ModelInfer",
-        "NaN and infinite parameters (ignored)",
+        "unknown parameters with NaN and infinite values (refused by name)",
         _infer(parameters={"nan": PARAM(double_param=math.nan), "inf": PARAM(double_param=-math.inf)}),
+        INVALID,
+    ),
+    Case(
+        "KServe/ModelInfer",
+        "timeout parameter NaN",
+        _infer(parameters={"timeout": PARAM(double_param=math.nan)}),
+        INVALID,
+    ),
+    Case(
+        "KServe/ModelInfer",
+        "timeout parameter of 60 s",
+        _infer(parameters={"timeout": PARAM(int64_param=60_000_000)}),
         OK,
+    ),
+    Case(
+        "KServe/ModelInfer",
+        "priority parameter",
+        _infer(parameters={"priority": PARAM(uint64_param=1)}),
+        INVALID,
     ),
     Case("KServe/ModelInfer", NON_UTF8, _with_non_utf8_id(_infer()), INVALID),
     Case("KServe/ModelInfer", "id of 64 KiB", _infer(id="i" * 65536), OK),

@@ -188,7 +188,11 @@ def test_repository_unload_and_load(model_repository, tmp_path) -> None:
     try:
         with grpc.insecure_channel(server.target) as channel, VisionClient(server.target) as client:
             kserve = pb_grpc.GRPCInferenceServiceStub(channel)
-            kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="lenet5"))
+            # as tritonclient sends it: unload_dependents is honoured (a model's parts go with it)
+            dependents = {"unload_dependents": pb.ModelRepositoryParameter(bool_param=False)}
+            kserve.RepositoryModelUnload(
+                pb.RepositoryModelUnloadRequest(model_name="lenet5", parameters=dependents)
+            )
             assert not kserve.ModelReady(pb.ModelReadyRequest(name="lenet5")).ready
             assert client.health("lenet5") == "NOT_SERVING"
             (entry,) = kserve.RepositoryIndex(pb.RepositoryIndexRequest()).models

@@ -30,7 +30,7 @@ from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.client import VisionClient
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, status_of
 from service.security.auth import AuthError, AuthPolicy, _digest, check_model_name, read_tokens
 from service.settings import Settings
 
@@ -461,7 +461,7 @@ def _policy(**kwargs) -> AuthPolicy:
 def _denied(policy: AuthPolicy, method: str, authorization: str | None, health: bool = False) -> str:
     with pytest.raises(AuthError) as info:
         policy.check(method, authorization, health=health)
-    return f"{info.value.code.name}: {info.value}"
+    return f"{status_of(info.value).code.name}: {info.value}"
 
 
 def test_policy_rules() -> None:

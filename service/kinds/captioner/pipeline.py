@@ -95,11 +95,6 @@ class CaptionerPipeline:
             for i in range(len(features))
         ]
 
-    @property
-    def feeds_check(self) -> None:
-        """The encoder takes any uint8 image: nothing to check beyond dtype and shape."""
-        return None
-
     def check_decoder_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """A KServe v2 request to the decoder graph alone: tokens in the vocabulary, each
         hypothesis' image among the features given, finite states and features."""

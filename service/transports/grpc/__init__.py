@@ -1,1 +1,1 @@
-"""gRPC servicers: translate protos to pipeline calls and back, nothing more."""
+"""gRPC servicers: protobuf messages to the data plane's types and back, nothing more."""

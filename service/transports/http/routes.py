@@ -1,73 +1,55 @@
 """KServe v2 over HTTP/REST (port 8000), and small task routes for people without a client library.
 
-aiohttp (maintained, asyncio-native) runs on the gRPC server's event loop, and every route calls
-the same servicer methods as gRPC: one data plane, so validation, batching, statistics and
-metrics are shared. JSON tensors and the binary tensor extension (`Inference-Header-Content-Length`,
+aiohttp (maintained, asyncio-native) runs on the gRPC server's event loop. Every route is a
+translator: it turns the HTTP request into the data plane's types, calls the data plane (the same
+one gRPC calls) and writes its answer back, so validation, batching, statistics and metrics are
+shared. JSON tensors and the binary tensor extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data_output`) are both understood.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import numpy as np
 from aiohttp import web
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
-from service._proto.convserve.v1 import vision_pb2 as vision_pb
-from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service.codecs import tensors
-from service.errors import InvalidArgument, status_for
-from service.security.auth import AuthError, AuthPolicy, http_middleware
-from service.transports.calls import (
-    REQUEST_ID_KEY,
-    CallInfo,
-    begin_call,
-    end_call,
-    new_request_id,
-    record_call,
+from service.codecs.kserve import model_config, model_statistics, plain
+from service.dataplane import DataPlane
+from service.dataplane.calls import REQUEST_ID_KEY, CallInfo, CallObserver, Failure, new_request_id
+from service.domain import (
+    CaptionRequest,
+    ClassifyRequest,
+    EncodedImage,
+    GenerateRequest,
+    InferRequest,
+    InferResult,
+    InputTensor,
+    OutputRequest,
+    ParameterValue,
 )
-from service.transports.grpc.common import default_deadline
-from service.transports.grpc.kserve import KServeServicer
-from service.transports.grpc.vision import VisionServicer
-
-log = logging.getLogger(__name__)
+from service.errors import InvalidArgument, ModelNotFound
+from service.security.auth import AuthPolicy, http_middleware
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-#: gRPC status -> HTTP status, as the Open Inference Protocol's REST binding expects them.
-HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def build_app(
-    kserve: KServeServicer, vision: VisionServicer, max_body_bytes: int, policy: AuthPolicy | None = None
-) -> web.Application:
+def build_app(plane: DataPlane, max_body_bytes: int, policy: AuthPolicy | None = None) -> web.Application:
     """The routes; each is named after the gRPC method it shares, for metrics and the access log.
 
-    `policy`: bearer-token rules (service/security/auth.py), applied inside the serving middleware so refusals
-    (401/403) are logged and counted; none: open.
+    `policy`: bearer-token rules (service/security/auth.py), applied inside the serving middleware so
+    refusals (401/403) are logged and counted; none: open.
     """
     middlewares = [_serving_middleware, http_middleware(policy or AuthPolicy())]
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
-    routes = Routes(kserve, vision)
+    routes = Routes(plane)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     table: list[tuple[str, str, Handler, str]] = [
@@ -96,214 +78,209 @@ def build_app(
 
 @web.middleware
 async def _serving_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id, the error table, metrics and the access log, as the gRPC interceptor does."""
+    """Request id and the call observation (the error table, metrics, the access log), as on gRPC."""
     route = request.match_info.route.name or ""
     method = route.split(".", 1)[0] or "unrouted"
     call = CallInfo(
         request_id=new_request_id(request.headers.get(REQUEST_ID_KEY)), method=method, transport="http"
     )
-    token = begin_call(call)
-    started = time.perf_counter()
-    code, message = grpc.StatusCode.OK, ""
-    try:
-        response = await handler(request)
-    except AuthError as exc:
-        code, message = exc.code, str(exc)
-        response = _error(HTTP_STATUS[code], message)
-        if code is grpc.StatusCode.UNAUTHENTICATED:
-            response.headers["WWW-Authenticate"] = "Bearer"
-    except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
-        code, message = (
-            grpc.StatusCode.NOT_FOUND if exc.status == 404 else grpc.StatusCode.INVALID_ARGUMENT,
-            exc.reason,
-        )
-        response = _error(exc.status, exc.reason)
-    except Exception as exc:
-        code, message = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL:
-            log.exception(
-                "unhandled error in %s", request.path, extra={"fields": {"request_id": call.request_id}}
-            )
-        response = _error(HTTP_STATUS.get(code, 500), message)
-    finally:
-        end_call(token)
-    if code is grpc.StatusCode.OK and response.status >= 400:  # a route's own "not ready" answer
-        code = grpc.StatusCode.UNAVAILABLE
-    record_call(call, f"{request.method} {request.path}", code, message, time.perf_counter() - started)
+    with CallObserver(call, f"{request.method} {request.path}") as observer:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
+            wrapped = ModelNotFound(exc.reason) if exc.status == 404 else InvalidArgument(exc.reason)
+            failure = observer.failed(wrapped)
+            response = _error(Failure(replace(failure.status, http=exc.status), exc.reason))
+        except Exception as exc:
+            response = _error(observer.failed(exc))
+        if observer.ok and response.status >= 400:  # a route's own "not ready" answer
+            observer.ended(grpc.StatusCode.UNAVAILABLE, "")
     response.headers[REQUEST_ID_KEY] = call.request_id
     return response
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(failure: Failure) -> web.Response:
+    response = web.json_response({"error": failure.message}, status=failure.status.http)
+    if failure.status.code is grpc.StatusCode.UNAUTHENTICATED:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
-def _json(message: Message) -> web.Response:
-    return web.json_response(_plain(message))
-
-
-def _plain(message: Message) -> dict[str, Any]:
-    """A message as the REST binding writes it: numbers as numbers (protobuf's JSON quotes int64)."""
-    out: dict[str, Any] = {}
-    for field, value in message.ListFields():
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            out[field.name] = {key: _scalar(value_field, item) for key, item in value.items()}
-        elif field.is_repeated:
-            out[field.name] = [_scalar(field, item) for item in value]
-        else:
-            out[field.name] = _scalar(field, value)
-    return out
-
-
-def _scalar(field: FieldDescriptor, value: Any) -> Any:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return _plain(value)
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        return field.enum_type.values_by_number[value].name
-    if field.type == FieldDescriptor.TYPE_BYTES:
-        return base64.b64encode(value).decode()
-    return value
-
-
-def _deadline(request: web.Request) -> float | None:
-    """An optional `timeout` query parameter, in seconds, as the request's deadline (else the default)."""
+def _timeout(request: web.Request) -> float | None:
+    """An optional `timeout` query parameter, in seconds (else the server's default)."""
     timeout = request.query.get("timeout")
     if timeout is None:
-        return default_deadline()
+        return None
     try:
-        seconds = float(timeout)
+        return float(timeout)
     except ValueError:
         raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}") from None
-    return asyncio.get_running_loop().time() + seconds
 
 
 class Routes:
-    """Translators between HTTP and the shared servicers; a few lines each."""
+    """Translators between HTTP and the data plane; a few lines each."""
 
-    def __init__(self, kserve: KServeServicer, vision: VisionServicer) -> None:
-        self.kserve = kserve
-        self.vision = vision
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
 
     async def live(self, request: web.Request) -> web.Response:
-        live = (await self.kserve.ServerLive(pb.ServerLiveRequest(), None)).live
+        live = self.plane.live()
         return web.json_response({"live": live}, status=200 if live else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
-        ready = (await self.kserve.ServerReady(pb.ServerReadyRequest(), None)).ready
+        ready = self.plane.ready()
         return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json(await self.kserve.ServerMetadata(pb.ServerMetadataRequest(), None))
+        found = self.plane.server_metadata()
+        return web.json_response(
+            {"name": found.name, "version": found.version, "extensions": found.extensions}
+        )
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        return _json(
-            await self.kserve.ModelMetadata(pb.ModelMetadataRequest(name=name, version=version), None)
-        )
+        found = self.plane.model_metadata(*_model(request))
+
+        def tensor(t: Any) -> dict[str, Any]:
+            return {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+
+        body: dict[str, Any] = {"name": found.name}
+        if found.versions:
+            body["versions"] = found.versions
+        body["platform"] = found.platform
+        body["inputs"] = [tensor(t) for t in found.inputs]
+        body["outputs"] = [tensor(t) for t in found.outputs]
+        return web.json_response(body)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         name, version = _model(request)
-        ready = (await self.kserve.ModelReady(pb.ModelReadyRequest(name=name, version=version), None)).ready
+        ready = self.plane.model_ready(name, version)
         return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        response = await self.kserve.ModelConfig(pb.ModelConfigRequest(name=name, version=version), None)
-        return web.json_response(_plain(response.config))
+        return web.json_response(plain(model_config(self.plane.model_config(*_model(request)))))
 
     async def model_statistics(self, request: web.Request) -> web.Response:
-        name, version = _model(request)
-        return _json(
-            await self.kserve.ModelStatistics(pb.ModelStatisticsRequest(name=name, version=version), None)
-        )
+        found = self.plane.model_statistics(*_model(request))
+        return web.json_response({"model_stats": [plain(model_statistics(s)) for s in found]})
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
-        index = await self.kserve.RepositoryIndex(
-            pb.RepositoryIndexRequest(ready=bool(body.get("ready"))), None
-        )
-        rows = [_plain(m) for m in index.models]
-        return web.json_response(rows)
+        body = await _json_body(request)
+        rows = self.plane.repository_index(bool(body.get("ready")))
+        return web.json_response([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
-        parameters = (await request.json()).get("parameters") if request.can_read_body else None
-        if parameters:
-            raise InvalidArgument(f"repository parameters are not supported (got {sorted(parameters)})")
-        await self.kserve.RepositoryModelLoad(
-            pb.RepositoryModelLoadRequest(model_name=request.match_info["name"]), None
-        )
+        body = await _json_body(request)
+        await self.plane.load(request.match_info["name"], _parameters(body.get("parameters"), "load"))
         return web.json_response({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        await self.kserve.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=name), None)
+        body = await _json_body(request)
+        await self.plane.unload(request.match_info["name"], _parameters(body.get("parameters"), "unload"))
         return web.json_response({})
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         body = await request.read()
         infer_request, binary_out = _infer_request(body, request.headers.get(HEADER_LENGTH), name, version)
-        response = await self.kserve.infer(infer_request, _deadline(request))
-        return _infer_response(response, binary_out)
+        result = await self.plane.infer(infer_request, _timeout(request))
+        return _infer_response(result, binary_out)
 
     async def classify(self, request: web.Request) -> web.Response:
         """POST an image (PNG, JPEG or BMP) as the body: ?model=lenet5&top_k=3."""
         query = request.query
-        classify = vision_pb.ClassifyRequest(
-            model=query.get("model", "lenet5"),
-            version=query.get("version", ""),
-            images=[vision_pb.Image(encoded=await request.read())],
+        found = await self.plane.classify(
+            ClassifyRequest(
+                model=query.get("model", "lenet5"),
+                version=query.get("version", ""),
+                images=[EncodedImage(await request.read())],
+                top_k=_int(query["top_k"], "top_k") if "top_k" in query else None,
+            ),
+            _timeout(request),
         )
-        if "top_k" in query:
-            classify.top_k = _int(query["top_k"], "top_k")
-        response = await self.vision.classify(classify, _deadline(request))
-        predictions = [
-            {"label": p.label, "index": p.index, "score": p.score} for p in response.results[0].predictions
-        ]
-        return web.json_response(
-            {"model": response.model, "version": response.version, "predictions": predictions}
-        )
+        predictions = [{"label": p.label, "index": p.index, "score": p.score} for p in found.results[0]]
+        return web.json_response({"model": found.model, "version": found.version, "predictions": predictions})
 
     async def generate(self, request: web.Request) -> web.Response:
         """One PNG: ?model=dcgan&count=16&label=7&seed=1 (several images come as one grid)."""
         query = request.query
-        generate = vision_pb.GenerateRequest(
-            model=query.get("model", "dcgan"),
-            version=query.get("version", ""),
-            labels=[_int(label, "label") for label in query.getall("label", [])],
+        count = _int(query.get("count", "1"), "count")
+        found = await self.plane.generate(
+            GenerateRequest(
+                model=query.get("model", "dcgan"),
+                version=query.get("version", ""),
+                count=count,
+                labels=[_int(label, "label") for label in query.getall("label", [])],
+                seed=_int(query["seed"], "seed") if "seed" in query else None,
+                grid=count > 1,
+            ),
+            _timeout(request),
         )
-        generate.count = _int(query.get("count", "1"), "count")
-        generate.grid = generate.count > 1
-        if "seed" in query:
-            generate.seed = _int(query["seed"], "seed")
-        response = await self.vision.generate(generate, _deadline(request))
-        png = response.grid_png or response.images[0].png
-        headers = {"x-seed": str(response.seed), "x-labels": ",".join(i.label for i in response.images)}
+        png = found.grid_png or found.images[0].png
+        headers = {"x-seed": str(found.seed), "x-labels": ",".join(i.label for i in found.images)}
         return web.Response(body=png, content_type="image/png", headers=headers)
 
     async def caption(self, request: web.Request) -> web.Response:
         """POST an image as the body: ?model=captioner&beam=3&max_length=24&count=1&attention=1."""
         query = request.query
-        caption = vision_pb.CaptionRequest(
-            model=query.get("model", "captioner"),
-            version=query.get("version", ""),
-            images=[vision_pb.Image(encoded=await request.read())],
-            return_attention=query.get("attention", "").lower() in ("1", "true", "yes"),
+        options = {
+            field: _int(query[name], name) if name in query else None
+            for name, field in (("beam", "beam_size"), ("max_length", "max_length"), ("count", "count"))
+        }
+        found = await self.plane.caption(
+            CaptionRequest(
+                model=query.get("model", "captioner"),
+                version=query.get("version", ""),
+                images=[EncodedImage(await request.read())],
+                attention=query.get("attention", "").lower() in ("1", "true", "yes"),
+                **options,
+            ),
+            _timeout(request),
         )
-        for name, field in (("beam", "beam_size"), ("max_length", "max_length"), ("count", "count")):
-            if name in query:
-                setattr(caption, field, _int(query[name], name))
-        response = await self.vision.caption(caption, _deadline(request))
         captions = []
-        for c in response.results[0].captions:
-            entry: dict[str, Any] = {"text": c.text, "words": list(c.words), "log_prob": c.log_prob}
+        for c in found.results[0]:
+            entry: dict[str, Any] = {"text": c.text, "words": c.words, "log_prob": c.log_prob}
             if c.attention:
                 entry["attention"] = [
-                    {"rows": a.rows, "columns": a.columns, "weights": list(a.weights)} for a in c.attention
+                    {"rows": a.rows, "columns": a.columns, "weights": a.weights} for a in c.attention
                 ]
             captions.append(entry)
-        return web.json_response({"model": response.model, "version": response.version, "captions": captions})
+        return web.json_response({"model": found.model, "version": found.version, "captions": captions})
+
+
+def _index_row(name: str, version: str, state: str, reason: str) -> dict[str, str]:
+    """A repository index row as the REST binding writes it: empty fields left out."""
+    row = {"name": name, "version": version, "state": state, "reason": reason}
+    return {key: value for key, value in row.items() if value}
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object body; {} without a body."""
+    if not request.can_read_body:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    return body
+
+
+def _parameters(value: Any, where: str) -> dict[str, ParameterValue]:
+    """A JSON `parameters` object: names to bool, number or string values."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"{where}: parameters must be a JSON object")
+    for name, item in value.items():
+        if not isinstance(item, bool | int | float | str):
+            raise InvalidArgument(
+                f"{where}: parameter {str(name)[:64]!r} must be a boolean, number or string"
+            )
+    return dict(value)
 
 
 def _model(request: web.Request) -> tuple[str, str]:
@@ -319,11 +296,9 @@ def _int(text: str, what: str) -> int:
 
 def _infer_request(
     body: bytes, header_length: str | None, name: str, version: str
-) -> tuple[pb.ModelInferRequest, set[str] | bool]:
-    """The JSON (+ binary) body as a ModelInferRequest with raw contents for every input.
-
-    Returns the request and which outputs to answer in binary: a set of names, or True for all.
-    """
+) -> tuple[InferRequest, _BinaryOutputs]:
+    """The JSON (+ binary) body as the data plane's request, with raw bytes for every input,
+    and which outputs to answer as binary data."""
     json_end = len(body) if header_length is None else _int(header_length, HEADER_LENGTH)
     if not 0 <= json_end <= len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} is {json_end} but the body has {len(body)} bytes")
@@ -333,79 +308,98 @@ def _infer_request(
         raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidArgument('request body must be a JSON object with an "inputs" list')
-    infer = pb.ModelInferRequest(model_name=name, model_version=version, id=str(header.get("id", "")))
-    offset = json_end
+    inputs, offset = [], json_end
     for item in header["inputs"]:
-        tensor, raw, offset = _input(item, body, offset)
-        infer.inputs.append(tensor)
-        infer.raw_input_contents.append(raw)
+        tensor, offset = _input(item, body, offset)
+        inputs.append(tensor)
     if offset != len(body):
         raise InvalidArgument(f"{len(body) - offset} bytes of binary data follow the inputs that claim none")
-    parameters = header.get("parameters") or {}
-    binary: set[str] | bool = bool(parameters.get("binary_data_output", False))
+    parameters = _parameters(header.get("parameters"), "request")
     requested = header.get("outputs") or []
-    for output in requested:
-        infer.outputs.add(name=str(output.get("name", "")))
-    if not binary:
-        binary = {str(o.get("name")) for o in requested if (o.get("parameters") or {}).get("binary_data")}
-    return infer, binary
+    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
+        raise InvalidArgument('"outputs" must be a list of JSON objects, each with a "name"')
+    outputs = [
+        OutputRequest(str(o.get("name", "")), _parameters(o.get("parameters"), f"output {o.get('name')!r}"))
+        for o in requested
+    ]
+    default = bool(parameters.get("binary_data_output", False))
+    # an output's own binary_data decides for it; binary_data_output for every other one
+    binary = {o.name: bool(o.parameters.get("binary_data", default)) for o in outputs}
+    request = InferRequest(
+        model=name,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        id=str(header.get("id", "")),
+        parameters=parameters,
+    )
+    return request, _BinaryOutputs(default, binary)
 
 
-def _input(item: Any, body: bytes, offset: int) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes, int]:
+class _BinaryOutputs:
+    """Which outputs a request wants as binary data."""
+
+    def __init__(self, default: bool, chosen: dict[str, bool]) -> None:
+        self._default = default
+        self._chosen = chosen
+
+    def __contains__(self, name: object) -> bool:
+        return self._chosen.get(name, self._default)  # type: ignore[call-overload]
+
+
+def _input(item: Any, body: bytes, offset: int) -> tuple[InputTensor, int]:
     if not isinstance(item, dict):
         raise InvalidArgument("each input must be a JSON object with name, shape, datatype and data")
     name, datatype, shape = str(item.get("name", "")), str(item.get("datatype", "")), item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):
-        raise InvalidArgument(f"input {name!r}: shape must be a list of integers")
-    tensor = pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
-    size = (item.get("parameters") or {}).get("binary_data_size")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InvalidArgument(f"input {name[:64]!r}: shape must be a list of integers")
+    parameters = _parameters(item.get("parameters"), f"input {name[:64]!r}")
+    size = parameters.get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(body):
-            raise InvalidArgument(f"input {name!r}: binary_data_size {size} does not fit the body")
-        return tensor, body[offset : offset + size], offset + size
-    kind = tensors.datatype(datatype, what=f"input {name!r}")
-    count = tensors.element_count(shape, what=f"input {name!r}")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(body):
+            raise InvalidArgument(f"input {name[:64]!r}: binary_data_size {size} does not fit the body")
+        raw = body[offset : offset + size]
+        return InputTensor(name, datatype, shape, raw=raw, parameters=parameters), offset + size
+    what = f"input {name[:64]!r}"
+    kind = tensors.datatype(datatype, what=what)
+    count = tensors.element_count(shape, what=what)
     data = item.get("data")
     if data is None:
-        raise InvalidArgument(f"input {name!r} has neither data nor binary_data_size")
+        raise InvalidArgument(f"{what} has neither data nor binary_data_size")
     if kind.name == "BYTES":
         elements = list(np.ravel(np.array(data, dtype=object)))
-        raw = tensors.encode_bytes(e.encode() if isinstance(e, str) else e for e in elements)
+        try:
+            raw = tensors.encode_bytes(elements)
+        except ValueError:
+            raise InvalidArgument(f"{what}: BYTES data must be a list of strings") from None
         found = len(elements)
     else:
         try:
             array = np.asarray(data, dtype=kind.dtype).ravel()
         except (TypeError, ValueError, OverflowError):
-            raise InvalidArgument(f"input {name!r}: data is not a list of {datatype} numbers") from None
+            raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
         raw, found = array.tobytes(), array.size
     if found != count:
-        raise InvalidArgument(f"input {name!r}: shape {shape} needs {count} elements, data has {found}")
-    return tensor, raw, offset
+        raise InvalidArgument(f"{what}: shape {shape} needs {count} elements, data has {found}")
+    return InputTensor(name, datatype, shape, raw=raw, parameters=parameters), offset
 
 
-def _infer_response(response: pb.ModelInferResponse, binary: set[str] | bool) -> web.Response:
+def _infer_response(result: InferResult, binary: _BinaryOutputs) -> web.Response:
     outputs, blobs = [], []
-    for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        entry: dict[str, Any] = {
-            "name": tensor.name,
-            "datatype": tensor.datatype,
-            "shape": list(tensor.shape),
-        }
-        if binary is True or (isinstance(binary, set) and tensor.name in binary):
+    for name, array in result.outputs:
+        datatype, raw = tensors.encode_raw(array)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if name in binary:
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [_text(v) for v in array.ravel()]
         else:
-            array = tensors.decode_output(tensor, raw)
-            values = (
-                [v.decode(errors="replace") for v in array.ravel()]
-                if tensor.datatype == "BYTES"
-                else array.ravel().tolist()
-            )
-            entry["data"] = values
+            entry["data"] = array.ravel().tolist()
         outputs.append(entry)
-    header = {"model_name": response.model_name, "model_version": response.model_version, "outputs": outputs}
-    if response.id:
-        header["id"] = response.id
+    header = {"model_name": result.model, "model_version": result.version, "outputs": outputs}
+    if result.id:
+        header["id"] = result.id
     text = json.dumps(header).encode()
     if not blobs:
         return web.Response(body=text, content_type="application/json")
@@ -414,3 +408,7 @@ def _infer_response(response: pb.ModelInferResponse, binary: set[str] | bool) ->
         content_type="application/octet-stream",
         headers={HEADER_LENGTH: str(len(text))},
     )
+
+
+def _text(value: object) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,284 @@
+"""The data plane's requests and results: plain dataclasses and numpy arrays, no wire types.
+
+Transports translate their wire messages (protobuf, JSON) into these and back; the data plane
+(service/dataplane/) and the model kinds (service/kinds/) see nothing else. Optional fields are
+None when the client did not set them, so defaults are applied in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: A parameter's value as KServe v2 carries it (bool, int64, string, double).
+ParameterValue = bool | int | float | str
+Parameters = Mapping[str, ParameterValue]
+
+
+# Images ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    """PNG, JPEG or BMP bytes."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RawImage:
+    """uint8 pixels, (height, width, channels) in row-major order."""
+
+    data: bytes
+    height: int
+    width: int
+    channels: int
+
+
+ImageInput = EncodedImage | RawImage | None  # None: the client sent neither
+
+
+def image_bytes(images: Sequence[ImageInput]) -> int:
+    """The bytes a request's images take on the wire (what decoding them costs grows with)."""
+    return sum(len(image.data) for image in images if image is not None)
+
+
+# The task API ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifyRequest:
+    model: str
+    version: str
+    images: Sequence[ImageInput]
+    top_k: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass(slots=True)
+class ClassifyResult:
+    results: list[list[Prediction]]  # per image, best first
+    model: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    model: str
+    version: str
+    count: int | None = None
+    labels: Sequence[int] = ()
+    seed: int | None = None
+    grid: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GeneratedImage:
+    png: bytes  # empty when the images come as one grid
+    label_index: int
+    label: str
+
+
+@dataclass(slots=True)
+class GenerateResult:
+    seed: int
+    images: list[GeneratedImage]
+    grid_png: bytes = b""
+    model: str = ""
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionRequest:
+    model: str
+    version: str
+    images: Sequence[ImageInput]
+    beam_size: int | None = None
+    max_length: int | None = None
+    count: int | None = None
+    attention: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMap:
+    """One word's attention over the encoder's grid, row by row."""
+
+    rows: int
+    columns: int
+    weights: list[float]
+
+
+@dataclass(frozen=True, slots=True)
+class Caption:
+    text: str
+    words: list[str]
+    tokens: list[int]
+    log_prob: float
+    attention: list[AttentionMap]  # one per word, when asked for
+
+
+@dataclass(slots=True)
+class CaptionResult:
+    results: list[list[Caption]]  # per image, best first
+    model: str = ""
+    version: str = ""
+
+
+# KServe v2 tensors -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InputTensor:
+    """One input as the client sent it: raw little-endian bytes, or typed values (not both)."""
+
+    name: str
+    datatype: str
+    shape: Sequence[int]
+    raw: bytes | None = None
+    typed: Sequence[Any] | None = None  # the values of the datatype's typed-contents field
+    parameters: Parameters = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Bytes of data it carries (an estimate for typed values)."""
+        if self.raw is not None:
+            return len(self.raw)
+        return 8 * len(self.typed) if self.typed is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputRequest:
+    name: str
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    model: str
+    version: str
+    inputs: Sequence[InputTensor]
+    outputs: Sequence[OutputRequest] = ()  # empty: every output
+    id: str = ""
+    parameters: Parameters = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferResult:
+    outputs: list[tuple[str, np.ndarray]]  # in the order asked for
+    id: str = ""
+    model: str = ""
+    version: str = ""
+
+
+# Metadata, configuration, statistics, the repository ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TensorMetadata:
+    name: str
+    datatype: str  # KServe datatype, e.g. "UINT8"
+    shape: list[int]  # -1: any size
+
+
+@dataclass(frozen=True, slots=True)
+class ModelMetadata:
+    name: str
+    versions: list[str]  # the ready ones
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Triton's model configuration: what perf_analyzer and tritonclient read to build requests."""
+
+    name: str
+    platform: str
+    backend: str
+    max_batch_size: int  # 0: no batch axis
+    inputs: list[TensorMetadata]  # dims without the batch axis when max_batch_size > 0
+    outputs: list[TensorMetadata]
+    instances: int
+    on_gpu: bool
+    default_model_filename: str
+    max_queue_delay_microseconds: int
+    max_queue_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Duration:
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """One version's cumulative statistics (Triton's statistics extension)."""
+
+    name: str
+    version: str
+    last_inference: int  # ms since the epoch
+    inference_count: int
+    execution_count: int
+    success: Duration
+    fail: Duration
+    queue: Duration
+    compute_input: Duration
+    compute_infer: Duration
+    compute_output: Duration
+    batches: list[tuple[int, Duration]]  # (batch size, compute_infer)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One row of the repository index: a model's version and its state (READY, LOADING, UNAVAILABLE)."""
+
+    name: str
+    version: str
+    state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VersionInfo:
+    version: str
+    state: str  # loading, ready, failed, unloaded
+    reason: str
+    provider: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputSpec:
+    name: str
+    height: int
+    width: int
+    channels: int
+    color_mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model as the task API lists it."""
+
+    name: str
+    kind: str
+    versions: list[VersionInfo]
+    input: InputSpec | None
+    labels: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerMetadata:
+    name: str
+    version: str
+    extensions: list[str]

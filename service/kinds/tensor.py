@@ -1,0 +1,159 @@
+"""Kind `tensor`: an ONNX graph served as it is, through KServe v2 only.
+
+`TensorModel` is also every single-graph kind's KServe view (a classifier takes its uint8 image
+batch and answers logits) and the view of a captioner's parts: `TensorJob` checks a request's
+tensors against the graph, decodes them, runs them through the batcher and picks the outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from service.codecs import tensors
+from service.codecs.cost import INLINE, Codec, Work
+from service.contract.manifest import Manifest
+from service.domain import InferRequest, InferResult, InputTensor, OutputRequest
+from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
+from service.engine.sessions import ModelSession, TensorSpec
+from service.errors import InvalidArgument
+from service.kinds.base import MODEL_FILE, LoadContext, LoadedModel, Signature, Task
+from service.observability.statistics import RequestTimes, VersionStatistics
+
+
+class TensorModel:
+    """A graph, its batcher and statistics, answering KServe v2 inference requests."""
+
+    def __init__(
+        self,
+        name: str,
+        session: ModelSession,
+        batcher: DynamicBatcher,
+        stats: VersionStatistics,
+        signature: Signature,
+        max_elements: int,
+    ) -> None:
+        self.name = name
+        self.session = session
+        self.batcher = batcher
+        self.stats = stats
+        self.signature = signature
+        self.provider = session.provider
+        self.max_elements = max_elements
+        self.parts: Mapping[str, LoadedModel] = {}
+        self.tasks: dict[type, Task] = {InferRequest: self.infer}
+
+    @property
+    def batching(self) -> BatchingOptions:
+        return self.batcher.options
+
+    def infer(self, request: InferRequest) -> TensorJob:
+        return TensorJob(request, self.session, self.batcher, self.max_elements)
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+
+class TensorJob:
+    """A KServe v2 request to one graph: checked headers, decoded tensors, the outputs asked for."""
+
+    finish_work = INLINE
+
+    def __init__(
+        self, request: InferRequest, session: ModelSession, batcher: DynamicBatcher, max_elements: int
+    ) -> None:
+        self._request = request
+        self._names = session.output_names
+        self._wanted = requested_outputs(request.outputs, self._names)
+        self.rows = check_headers(request.inputs, session.inputs, session.batchable)
+        self.batcher = batcher
+        self._max_elements = max_elements
+        # raw data is wrapped, not copied: cheap on the event loop unless it must be parsed
+        self.prepare_work = Work(Codec.TENSOR, sum(t.size for t in request.inputs))
+        self._feeds: dict[str, np.ndarray] = {}
+        self._outputs: Sequence[np.ndarray] = ()
+
+    def prepare(self) -> None:
+        self._feeds = tensors.decode_tensors(self._request.inputs, max_elements=self._max_elements)
+
+    async def run(self, deadline: float | None, times: RequestTimes) -> None:
+        self._outputs = await self.batcher.submit(self._feeds, deadline, times)
+
+    def finish(self) -> InferResult:
+        by_name = dict(zip(self._names, self._outputs, strict=True))
+        return InferResult(outputs=[(name, by_name[name]) for name in self._wanted], id=self._request.id)
+
+
+class TensorKind:
+    """Kind `tensor`: one model.onnx, no task API."""
+
+    name = "tensor"
+
+    def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> TensorModel:
+        session = context.session(version_dir, MODEL_FILE)
+        context.warm_up(session.warmup)
+        return tensor_model(context.model, manifest, session, context, context.stats)
+
+
+def tensor_model(
+    name: str,
+    manifest: Manifest,
+    session: ModelSession,
+    context: LoadContext,
+    stats: VersionStatistics,
+    model_file: str = MODEL_FILE,
+    check: CheckFunction | None = None,
+    batcher: DynamicBatcher | None = None,
+) -> TensorModel:
+    """A graph served as a tensor model, with its own batcher unless it shares one."""
+    if batcher is None:
+        batcher = context.batcher(manifest, session, stats, check)
+    return TensorModel(
+        name,
+        session,
+        batcher,
+        stats,
+        Signature.of_session(session, model_file),
+        context.settings.max_message_bytes,  # every element costs at least a byte on the wire
+    )
+
+
+def check_headers(inputs: Sequence[InputTensor], specs: Sequence[TensorSpec], batchable: bool) -> int:
+    """Names, datatypes and shapes against the graph, before any data is read; returns the rows."""
+    expected = {spec.name: spec for spec in specs}
+    given = [tensor.name for tensor in inputs]
+    unknown = sorted(set(given) - set(expected))
+    if unknown:
+        raise InvalidArgument(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
+    missing = sorted(set(expected) - set(given))
+    if missing:
+        raise InvalidArgument(f"missing input(s) {missing}; the model takes {sorted(expected)}")
+    for tensor in inputs:
+        spec = expected[tensor.name]
+        want = tensors.datatype_from_onnx(spec.onnx_type)
+        if tensor.datatype != want:
+            raise InvalidArgument(f"input {tensor.name!r}: expected datatype {want}, got {tensor.datatype}")
+        shape = list(tensor.shape)
+        if len(shape) != len(spec.shape) or any(
+            w not in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
+        ):
+            raise InvalidArgument(
+                f"input {tensor.name!r}: expected shape {list(spec.shape)} (-1: any), got {shape}"
+            )
+    if not batchable:
+        return 1
+    first = {tensor.shape[0] for tensor in inputs}
+    if len(first) != 1:
+        raise InvalidArgument("inputs must share their first (batch) dimension")
+    return first.pop()
+
+
+def requested_outputs(outputs: Sequence[OutputRequest], names: Sequence[str]) -> list[str]:
+    """The outputs a request asks for, by name (all of them when it names none)."""
+    wanted = [o.name for o in outputs] or list(names)
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise InvalidArgument(f"unknown output(s) {unknown}; the model answers {list(names)}")
+    return wanted
