@@ -7,6 +7,7 @@ the client gets INTERNAL (HTTP 500) with a generic message and the traceback goe
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -84,6 +85,41 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {s.code: s.http for s in STATUSES.valu
 
 INTERNAL_MESSAGE = "internal error; the server log has the details"
 
+#: The most characters of one request-derived value an error message or log line shows.
+ECHO_CHARS = 64
+#: The most items of a request-derived list shown (then a count of the rest).
+ECHO_ITEMS = 4
+#: The most characters of any error message a client or the access log gets, whatever it was built
+#: from (with the log line's other fields, a line stays under 1 KiB).
+MAX_MESSAGE_CHARS = 480
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` of a request-derived value, cut to `limit` characters ("..." and the length
+    after a cut), so that no client can make an error message or a log line as long as its request."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    if isinstance(value, bytes | bytearray) and len(value) > limit:
+        return f"{bytes(value[:limit])!r}... ({len(value)} bytes)"
+    if isinstance(value, list | tuple) and len(value) > ECHO_ITEMS:
+        return clip_list(value)
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+def clip_list(values: Sequence[object] | Iterable[object], items: int = ECHO_ITEMS) -> str:
+    """A request-derived list as its first `items` values (each clipped) and how many there are."""
+    values = list(values) if not isinstance(values, Sequence) else values
+    shown = ", ".join(clip(v) for v in values[:items])
+    if len(values) <= items:
+        return f"[{shown}]"
+    return f"[{shown}, ...] ({len(values)} items)"
+
+
+def clip_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A whole error message cut to `limit` characters: the last guard before a client or a log."""
+    return message if len(message) <= limit else f"{message[: limit - 30]}... ({len(message)} characters)"
+
 
 def status_of(error: BaseException) -> Status:
     """The status an exception goes out with: its class's (or a base's) entry, else INTERNAL."""
@@ -97,4 +133,4 @@ def status_of(error: BaseException) -> Status:
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC code and client-facing message for an exception (INTERNAL hides the message)."""
     status = status_of(error)
-    return status.code, (INTERNAL_MESSAGE if status is INTERNAL else str(error))
+    return status.code, (INTERNAL_MESSAGE if status is INTERNAL else clip_message(str(error)))

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from service.contract.manifest import CONFIG_FILE, Manifest, load_manifest
 from service.engine.batching import BatchingOptions
 from service.engine.sessions import ModelLoadError, SessionOptions
-from service.errors import ModelNotFound, ModelNotReady
+from service.errors import ModelNotFound, ModelNotReady, clip
 from service.kinds import KINDS, DecodingOptions, LoadContext, LoadedModel
 from service.observability import metrics
 from service.observability.statistics import VersionStatistics
@@ -151,15 +151,14 @@ class ModelRepository:
         """The given version of a model if it is ready, else the newest ready one."""
         entry = self._entries.get(name)
         if entry is None:
-            known = ", ".join(sorted(self._entries)) or "none"
-            raise ModelNotFound(f"model {name!r} not found (models: {known})")
+            raise ModelNotFound(f"model {clip(name)} not found")  # the model asked for, not the whole list
         if entry.manifest is None:
-            raise ModelNotReady(f"model {name!r} cannot be served: {entry.error}")
+            raise ModelNotReady(f"model {clip(name)} cannot be served: {entry.error}")
         if version:
             found = entry.versions.get(version)
             if found is None:
                 served = ", ".join(v.version for v in entry.newest_first()) or "none"
-                raise ModelNotFound(f"model {name!r} has no version {version!r} (known: {served})")
+                raise ModelNotFound(f"model {clip(name)} has no version {clip(version)} (known: {served})")
             if found.state is not VersionState.READY:
                 raise ModelNotReady(_not_ready_message(found))
             return found
@@ -169,7 +168,7 @@ class ModelRepository:
         newest = entry.newest_first()
         if newest:
             raise ModelNotReady(_not_ready_message(newest[0]))
-        raise ModelNotReady(f"model {name!r} has no version yet")
+        raise ModelNotReady(f"model {clip(name)} has no version yet")
 
     async def refresh(self) -> None:
         """Bring the served set in line with the disk, except models unloaded by request."""
@@ -182,7 +181,7 @@ class ModelRepository:
     async def load(self, name: str) -> None:
         """Load (or reload) a model by request: re-read its config, retry failed versions."""
         if not _is_plain_name(name) or not (self.root / name / CONFIG_FILE).is_file():
-            raise ModelNotFound(f"model {name!r} not found in the repository")
+            raise ModelNotFound(f"model {clip(name)} not found in the repository")
         async with self._lock:
             entry = self._entries.get(name)
             if entry is not None:
@@ -194,16 +193,16 @@ class ModelRepository:
         entry = self._entries[name]
         if entry.error:
             serving = "; the versions already loaded keep serving" if self.has_ready_version(name) else ""
-            raise ModelNotReady(f"model {name!r} did not load: {entry.error}{serving}")
+            raise ModelNotReady(f"model {clip(name)} did not load: {entry.error}{serving}")
         if not self.has_ready_version(name):
-            raise ModelNotReady(f"model {name!r} did not load: {self._reason(name)}")
+            raise ModelNotReady(f"model {clip(name)} did not load: {self._reason(name)}")
 
     async def unload(self, name: str) -> None:
         """Unload every version of a model by request; polling leaves it unloaded until `load`."""
         async with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                raise ModelNotFound(f"model {name!r} not found")
+                raise ModelNotFound(f"model {clip(name)} not found")
             entry.unloaded_by_request = True
             for version in entry.versions.values():
                 if version.state is VersionState.READY:

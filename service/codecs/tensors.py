@@ -20,7 +20,7 @@ import numpy as np
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
 from service.domain import InputTensor, ParameterValue
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, clip, clip_list
 
 # Every element costs at least one byte on the wire, so the largest gRPC message (64 MiB by
 # default) never carries more elements than this; servers pass their own message limit.
@@ -84,7 +84,7 @@ def datatype(name: str, *, what: str = "tensor") -> Datatype:
         return DATATYPES[name]
     except KeyError:
         raise InvalidArgument(
-            f"{what}: unknown datatype {name!r}; supported: {', '.join(SUPPORTED)}"
+            f"{what}: unknown datatype {clip(name)}; supported: {', '.join(SUPPORTED)}"
         ) from None
 
 
@@ -125,10 +125,12 @@ def element_count(
     dims = list(shape)
     for dim in dims:
         if dim < 0:
-            raise InvalidArgument(f"{what}: shape {dims} has a negative dimension; dimensions must be >= 0")
+            raise InvalidArgument(
+                f"{what}: shape {clip_list(dims)} has a negative dimension; dimensions must be >= 0"
+            )
         if dim > max_elements:
             raise InvalidArgument(
-                f"{what}: shape {dims} has a dimension of {dim}, "
+                f"{what}: shape {clip_list(dims)} has a dimension of {dim}, "
                 f"more than the {max_elements} elements allowed"
             )
     if 0 in dims:
@@ -137,7 +139,9 @@ def element_count(
     for dim in dims:
         count *= dim
         if count > max_elements:
-            raise InvalidArgument(f"{what}: shape {dims} holds more than the {max_elements} elements allowed")
+            raise InvalidArgument(
+                f"{what}: shape {clip_list(dims)} holds more than the {max_elements} elements allowed"
+            )
     return count
 
 
@@ -148,7 +152,7 @@ def decode_tensor(tensor: InputTensor, *, max_elements: int = DEFAULT_MAX_ELEMEN
     memory (copy it before writing). BYTES gives an object array of bytes. Any mismatch between
     datatype, shape and data raises InvalidArgument naming the input.
     """
-    what = f"input {tensor.name!r}"
+    what = f"input {clip(tensor.name)}"
     return _decode(tensor.datatype, list(tensor.shape), tensor.raw, tensor.typed, max_elements, what)
 
 
@@ -159,7 +163,7 @@ def decode_tensors(
     arrays: dict[str, np.ndarray] = {}
     for tensor in inputs:
         if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} appears more than once")
+            raise InvalidArgument(f"input {clip(tensor.name)} appears more than once")
         arrays[tensor.name] = decode_tensor(tensor, max_elements=max_elements)
     return arrays
 
@@ -171,7 +175,7 @@ def decode_input(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> np.ndarray:
     """One wire input (with its raw_input_contents entry, or None) as a numpy array; as decode_tensor."""
-    what = f"input {tensor.name!r}"
+    what = f"input {clip(tensor.name)}"
     return _decode(tensor.datatype, list(tensor.shape), raw, typed_contents(tensor), max_elements, what)
 
 
@@ -190,7 +194,7 @@ def decode_output(
 ) -> np.ndarray:
     """One response output as a numpy array (for clients); as decode_input."""
     typed = typed_contents(tensor)
-    what = f"output {tensor.name!r}"
+    what = f"output {clip(tensor.name)}"
     return _decode(tensor.datatype, list(tensor.shape), raw, typed, max_elements, what)
 
 
@@ -303,7 +307,8 @@ def _decode(
         expected = count * kind.dtype.itemsize
         if len(raw) != expected:
             raise InvalidArgument(
-                f"{what}: shape {shape} of {kind.name} needs {expected} bytes, got {len(raw)} bytes"
+                f"{what}: shape {clip_list(shape)} of {kind.name} needs {expected} bytes, "
+                f"got {len(raw)} bytes"
             )
         if count == 0:
             return np.empty(shape, dtype=kind.dtype)
@@ -317,7 +322,7 @@ def _decode_raw_bytes(raw: bytes, shape: list[int], count: int, what: str) -> np
     # Each element needs at least its 4-byte length, so this bounds count by the data received.
     if len(raw) < _LENGTH.size * count:
         raise InvalidArgument(
-            f"{what}: shape {shape} of BYTES needs at least {_LENGTH.size * count} bytes "
+            f"{what}: shape {clip_list(shape)} of BYTES needs at least {_LENGTH.size * count} bytes "
             f"(a 4-byte length per element), got {len(raw)} bytes"
         )
     out = np.empty(count, dtype=object)
@@ -327,7 +332,7 @@ def _decode_raw_bytes(raw: bytes, shape: list[int], count: int, what: str) -> np
         if offset + _LENGTH.size > len(raw):
             raise InvalidArgument(
                 f"{what}: raw BYTES data ends inside the length of element {i} of {count} "
-                f"(shape {shape}); each element is a 4-byte little-endian length and its bytes"
+                f"(shape {clip_list(shape)}); each element is a 4-byte little-endian length and its bytes"
             )
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += _LENGTH.size
@@ -339,7 +344,7 @@ def _decode_raw_bytes(raw: bytes, shape: list[int], count: int, what: str) -> np
         offset += length
     if offset != len(raw):
         raise InvalidArgument(
-            f"{what}: shape {shape} of BYTES has {count} elements, but {len(raw) - offset} bytes "
+            f"{what}: shape {clip_list(shape)} of BYTES has {count} elements, but {len(raw) - offset} bytes "
             "follow the last one"
         )
     return out.reshape(shape)
@@ -352,7 +357,8 @@ def _decode_typed(
         raise InvalidArgument(f"{what}: {kind.name} has no typed contents field; send it as raw contents")
     if len(values) != count:
         raise InvalidArgument(
-            f"{what}: shape {shape} of {kind.name} needs {count} values in {kind.contents}, got {len(values)}"
+            f"{what}: shape {clip_list(shape)} of {kind.name} needs {count} values in {kind.contents}, "
+            f"got {len(values)}"
         )
     if kind.name == "BYTES":
         out = np.empty(count, dtype=object)

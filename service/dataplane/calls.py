@@ -20,14 +20,14 @@ from typing import Any
 
 import grpc
 
-from service.errors import HTTP_STATUS, INTERNAL, INTERNAL_MESSAGE, OK, Status, status_of
+from service.errors import HTTP_STATUS, INTERNAL, INTERNAL_MESSAGE, OK, Status, clip_message, status_of
 from service.observability import metrics
 from service.observability.statistics import RequestTimes, VersionStatistics
 
 log = logging.getLogger("convserve.access")
 
 REQUEST_ID_KEY = "x-request-id"
-_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # Fresh request ids: a random prefix per process and a counter, unique without a uuid4 per call
 # (os.urandom and a UUID object cost about 1% of a small model's throughput).
 _ID_PREFIX = secrets.token_hex(8)
@@ -65,7 +65,7 @@ def current_call() -> CallInfo:
 
 def new_request_id(offered: str | None) -> str:
     """The client's request id when it is a sane one, else a fresh one."""
-    if offered and _VALID_REQUEST_ID.match(offered):
+    if offered and _VALID_REQUEST_ID.fullmatch(offered):
         return offered
     return f"{_ID_PREFIX}{next(_id_counter):016x}"  # 32 hex digits, as a uuid4
 
@@ -108,12 +108,13 @@ class CallObserver:
             )
             message = INTERNAL_MESSAGE
         else:
-            message = str(error)
+            message = clip_message(str(error))
         self.code, self.message = status.code, message
         return Failure(status, message)
 
     def ended(self, code: grpc.StatusCode, message: str) -> Failure:
         """Record an outcome known by its gRPC code only."""
+        message = clip_message(message)
         self.code, self.message = code, message
         return Failure(Status(code, HTTP_STATUS.get(code, 500)), message)
 
@@ -172,7 +173,7 @@ def record_call(call: CallInfo, label: str, code: grpc.StatusCode, message: str,
         "duration_ms": round(elapsed * 1000, 3),
     }
     if message and code is not grpc.StatusCode.INTERNAL:
-        fields["error"] = message
+        fields["error"] = clip_message(message)  # the access log's error field is capped too
     log.log(
         logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO, "rpc", extra={"fields": fields}
     )

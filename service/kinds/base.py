@@ -21,7 +21,7 @@ from service.codecs.cost import Work
 from service.contract.manifest import Manifest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions, TensorSpec, one_line_reason
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, clip
 from service.kinds.captioner.beam_search import DecodingOptions
 from service.observability.statistics import RequestTimes, VersionStatistics
 from service.settings import Settings
@@ -169,4 +169,4 @@ class LoadContext:
 def not_offered(model: str, kind: str, noun: str) -> InvalidArgument:
     """The error for a task a model's kind does not answer, e.g. Caption on a classifier."""
     hint = "; call it through KServe v2 (ModelInfer)" if kind == "tensor" else ""
-    return InvalidArgument(f"model {model!r} is a {kind}, not a {noun}{hint}")
+    return InvalidArgument(f"model {clip(model)} is a {kind}, not a {noun}{hint}")

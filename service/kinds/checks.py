@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, clip
 
 
 def require_finite(array: np.ndarray, name: str) -> None:
@@ -19,7 +19,7 @@ def require_finite(array: np.ndarray, name: str) -> None:
         return
     position = _first(~np.isfinite(array))
     raise InvalidArgument(
-        f"input {name!r}: {array[position]} at index {list(position)} is not a finite number"
+        f"input {clip(name)}: {array[position]} at index {list(position)} is not a finite number"
     )
 
 
@@ -32,7 +32,8 @@ def require_within(array: np.ndarray, name: str, low: int, high: int, allowed: s
         return
     position = _first((array < low) | (array > high))
     raise InvalidArgument(
-        f"input {name!r}: {array[position]} at index {list(position)} is outside {low}..{high} ({allowed})"
+        f"input {clip(name)}: {array[position]} at index {list(position)} "
+        f"is outside {low}..{high} ({allowed})"
     )
 
 

@@ -18,7 +18,7 @@ from service.contract.manifest import Manifest
 from service.domain import InferRequest, InferResult, InputTensor, OutputRequest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.engine.sessions import ModelSession, TensorSpec
-from service.errors import InvalidArgument
+from service.errors import InvalidArgument, clip, clip_list
 from service.kinds.base import MODEL_FILE, LoadContext, LoadedModel, Signature, Task
 from service.observability.statistics import RequestTimes, VersionStatistics
 
@@ -85,7 +85,7 @@ class TensorJob:
             spec = session.outputs[self._names.index(name)]
             if spec.dtype.kind not in "fiu" or len(spec.shape) < (2 if self._batched else 1):
                 raise InvalidArgument(
-                    f"output {name!r}: classification needs a numeric output with a class axis"
+                    f"output {clip(name)}: classification needs a numeric output with a class axis"
                 )
         self.rows = check_headers(request.inputs, session.inputs, session.batchable)
         self.batcher = batcher
@@ -164,21 +164,24 @@ def check_headers(inputs: Sequence[InputTensor], specs: Sequence[TensorSpec], ba
     given = [tensor.name for tensor in inputs]
     unknown = sorted(set(given) - set(expected))
     if unknown:
-        raise InvalidArgument(f"unknown input(s) {unknown}; the model takes {sorted(expected)}")
+        raise InvalidArgument(f"unknown input(s) {clip_list(unknown)}; the model takes {sorted(expected)}")
     missing = sorted(set(expected) - set(given))
     if missing:
-        raise InvalidArgument(f"missing input(s) {missing}; the model takes {sorted(expected)}")
+        raise InvalidArgument(f"missing input(s) {clip_list(missing)}; the model takes {sorted(expected)}")
     for tensor in inputs:
         spec = expected[tensor.name]
         want = tensors.datatype_from_onnx(spec.onnx_type)
         if tensor.datatype != want:
-            raise InvalidArgument(f"input {tensor.name!r}: expected datatype {want}, got {tensor.datatype}")
+            raise InvalidArgument(
+                f"input {clip(tensor.name)}: expected datatype {want}, got {clip(tensor.datatype)}"
+            )
         shape = list(tensor.shape)
         if len(shape) != len(spec.shape) or any(
             w not in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
         ):
             raise InvalidArgument(
-                f"input {tensor.name!r}: expected shape {list(spec.shape)} (-1: any), got {shape}"
+                f"input {clip(tensor.name)}: expected shape {list(spec.shape)} (-1: any), "
+                f"got {clip_list(shape)}"
             )
     if not batchable:
         return 1
@@ -193,5 +196,5 @@ def requested_outputs(outputs: Sequence[OutputRequest], names: Sequence[str]) ->
     wanted = [o.name for o in outputs] or list(names)
     unknown = sorted(set(wanted) - set(names))
     if unknown:
-        raise InvalidArgument(f"unknown output(s) {unknown}; the model answers {list(names)}")
+        raise InvalidArgument(f"unknown output(s) {clip_list(unknown)}; the model answers {list(names)}")
     return wanted

@@ -47,7 +47,7 @@ CROSS_SITE = "refused: a request from another web site may not change the server
 NOT_JSON = "refused: load and unload take Content-Type: application/json"
 
 #: A model name the repository may be asked to load or unload: one plain folder name.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: no trailing newline
 
 #: Methods (the last part of a gRPC method, or an HTTP route's method name) by access class.
 HEALTH_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
@@ -61,7 +61,7 @@ AuthError = (Unauthenticated, PermissionDenied)
 
 def check_model_name(name: str) -> None:
     """INVALID_ARGUMENT unless `name` is a plain model name (no path separators, no "..")."""
-    if not MODEL_NAME.match(name) or ".." in name or len(name) > 255:
+    if not MODEL_NAME.fullmatch(name) or ".." in name or len(name) > 255:
         raise InvalidArgument(
             f"invalid model name {name[:64]!r}: a plain name (letters, digits, '_', '.', '-') is expected"
         )
