@@ -132,6 +132,7 @@ class ConvserveServer:
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
         self._metrics_server = None
+        self._plane: DataPlane | None = None
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._ready_series: dict[tuple[str, str], str] = {}
@@ -147,7 +148,7 @@ class ConvserveServer:
         policy = AuthPolicy.from_settings(settings)
         self._start_metrics()
         server = new_grpc_server(settings)
-        plane = DataPlane(self.repository, settings, lambda: self._ready)
+        plane = self._plane = DataPlane(self.repository, settings, lambda: self._ready)
         vision, kserve = VisionServicer(plane), KServeServicer(plane)
         # each method wrapped once: access control, request id, errors, access log, metrics
         register(server, vision_pb2_grpc.add_VisionServicer_to_server, vision, policy)
@@ -188,7 +189,8 @@ class ConvserveServer:
             settings.repository_control,
         )
         await self._start_health_port()
-        await self._start_http(build_app(plane, settings.max_message_bytes, policy), ssl_context)
+        app = build_app(plane, settings.max_message_bytes, policy, settings.max_json_bytes)
+        await self._start_http(app, ssl_context)
         await self.repository.refresh()
         self._started = True
         await self._update_readiness()
@@ -262,6 +264,8 @@ class ConvserveServer:
             stopping.append(self._http.cleanup())
         await asyncio.gather(*stopping)
         await self.repository.close()
+        if self._plane is not None:
+            self._plane.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()

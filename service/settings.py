@@ -121,8 +121,40 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest image (width x height) accepted, checked before decoding.",
     )
+    max_request_pixels: int = Field(
+        default=64_000_000,
+        gt=0,
+        description="Most decoded pixels (width x height, summed over its images) one request may cost, "
+        "checked from the images' headers before any is decoded.",
+    )
     max_message_bytes: int = Field(
-        default=64 * 1024 * 1024, gt=0, description="Largest gRPC message accepted or sent."
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="Largest gRPC message accepted or sent, and largest HTTP body (binary tensor data).",
+    )
+    max_json_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON part of an HTTP request (a KServe JSON body, or the JSON header before "
+        "binary tensor data); parsing JSON costs far more memory and time per byte than binary data, so "
+        "larger tensors go as binary data.",
+    )
+    decode_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Threads of the decode pool (image decoding and pre-processing, PNG encoding); "
+        "0: one per usable CPU, at most 8.",
+    )
+    decode_processes: int = Field(
+        default=1,
+        ge=0,
+        description="Processes of the decode pool for work that holds the GIL (parsing JSON bodies larger "
+        "than a few KiB); 0: such work runs in the decode threads, where it can stall the event loop.",
+    )
+    decode_queue: int = Field(
+        default=64,
+        gt=0,
+        description="Requests that may wait for a decode thread; beyond them RESOURCE_EXHAUSTED (HTTP 429).",
     )
     default_timeout_seconds: float = Field(
         default=30.0,

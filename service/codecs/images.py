@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.domain import EncodedImage, ImageInput, RawImage
+from service.codecs.cost import Codec, Work, checkpoint
+from service.domain import EncodedImage, ImageInput, RawImage, image_bytes
 from service.errors import InvalidArgument
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP")
@@ -82,3 +84,49 @@ def decode_image(image: ImageInput, index: int, max_pixels: int) -> np.ndarray:
         raise InvalidArgument("image has neither encoded bytes nor a raw array")
     except InvalidArgument as exc:
         raise InvalidArgument(f"image {index}: {exc}") from None
+
+
+def declared_pixels(image: ImageInput) -> int:
+    """The pixels an image says it has, from its header only (no pixel is decoded); 0 when it
+    cannot be read (decoding will say what is wrong)."""
+    if isinstance(image, RawImage):
+        return max(image.height, 0) * max(image.width, 0)
+    if not isinstance(image, EncodedImage) or not image.data:
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(image.data), formats=ACCEPTED_FORMATS) as opened:
+                width, height = opened.size
+    except Exception:  # any unreadable header: decode_encoded reports what is wrong
+        return 0
+    return width * height
+
+
+def image_work(images: Sequence[ImageInput]) -> Work:
+    """What decoding and pre-processing a request's images costs, by the cost rule.
+
+    A request whose compressed bytes alone would go to a thread is not looked at further; a small
+    one is judged by the pixels its headers declare (a 2 KB PNG may claim 16 million pixels).
+    """
+    by_bytes = Work(Codec.IMAGE, image_bytes(images))
+    if not by_bytes.inline:
+        return by_bytes
+    return Work(Codec.PIXELS, sum(declared_pixels(image) for image in images))
+
+
+def decode_images(
+    images: Sequence[ImageInput], max_pixels: int, max_request_pixels: int
+) -> Iterator[np.ndarray]:
+    """A request's images decoded one by one: all their headers first against `max_request_pixels`
+    (the decoded pixels one request may cost), then each image, stopping between images when the
+    call's deadline passed or it was cancelled (`checkpoint`)."""
+    total = sum(declared_pixels(image) for image in images)
+    if total > max_request_pixels:
+        raise InvalidArgument(
+            f"the request's {len(images)} images hold {total} pixels, over the limit of "
+            f"{max_request_pixels} pixels per request (max_request_pixels)"
+        )
+    for index, image in enumerate(images):
+        checkpoint()
+        yield decode_image(image, index, max_pixels)

@@ -44,8 +44,9 @@ from service.domain import (
     TensorMetadata,
     VersionInfo,
 )
+from service.engine.decoding import DecodePool
 from service.engine.sessions import CUDA, TensorSpec
-from service.errors import ConvserveError, InvalidArgument, ModelNotFound
+from service.errors import ConvserveError, InvalidArgument, ModelNotFound, clip
 from service.kinds.base import not_offered
 from service.observability.metrics import UNKNOWN_MODEL
 from service.observability.statistics import Duration as StatsDuration
@@ -89,6 +90,11 @@ class DataPlane:
         self._repository = repository
         self._settings = settings
         self._is_ready = is_ready
+        self._pool = DecodePool(settings.decode_threads, settings.decode_queue, settings.decode_processes)
+
+    def close(self) -> None:
+        """Stop the decode pool's threads (work still waiting never starts)."""
+        self._pool.close()
 
     # Health and server metadata ------------------------------------------------------------------
 
@@ -163,13 +169,21 @@ class DataPlane:
                 job = task(request)
                 job.batcher.admit(job.rows)  # refuse before decoding what cannot be queued
                 call.images = job.rows
-                await _stage(job.prepare_work, job.prepare)
+                await self.offload(job.prepare_work, job.prepare, deadline)
             with stats.pending.track_inprogress():
                 await job.run(deadline, times)
             with stats.output_stage(times):
-                result = await _stage(job.finish_work, job.finish)
+                result = await self.offload(job.finish_work, job.finish, deadline)
         result.model, result.version = served.name, served.version.version
         return result
+
+    async def offload(self, work: Work, step: Callable[[], R], deadline: float | None = None) -> R:
+        """Run a step where its cost says: on the event loop, or in the bounded decode pool (full:
+        QueueFull), where it stops between images once `deadline` (the loop's clock) passed or the
+        call was cancelled. Transports use it too, for wire decoding that costs (large JSON)."""
+        if work.inline:
+            return step()
+        return await self._pool.run(work, step, deadline)
 
     def _resolve(self, name: str, version: str, inference: bool = True) -> Served:
         """What answers; the call is labelled with it (or "unknown", never the client's string).
@@ -262,7 +276,7 @@ class DataPlane:
             served = None
         if served is None or served.name == served.version.model:
             current_call().model = UNKNOWN_MODEL
-            raise ModelNotFound(f"model {name!r} not found")
+            raise ModelNotFound(f"model {clip(name)} not found")
         return served
 
     def _ready_versions(self, model: str) -> list[str]:
@@ -295,13 +309,6 @@ class DataPlane:
     def models(self) -> list[ModelInfo]:
         """Every model and its versions, as the task API's ListModels answers."""
         return [_model_info(entry) for entry in self._repository.entries()]
-
-
-async def _stage(work: Work, step: Callable[[], R]) -> R:
-    """Run a job's step where its cost says: on the event loop, or in a thread."""
-    if work.inline:
-        return step()
-    return await asyncio.to_thread(step)
 
 
 def _require_model(model: str, example: str) -> None:

@@ -6,16 +6,17 @@ from pathlib import Path
 
 import numpy as np
 
-from service.codecs.cost import INLINE, Codec, Work
-from service.codecs.images import decode_image
+from service.codecs.cost import INLINE
+from service.codecs.images import decode_images, image_work
 from service.contract import preprocessing as imaging
 from service.contract.manifest import DigitAdaptation, Manifest
-from service.domain import ClassifyRequest, ClassifyResult, Prediction, image_bytes
+from service.domain import ClassifyRequest, ClassifyResult, Prediction
 from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession
 from service.kinds.base import MODEL_FILE, LoadContext
 from service.kinds.tensor import TensorModel, tensor_model
 from service.observability.statistics import RequestTimes
+from service.settings import Settings
 
 
 class ClassifierPipeline:
@@ -90,9 +91,7 @@ class ClassifierKind:
         settings = context.settings
 
         def classify(request: ClassifyRequest) -> ClassifyJob:
-            return ClassifyJob(
-                request, pipeline, model.batcher, settings.default_top_k, settings.max_image_pixels
-            )
+            return ClassifyJob(request, pipeline, model.batcher, settings)
 
         model.tasks[ClassifyRequest] = classify
         return model
@@ -108,23 +107,22 @@ class ClassifyJob:
         request: ClassifyRequest,
         pipeline: ClassifierPipeline,
         batcher: DynamicBatcher,
-        default_top_k: int,
-        max_pixels: int,
+        settings: Settings,
     ) -> None:
         self._images = request.images
-        self._top_k = default_top_k if request.top_k is None else request.top_k
+        self._top_k = settings.default_top_k if request.top_k is None else request.top_k
         self._pipeline = pipeline
-        self._max_pixels = max_pixels
+        self._limits = settings.max_image_pixels, settings.max_request_pixels
         self.batcher = batcher
         self.rows = len(request.images)
-        self.prepare_work = Work(Codec.IMAGE, image_bytes(request.images))
+        self.prepare_work = image_work(request.images)
         self._batch = np.empty(0)
         self._outputs: list[np.ndarray] = []
 
     def prepare(self) -> None:
-        pipeline, limit = self._pipeline, self._max_pixels
+        pipeline = self._pipeline
         self._batch = np.stack(
-            [pipeline.prepare(decode_image(image, i, limit)) for i, image in enumerate(self._images)]
+            [pipeline.prepare(image) for image in decode_images(self._images, *self._limits)]
         )
 
     async def run(self, deadline: float | None, times: RequestTimes) -> None:

@@ -135,3 +135,12 @@ DECODE_DROPPED = Counter(
     "Caption decode loop: images that left the loop unfinished, by reason (cancelled, deadline_exceeded).",
     ["model", "version", "reason"],
 )
+DECODE_POOL_REFUSED = Counter(
+    "convserve_decode_pool_refused",
+    "Requests refused (RESOURCE_EXHAUSTED, HTTP 429) because every decode thread was busy and the "
+    "decode queue (decode_queue) was full.",
+)
+DECODE_POOL_PENDING = Gauge(
+    "convserve_decode_pool_pending",
+    "Work in the decode pool: running on its threads or waiting for one.",
+)

@@ -17,7 +17,7 @@ import numpy as np
 
 from service.codecs import tensors
 from service.codecs.cost import INLINE, Codec, Work
-from service.codecs.images import decode_image
+from service.codecs.images import decode_images, image_work
 from service.contract.manifest import Manifest
 from service.domain import (
     AttentionMap,
@@ -28,7 +28,6 @@ from service.domain import (
     ImageInput,
     InferRequest,
     InferResult,
-    image_bytes,
 )
 from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.errors import InvalidArgument
@@ -114,9 +113,7 @@ class CaptionerModel:
 
     def caption(self, request: CaptionRequest) -> CaptionJob:
         options = self._options(request.beam_size, request.max_length, request.count, request.attention)
-        return CaptionJob(
-            self.pipeline, self.batcher, request.images, options, self._settings.max_image_pixels
-        )
+        return CaptionJob(self.pipeline, self.batcher, request.images, options, self._settings)
 
     def infer(self, request: InferRequest) -> KServeCaptionJob:
         requested_outputs(request.outputs, [KSERVE_OUTPUT.name])  # it has one: refuse any other
@@ -161,22 +158,22 @@ class CaptionJob:
         batcher: DynamicBatcher,
         images: Sequence[ImageInput],
         options: CaptionOptions,
-        max_pixels: int,
+        settings: Settings,
     ) -> None:
         self._pipeline = pipeline
         self._images = images
         self._options = options
-        self._max_pixels = max_pixels
+        self._limits = settings.max_image_pixels, settings.max_request_pixels
         self.batcher = batcher
         self.rows = len(images)
-        self.prepare_work = Work(Codec.IMAGE, image_bytes(images))
+        self.prepare_work = image_work(images)
         self._batch = np.empty(0)
         self._results: list[list[Hypothesis]] = []
 
     def prepare(self) -> None:
-        pipeline, limit = self._pipeline, self._max_pixels
+        pipeline = self._pipeline
         self._batch = np.stack(
-            [pipeline.prepare(decode_image(image, i, limit)) for i, image in enumerate(self._images)]
+            [pipeline.prepare(image) for image in decode_images(self._images, *self._limits)]
         )
 
     async def run(self, deadline: float | None, times: RequestTimes) -> None:
@@ -211,7 +208,7 @@ class KServeCaptionJob(CaptionJob):
         options: CaptionOptions,
         settings: Settings,
     ) -> None:
-        super().__init__(pipeline, batcher, [], options, settings.max_image_pixels)
+        super().__init__(pipeline, batcher, [], options, settings)
         self._request = request
         self._max_elements = settings.max_message_bytes
         self.rows = rows
@@ -219,12 +216,9 @@ class KServeCaptionJob(CaptionJob):
 
     def prepare(self) -> None:
         feeds = tensors.decode_tensors(self._request.inputs, max_elements=self._max_elements)
-        pipeline, limit = self._pipeline, self._max_pixels
-        prepared = []
-        for index, data in enumerate(feeds[KSERVE_INPUT.name].ravel()):
-            image = EncodedImage(bytes(data))
-            prepared.append(pipeline.prepare(decode_image(image, index, limit)))
-        self._batch = np.stack(prepared)
+        images = [EncodedImage(bytes(data)) for data in feeds[KSERVE_INPUT.name].ravel()]
+        pipeline = self._pipeline
+        self._batch = np.stack([pipeline.prepare(image) for image in decode_images(images, *self._limits)])
 
     def finish(self) -> InferResult:  # type: ignore[override]
         texts = np.array([[self._pipeline.text(best[0]).encode()] for best in self._results], dtype=object)

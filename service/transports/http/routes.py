@@ -10,16 +10,17 @@ shared. JSON tensors and the binary tensor extension (`Inference-Header-Content-
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import grpc
-import numpy as np
 from aiohttp import ClientConnectionError, ClientPayloadError, web
 
 from service.codecs import tensors
+from service.codecs.cost import Codec, Work
 from service.codecs.kserve import model_config, model_statistics, plain
 from service.dataplane import DataPlane
 from service.dataplane.calls import REQUEST_ID_KEY, CallInfo, CallObserver, Failure, new_request_id
@@ -28,14 +29,17 @@ from service.domain import (
     ClassifyRequest,
     EncodedImage,
     GenerateRequest,
-    InferRequest,
     InferResult,
-    InputTensor,
-    OutputRequest,
-    ParameterValue,
 )
-from service.errors import Cancelled, InvalidArgument, ModelNotFound
+from service.errors import Cancelled, InvalidArgument, ModelNotFound, clip, clip_message
 from service.security.auth import AuthPolicy, http_middleware
+from service.transports.http.json_tensors import (
+    BinaryOutputs,
+    decode_header,
+    parameters,
+    parse_json,
+    whole_number,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: What reading a request raises when its client went away.
@@ -44,17 +48,30 @@ _CLIENT_GONE = (ConnectionError, ClientConnectionError, ClientPayloadError)
 OPENAPI = Path(__file__).with_name("openapi.json")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: The JSON part of a request, by default (Settings.max_json_bytes).
+DEFAULT_MAX_JSON_BYTES = 8 * 1024 * 1024
+#: The most characters of a request's path the access log shows.
+PATH_CHARS = 128
+#: The JSON body of a repository route (an index or load request: a few fields).
+SMALL_JSON_BYTES = 64 * 1024
 
 
-def build_app(plane: DataPlane, max_body_bytes: int, policy: AuthPolicy | None = None) -> web.Application:
+def build_app(
+    plane: DataPlane,
+    max_body_bytes: int,
+    policy: AuthPolicy | None = None,
+    max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+) -> web.Application:
     """The routes; each is named after the gRPC method it shares, for metrics and the access log.
 
     `policy`: bearer-token rules (service/security/auth.py), applied inside the serving middleware so
-    refusals (401/403) are logged and counted; none: open.
+    refusals (401/403) are logged and counted; none: open. Bodies are limited to `max_body_bytes`,
+    their JSON part to `max_json_bytes` (over either: 413).
     """
     middlewares = [_serving_middleware, http_middleware(policy or AuthPolicy())]
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
-    routes = Routes(plane)
+    app.on_response_prepare.append(_server_header)
+    routes = Routes(plane, max_json_bytes)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     table: list[tuple[str, str, Handler, str]] = [
@@ -83,6 +100,11 @@ def build_app(plane: DataPlane, max_body_bytes: int, policy: AuthPolicy | None =
     return app
 
 
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """`Server: convserve`, not aiohttp's default naming the Python and aiohttp versions."""
+    response.headers["Server"] = "convserve"
+
+
 @web.middleware
 async def _serving_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id and the call observation (the error table, metrics, the access log), as on gRPC."""
@@ -91,15 +113,16 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
     call = CallInfo(
         request_id=new_request_id(request.headers.get(REQUEST_ID_KEY)), method=method, transport="http"
     )
-    with CallObserver(call, f"{request.method} {request.path}") as observer:
+    with CallObserver(call, f"{request.method} {clip_message(request.path, PATH_CHARS)}") as observer:
         try:
             response = await handler(request)
         except _CLIENT_GONE:  # the client hung up, e.g. in the middle of the body: not our error
             response = _error(observer.failed(Cancelled("the client closed the connection")))
         except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
-            wrapped = ModelNotFound(exc.reason) if exc.status == 404 else InvalidArgument(exc.reason)
+            message = exc.text if exc.status == 413 and exc.text else exc.reason  # 413: which limit
+            wrapped = ModelNotFound(message) if exc.status == 404 else InvalidArgument(message)
             failure = observer.failed(wrapped)
-            response = _error(Failure(replace(failure.status, http=exc.status), exc.reason))
+            response = _error(Failure(replace(failure.status, http=exc.status), failure.message))
         except Exception as exc:
             response = _error(observer.failed(exc))
         if observer.ok and response.status >= 400:  # a route's own "not ready" answer
@@ -129,14 +152,15 @@ def _timeout(request: web.Request) -> float | None:
     try:
         return float(timeout)
     except ValueError:
-        raise InvalidArgument(f"timeout must be a number of seconds, got {timeout!r}") from None
+        raise InvalidArgument(f"timeout must be a number of seconds, got {clip(timeout)}") from None
 
 
 class Routes:
     """Translators between HTTP and the data plane; a few lines each."""
 
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> None:
         self.plane = plane
+        self.max_json_bytes = max_json_bytes
 
     async def live(self, request: web.Request) -> web.Response:
         live = self.plane.live()
@@ -185,26 +209,29 @@ class Routes:
         return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await self._json_body(request)
         rows = self.plane.repository_index(bool(body.get("ready")))
         return _json([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        await self.plane.load(request.match_info["name"], _parameters(body.get("parameters"), "load"))
+        body = await self._json_body(request)
+        await self.plane.load(request.match_info["name"], parameters(body.get("parameters"), "load"))
         return _json({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        await self.plane.unload(request.match_info["name"], _parameters(body.get("parameters"), "unload"))
+        body = await self._json_body(request)
+        await self.plane.unload(request.match_info["name"], parameters(body.get("parameters"), "unload"))
         return _json({})
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
         body = await request.read()
-        infer_request, binary_out = _infer_request(body, request.headers.get(HEADER_LENGTH), name, version)
-        result = await self.plane.infer(infer_request, _timeout(request))
-        return _infer_response(result, binary_out)
+        json_end = _json_end(body, request.headers.get(HEADER_LENGTH), self.max_json_bytes)
+        decoded = await self.plane.offload(  # a large body: in another process, as json_tensors says
+            Work(Codec.JSON, json_end), partial(decode_header, body[:json_end], len(body), name, version)
+        )
+        result = await self.plane.infer(decoded.with_binary_data(body), _timeout(request))
+        return _infer_response(result, decoded.binary)
 
     async def classify(self, request: web.Request) -> web.Response:
         """POST an image (PNG, JPEG or BMP) as the body: ?model=lenet5&top_k=3."""
@@ -214,7 +241,7 @@ class Routes:
                 model=query.get("model", "lenet5"),
                 version=query.get("version", ""),
                 images=[EncodedImage(await request.read())],
-                top_k=_int(query["top_k"], "top_k") if "top_k" in query else None,
+                top_k=whole_number(query["top_k"], "top_k") if "top_k" in query else None,
             ),
             _timeout(request),
         )
@@ -224,14 +251,14 @@ class Routes:
     async def generate(self, request: web.Request) -> web.Response:
         """One PNG: ?model=dcgan&count=16&label=7&seed=1 (several images come as one grid)."""
         query = request.query
-        count = _int(query.get("count", "1"), "count")
+        count = whole_number(query.get("count", "1"), "count")
         found = await self.plane.generate(
             GenerateRequest(
                 model=query.get("model", "dcgan"),
                 version=query.get("version", ""),
                 count=count,
-                labels=[_int(label, "label") for label in query.getall("label", [])],
-                seed=_int(query["seed"], "seed") if "seed" in query else None,
+                labels=[whole_number(label, "label") for label in query.getall("label", [])],
+                seed=whole_number(query["seed"], "seed") if "seed" in query else None,
                 grid=count > 1,
             ),
             _timeout(request),
@@ -244,7 +271,7 @@ class Routes:
         """POST an image as the body: ?model=captioner&beam=3&max_length=24&count=1&attention=1."""
         query = request.query
         options = {
-            field: _int(query[name], name) if name in query else None
+            field: whole_number(query[name], name) if name in query else None
             for name, field in (("beam", "beam_size"), ("max_length", "max_length"), ("count", "count"))
         }
         found = await self.plane.caption(
@@ -267,6 +294,19 @@ class Routes:
             captions.append(entry)
         return _json({"model": found.model, "version": found.version, "captions": captions})
 
+    async def _json_body(self, request: web.Request) -> dict[str, Any]:
+        """The request's JSON object body; {} without a body."""
+        if not request.can_read_body:
+            return {}
+        raw = await request.read()
+        _json_end(raw, None, SMALL_JSON_BYTES)
+        if not raw.strip():
+            return {}
+        body = parse_json(raw)  # small: on the event loop
+        if not isinstance(body, dict):
+            raise InvalidArgument("request body must be a JSON object")
+        return body
+
 
 def _index_row(name: str, version: str, state: str, reason: str) -> dict[str, str]:
     """A repository index row as the REST binding writes it: empty fields left out."""
@@ -274,160 +314,27 @@ def _index_row(name: str, version: str, state: str, reason: str) -> dict[str, st
     return {key: value for key, value in row.items() if value}
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object body; {} without a body."""
-    if not request.can_read_body:
-        return {}
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    body = _parse_json(raw)
-    if not isinstance(body, dict):
-        raise InvalidArgument("request body must be a JSON object")
-    return body
-
-
-def _parse_json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument("request body is nested too deeply") from None
-
-
-def _parameters(value: Any, where: str) -> dict[str, ParameterValue]:
-    """A JSON `parameters` object: names to bool, number or string values."""
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(f"{where}: parameters must be a JSON object")
-    for name, item in value.items():
-        if not isinstance(item, bool | int | float | str):
-            raise InvalidArgument(
-                f"{where}: parameter {str(name)[:64]!r} must be a boolean, number or string"
-            )
-    return dict(value)
-
-
 def _model(request: web.Request) -> tuple[str, str]:
     return request.match_info["name"], request.match_info.get("version", "")
 
 
-def _int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise InvalidArgument(f"{what} must be an integer, got {text!r}") from None
-
-
-def _infer_request(
-    body: bytes, header_length: str | None, name: str, version: str
-) -> tuple[InferRequest, _BinaryOutputs]:
-    """The JSON (+ binary) body as the data plane's request, with raw bytes for every input,
-    and which outputs to answer as binary data."""
-    json_end = len(body) if header_length is None else _int(header_length, HEADER_LENGTH)
+def _json_end(body: bytes, header_length: str | None, max_json_bytes: int) -> int:
+    """Where a body's JSON part ends (all of it without `Inference-Header-Content-Length`); 413 when
+    the JSON part is larger than `max_json_bytes` (larger tensors go as binary data)."""
+    json_end = len(body) if header_length is None else whole_number(header_length, HEADER_LENGTH)
     if not 0 <= json_end <= len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} is {json_end} but the body has {len(body)} bytes")
-    header = _parse_json(body[:json_end])
-    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
-        raise InvalidArgument('request body must be a JSON object with an "inputs" list')
-    inputs, offset = [], json_end
-    for item in header["inputs"]:
-        tensor, offset = _input(item, body, offset)
-        inputs.append(tensor)
-    if offset != len(body):
-        raise InvalidArgument(f"{len(body) - offset} bytes of binary data follow the inputs that claim none")
-    parameters = _parameters(header.get("parameters"), "request")
-    requested = header.get("outputs") or []
-    if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
-        raise InvalidArgument('"outputs" must be a list of JSON objects, each with a "name"')
-    outputs = [
-        OutputRequest(str(o.get("name", "")), _parameters(o.get("parameters"), f"output {o.get('name')!r}"))
-        for o in requested
-    ]
-    default = bool(parameters.get("binary_data_output", False))
-    # an output's own binary_data decides for it; binary_data_output for every other one
-    binary = {o.name: bool(o.parameters.get("binary_data", default)) for o in outputs}
-    request = InferRequest(
-        model=name,
-        version=version,
-        inputs=inputs,
-        outputs=outputs,
-        id=str(header.get("id", "")),
-        parameters=parameters,
-    )
-    return request, _BinaryOutputs(default, binary)
+    if json_end > max_json_bytes:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=max_json_bytes,
+            actual_size=json_end,
+            text=f"the JSON part of the request is {json_end} bytes, over the limit of {max_json_bytes} "
+            "(max_json_bytes); send large tensors as binary data",
+        )
+    return json_end
 
 
-class _BinaryOutputs:
-    """Which outputs a request wants as binary data."""
-
-    def __init__(self, default: bool, chosen: dict[str, bool]) -> None:
-        self._default = default
-        self._chosen = chosen
-
-    def __contains__(self, name: object) -> bool:
-        return self._chosen.get(name, self._default)  # type: ignore[call-overload]
-
-
-def _input(item: Any, body: bytes, offset: int) -> tuple[InputTensor, int]:
-    if not isinstance(item, dict):
-        raise InvalidArgument("each input must be a JSON object with name, shape, datatype and data")
-    name, datatype, shape = str(item.get("name", "")), str(item.get("datatype", "")), item.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidArgument(f"input {name[:64]!r}: shape must be a list of integers")
-    parameters = _parameters(item.get("parameters"), f"input {name[:64]!r}")
-    size = parameters.get("binary_data_size")
-    if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(body):
-            raise InvalidArgument(f"input {name[:64]!r}: binary_data_size {size} does not fit the body")
-        raw = body[offset : offset + size]
-        return InputTensor(name, datatype, shape, raw=raw, parameters=parameters), offset + size
-    what = f"input {name[:64]!r}"
-    kind = tensors.datatype(datatype, what=what)
-    count = tensors.element_count(shape, what=what)
-    data = item.get("data")
-    if data is None:
-        raise InvalidArgument(f"{what} has neither data nor binary_data_size")
-    if kind.name == "BYTES":
-        elements = list(np.ravel(np.array(data, dtype=object)))
-        try:
-            raw = tensors.encode_bytes(elements)
-        except ValueError:
-            raise InvalidArgument(f"{what}: BYTES data must be a list of strings") from None
-        found = len(elements)
-    else:
-        array = _numbers(data, kind.dtype, datatype, what)
-        raw, found = array.tobytes(), array.size
-    if found != count:
-        raise InvalidArgument(f"{what}: shape {shape} needs {count} elements, data has {found}")
-    return InputTensor(name, datatype, shape, raw=raw, parameters=parameters), offset
-
-
-def _numbers(data: Any, dtype: np.dtype, datatype: str, what: str) -> np.ndarray:
-    """JSON numbers as a flat array of `dtype`; integer and BOOL tensors take whole numbers within
-    their range only (numpy would wrap 300 into a UINT8 silently)."""
-    try:
-        given = np.asarray(data)
-    except (TypeError, ValueError, OverflowError, RecursionError):
-        raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
-    if dtype.kind in "iub" and given.size:
-        if given.dtype.kind not in "iub":
-            got = given.dtype.name
-            raise InvalidArgument(f"{what}: {datatype} data must be whole numbers, got {got} values")
-        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
-        smallest, largest = given.min(), given.max()
-        if smallest < low or largest > high:
-            outside = smallest if smallest < low else largest
-            raise InvalidArgument(f"{what}: {outside} is outside the range of {datatype} ({low}..{high})")
-    try:
-        return np.asarray(given, dtype=dtype).ravel()
-    except (TypeError, ValueError, OverflowError):
-        raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
-
-
-def _infer_response(result: InferResult, binary: _BinaryOutputs) -> web.Response:
+def _infer_response(result: InferResult, binary: BinaryOutputs) -> web.Response:
     outputs, blobs = [], []
     for name, array in result.outputs:
         datatype, raw = tensors.encode_raw(array)
