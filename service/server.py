@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import signal
 import ssl
 
@@ -23,7 +24,7 @@ import grpc
 from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from prometheus_client import start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from service._proto.convserve.v1 import vision_pb2, vision_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
@@ -31,6 +32,7 @@ from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.dataplane import DataPlane
 from service.engine.batching import BatchingOptions
 from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
+from service.errors import Unauthenticated
 from service.kinds import DecodingOptions
 from service.observability import metrics
 from service.repository import ModelRepository, ModelVersion, VersionState
@@ -42,6 +44,7 @@ from service.transports.grpc.registration import register
 from service.transports.grpc.threads import threads_started_at_low_priority
 from service.transports.grpc.vision import VisionServicer
 from service.transports.http.routes import build_app
+from service.transports.http.site import start_site
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,37 @@ def grpc_server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+#: Open connections the metrics port takes (scrapers are few).
+METRICS_MAX_CONNECTIONS = 64
+
+
+def metrics_app(policy: AuthPolicy | None) -> web.Application:
+    """GET /metrics (and /): the Prometheus text format; with `policy`, only for a bearer token."""
+
+    async def scrape(request: web.Request) -> web.Response:
+        if policy is not None:
+            try:
+                policy.check_token(request.headers.get("Authorization"))
+            except Unauthenticated as exc:
+                return web.Response(status=401, text=str(exc), headers={"WWW-Authenticate": "Bearer"})
+        body = await asyncio.to_thread(generate_latest, REGISTRY)  # milliseconds with many series
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    app.router.add_get("/", scrape)
+    return app
+
+
+def raise_open_files_limit() -> None:
+    """The soft limit of open files up to the hard one: the HTTP, metrics and gRPC ports share it,
+    and the HTTP ports' connection limits are meant to be reached long before it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class ConvserveServer:
     """The whole server; `await start()`, then `await wait_for_termination()` or `await stop()`."""
 
@@ -131,7 +165,7 @@ class ConvserveServer:
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port = 0
-        self._metrics_server = None
+        self._metrics: web.AppRunner | None = None
         self._plane: DataPlane | None = None
         self._poller: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -146,7 +180,8 @@ class ConvserveServer:
         settings = self.settings
         tls = tls_enabled(settings)
         policy = AuthPolicy.from_settings(settings)
-        self._start_metrics()
+        raise_open_files_limit()
+        await self._start_metrics(policy)
         server = new_grpc_server(settings)
         plane = self._plane = DataPlane(self.repository, settings, lambda: self._ready)
         vision, kserve = VisionServicer(plane), KServeServicer(plane)
@@ -266,9 +301,8 @@ class ConvserveServer:
         await self.repository.close()
         if self._plane is not None:
             self._plane.close()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        if self._metrics is not None:
+            await self._metrics.cleanup()
         log.info("stopped")
 
     async def _start_health_port(self) -> None:
@@ -291,30 +325,46 @@ class ConvserveServer:
         """KServe v2 over HTTP/REST on the same event loop, batchers and metrics as gRPC."""
         if self.settings.http_port < 0:
             return
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_seconds)
-        await runner.setup()
-        site = web.TCPSite(
-            runner, self.settings.host, self.settings.http_port, reuse_port=False, ssl_context=ssl_context
-        )
+        settings = self.settings
         try:
-            await site.start()
+            self._http, self.http_port = await start_site(
+                app,
+                settings.host,
+                settings.http_port,
+                idle_timeout=settings.http_idle_timeout_seconds,
+                max_connections=settings.http_max_connections,
+                shutdown_timeout=settings.shutdown_grace_seconds,
+                ssl_context=ssl_context,
+            )
         except OSError as exc:
-            await runner.cleanup()
-            raise OSError(f"cannot listen on HTTP port {self.settings.http_port}: {exc}") from exc
-        self._http = runner
-        self.http_port = runner.addresses[0][1]
-        log.info("HTTP listening on %s:%d", self.settings.host, self.http_port)
+            raise OSError(f"cannot listen on HTTP port {settings.http_port}: {exc}") from exc
+        log.info("HTTP listening on %s:%d", settings.host, self.http_port)
 
-    def _start_metrics(self) -> None:
-        if self.settings.metrics_port < 0:
+    async def _start_metrics(self, policy: AuthPolicy) -> None:
+        """/metrics from the event loop (no thread per connection), with the HTTP port's bounds."""
+        settings = self.settings
+        if settings.metrics_port < 0:
             return
+        if settings.metrics_auth and not (policy.tokens or policy.admin_tokens):
+            raise ValueError("metrics_auth needs tokens to check: set auth_tokens or admin_tokens")
+        host = settings.metrics_host or settings.host
         try:
-            server, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+            self._metrics, self.metrics_port = await start_site(
+                metrics_app(policy if settings.metrics_auth else None),
+                host,
+                settings.metrics_port,
+                idle_timeout=settings.http_idle_timeout_seconds,
+                max_connections=METRICS_MAX_CONNECTIONS,
+                shutdown_timeout=1.0,
+            )
         except OSError as exc:
-            raise OSError(f"cannot listen on metrics port {self.settings.metrics_port}: {exc}") from exc
-        self._metrics_server = server
-        self.metrics_port = server.server_port
-        log.info("metrics on http://%s:%d/metrics", self.settings.host, self.metrics_port)
+            raise OSError(f"cannot listen on metrics port {settings.metrics_port}: {exc}") from exc
+        log.info(
+            "metrics on http://%s:%d/metrics%s",
+            host,
+            self.metrics_port,
+            " (token)" if settings.metrics_auth else "",
+        )
 
     async def _poll(self, seconds: float) -> None:
         while True:

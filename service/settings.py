@@ -21,7 +21,10 @@ class Settings(BaseSettings):
     model_repository: Path = Field(
         default=Path("models"), description="Folder with one sub-folder per model (config.yaml + versions)."
     )
-    host: str = Field(default="0.0.0.0", description="Address the gRPC and metrics servers bind to.")
+    host: str = Field(
+        default="0.0.0.0",
+        description="Address the gRPC, HTTP and (unless metrics_host) metrics ports bind to.",
+    )
     grpc_port: int = Field(
         default=8001, ge=0, le=65535, description="gRPC port (KServe convention: 8001); 0 picks a free one."
     )
@@ -161,6 +164,26 @@ class Settings(BaseSettings):
         ge=0,
         description="Deadline of a request whose client set none (gRPC: no deadline; HTTP: no `timeout` "
         "parameter), so queued work never waits forever; 0: no default deadline.",
+    )
+    http_idle_timeout_seconds: float = Field(
+        default=15.0,
+        gt=0,
+        description="HTTP: close a connection that sends no complete request header within this time, "
+        "after it opens or after its last answer (slow or idle clients hold no socket for long).",
+    )
+    http_max_connections: int = Field(
+        default=1000,
+        gt=0,
+        description="HTTP: most open connections; a connection beyond them is answered 503 and closed.",
+    )
+    metrics_host: str = Field(
+        default="",
+        description="Address the metrics port binds to; empty: the same as host. 127.0.0.1 keeps it "
+        "to the machine (e.g. a sidecar or node agent scrapes it).",
+    )
+    metrics_auth: bool = Field(
+        default=False,
+        description="Require a bearer token (auth_tokens or admin_tokens) on the metrics port too.",
     )
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."

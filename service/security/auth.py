@@ -120,6 +120,10 @@ class AuthPolicy:
         elif self.enabled:
             self._authenticate(authorization)
 
+    def check_token(self, authorization: str | None) -> None:
+        """Unauthenticated unless the Authorization value carries a known (user or admin) token."""
+        self._authenticate(authorization)
+
     def _check_control(self, authorization: str | None) -> None:
         if self.repository_control == "admin":
             if self._authenticate(authorization) != "admin":
