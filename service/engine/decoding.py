@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
 from service.codecs.cost import Stop, Work, stopping
@@ -26,6 +28,8 @@ from service.errors import QueueFull
 from service.observability import metrics
 
 R = TypeVar("R")
+
+log = logging.getLogger(__name__)
 
 #: Threads by default: one per usable CPU, at most this many.
 MAX_DEFAULT_THREADS = 8
@@ -43,11 +47,8 @@ class DecodePool:
         self.threads = threads or default_threads()
         self.capacity = self.threads + processes + queue
         self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="convserve-decode")
-        self._processes: ProcessPoolExecutor | None = None
-        if processes:  # spawn, not fork: the process has gRPC's threads
-            context = multiprocessing.get_context("spawn")
-            self._processes = ProcessPoolExecutor(processes, mp_context=context)
-            self._processes.submit(int)  # start it now, not on the first large request
+        self._process_count = processes
+        self._processes = self._start_processes()
         self._lock = threading.Lock()
         self._pending = 0
 
@@ -78,15 +79,38 @@ class DecodePool:
         future.add_done_callback(lambda _: self._release())  # when it ran, failed or never started
         try:
             return await asyncio.wrap_future(future)
+        except BrokenProcessPool:  # its process died (killed, out of memory): a new one for the next
+            self._processes = self._start_processes()
+            raise
         except asyncio.CancelledError:
             stop.cancelled.set()  # a running step stops at its next checkpoint
             future.cancel()  # one still waiting never starts
             raise
 
+    def _start_processes(self) -> ProcessPoolExecutor | None:
+        """The pool's processes, started now rather than on the first large request; none when the
+        platform cannot start them (e.g. no /dev/shm), and then such work runs in the threads."""
+        if not self._process_count:
+            return None
+        try:  # spawn, not fork: this process has gRPC's threads
+            processes = ProcessPoolExecutor(
+                self._process_count, mp_context=multiprocessing.get_context("spawn")
+            )
+            processes.submit(int)
+        except OSError as exc:
+            log.warning("decode processes unavailable (%s): JSON bodies are parsed in threads", exc)
+            return None
+        return processes
+
     def _submit(self, work: Work, stop: Stop, step: Callable[[], R]) -> Future[R]:
         if work.in_process and self._processes is not None:
             stop.check()
-            return self._processes.submit(step)
+            try:
+                return self._processes.submit(step)
+            except BrokenProcessPool:  # its process died while idle
+                self._processes = self._start_processes()
+                if self._processes is not None:
+                    return self._processes.submit(step)
         executor: Executor = self._executor
         return executor.submit(contextvars.copy_context().run, stopping, stop, step)
 
