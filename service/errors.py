@@ -88,7 +88,7 @@ INTERNAL_MESSAGE = "internal error; the server log has the details"
 #: The most characters of one request-derived value an error message or log line shows.
 ECHO_CHARS = 64
 #: The most items of a request-derived list shown (then a count of the rest).
-ECHO_ITEMS = 4
+ECHO_ITEMS = 8
 #: The most characters of any error message a client or the access log gets, whatever it was built
 #: from (with the log line's other fields, a line stays under 1 KiB).
 MAX_MESSAGE_CHARS = 480

@@ -18,7 +18,7 @@ from service.contract.manifest import Manifest
 from service.domain import InferRequest, InferResult, InputTensor, OutputRequest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.engine.sessions import ModelSession, TensorSpec
-from service.errors import InvalidArgument, clip, clip_list
+from service.errors import ECHO_CHARS, InvalidArgument, clip, clip_list, clip_message
 from service.kinds.base import MODEL_FILE, LoadContext, LoadedModel, Signature, Task
 from service.observability.statistics import RequestTimes, VersionStatistics
 
@@ -172,9 +172,8 @@ def check_headers(inputs: Sequence[InputTensor], specs: Sequence[TensorSpec], ba
         spec = expected[tensor.name]
         want = tensors.datatype_from_onnx(spec.onnx_type)
         if tensor.datatype != want:
-            raise InvalidArgument(
-                f"input {clip(tensor.name)}: expected datatype {want}, got {clip(tensor.datatype)}"
-            )
+            given = clip_message(tensor.datatype, ECHO_CHARS)
+            raise InvalidArgument(f"input {clip(tensor.name)}: expected datatype {want}, got {given}")
         shape = list(tensor.shape)
         if len(shape) != len(spec.shape) or any(
             w not in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
