@@ -1,0 +1,581 @@
+"""One client cannot stall the server: bounded parsing off the event loop, decoding that honours
+deadlines, clipped echoes, bounded connections (issue 28).
+
+In-process checks of the pieces first (fast), then two servers on loopback: one that a client
+attacks while a second client measures gRPC ServerLive and a lenet5 ModelInfer, and one for the
+decode that must stop when its client's deadline passed (the server's CPU time measured).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from conftest import RunningServer, start_server
+from PIL import Image
+from toy_models import toy_generator
+
+from service._proto.convserve.v1 import vision_pb2 as vpb
+from service._proto.convserve.v1 import vision_pb2_grpc as vgrpc
+from service._proto.inference import grpc_predict_v2_pb2 as kpb
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kgrpc
+from service.codecs.cost import Codec, Stop, Work, checkpoint, stopping
+from service.codecs.images import decode_images, image_work
+from service.dataplane.calls import new_request_id
+from service.domain import EncodedImage
+from service.engine.decoding import DecodePool
+from service.errors import (
+    MAX_MESSAGE_CHARS,
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    QueueFull,
+    clip,
+    clip_list,
+    clip_message,
+)
+from service.observability import metrics
+from service.security.auth import check_model_name
+from service.transports.http.json_tensors import decode_header, whole_number
+
+#: What the issue asks of every error message and log line for an oversized input.
+ONE_KB = 1024
+#: The probe's p99 while the attacks run.
+P99_LIMIT = 0.1
+
+
+def _palette_png(width: int, height: int) -> bytes:
+    """A palette PNG of one colour: about 2 KB for 4000 x 4000 pixels."""
+    buffer = io.BytesIO()
+    Image.new("P", (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# In-process ----------------------------------------------------------------------------------
+
+
+def test_clipped_echoes_stay_short() -> None:
+    assert len(clip("x" * 10_000_000)) < 100
+    assert len(clip(b"x" * 10_000_000)) < 100
+    shown = clip_list(list(range(1_000_000)))
+    assert shown.startswith("[0, 1, 2, 3, 4, 5, 6, 7, ...]") and "1000000 items" in shown
+    assert clip("lenet5") == "'lenet5'"
+    assert len(clip_message("y" * 10_000_000)) <= MAX_MESSAGE_CHARS
+
+
+def test_names_and_request_ids_are_matched_whole() -> None:
+    with pytest.raises(InvalidArgument):
+        check_model_name("lenet5\n")
+    check_model_name("lenet5")
+    assert new_request_id("abc\n") != "abc\n"
+    assert new_request_id("abc") == "abc"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [["a"], "b"]}]},  # ragged BYTES
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "BYTES", "data": [1, 2]}]},
+        {"inputs": [], "outputs": ["x"]},
+        {"inputs": [], "parameters": [1]},
+        {"inputs": [], "id": 5},
+        {"inputs": [{"name": 5, "shape": [1], "datatype": "FP32", "data": [1]}]},
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[[[1]]], [[[2]]]]}]},  # deeper
+        {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[1], 2]}]},  # ragged
+        {"inputs": [{"name": "x", "shape": [10**9], "datatype": "FP32", "data": [1]}]},  # claims too much
+    ],
+)
+def test_malformed_json_bodies_are_invalid(body: dict) -> None:
+    raw = json.dumps(body).encode()
+    with pytest.raises(InvalidArgument) as caught:
+        decode_header(raw, len(raw), "m", "")
+    assert len(str(caught.value)) < ONE_KB
+
+
+def test_deeply_nested_json_is_invalid() -> None:
+    raw = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with pytest.raises(InvalidArgument):
+        decode_header(raw, len(raw), "m", "")
+
+
+def test_integers_beyond_int64_are_invalid() -> None:
+    assert whole_number(str(2**63 - 1), "top_k") == 2**63 - 1
+    with pytest.raises(InvalidArgument):
+        whole_number(str(2**63), "top_k")
+    with pytest.raises(InvalidArgument):
+        whole_number("9" * 5000, "count")
+
+
+def test_images_are_judged_by_the_pixels_their_headers_declare() -> None:
+    small = [EncodedImage(_palette_png(28, 28))]
+    huge = [EncodedImage(_palette_png(4000, 4000))]
+    assert image_work(small).inline
+    assert len(huge[0].data) < 16 * 1024 and not image_work(huge).inline
+    with pytest.raises(InvalidArgument, match="max_request_pixels"):
+        list(decode_images(huge * 7, 16_000_000, 64_000_000))
+
+
+def test_decoding_stops_between_images_once_the_deadline_passed() -> None:
+    images = [EncodedImage(_palette_png(1000, 1000))] * 50
+    decoded = []
+
+    def step() -> None:
+        for image in decode_images(images, 16_000_000, 10**9):
+            decoded.append(image)
+            time.sleep(0.01)
+
+    with pytest.raises(DeadlineExceeded):
+        stopping(Stop(time.monotonic() + 0.05), step)
+    assert 1 <= len(decoded) < 20
+
+
+def test_decode_pool_refuses_when_full_and_counts_it() -> None:
+    async def main() -> None:
+        pool = DecodePool(threads=1, queue=0, processes=0)
+        release = threading.Event()
+        work = Work(Codec.IMAGE, 10**9)
+        try:
+            first = asyncio.ensure_future(pool.run(work, lambda: release.wait(5)))
+            await asyncio.sleep(0.05)
+            before = metrics.DECODE_POOL_REFUSED._value.get()
+            with pytest.raises(QueueFull):
+                await pool.run(work, lambda: None)
+            assert metrics.DECODE_POOL_REFUSED._value.get() == before + 1
+            release.set()
+            await first
+            assert pool.pending == 0
+            await pool.run(work, lambda: None)  # room again
+        finally:
+            release.set()
+            pool.close()
+
+    asyncio.run(main())
+
+
+def test_decode_pool_stops_cancelled_work_at_its_next_checkpoint() -> None:
+    steps: list[int] = []
+
+    def step() -> None:
+        for i in range(200):
+            checkpoint()
+            steps.append(i)
+            time.sleep(0.01)
+
+    async def main() -> None:
+        pool = DecodePool(threads=1, queue=0, processes=0)
+        try:
+            task = asyncio.ensure_future(pool.run(Work(Codec.IMAGE, 10**9), step))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(100):  # the thread notices at its next checkpoint
+                if pool.pending == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert pool.pending == 0
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+    assert len(steps) < 30
+
+
+def test_json_is_decoded_in_the_pool_process_which_comes_back_when_killed() -> None:
+    raw = json.dumps({"inputs": [{"name": "x", "shape": [5000], "datatype": "FP32", "data": [1.0] * 5000}]})
+    body = raw.encode()
+    work = Work(Codec.JSON, len(body))
+    assert work.in_process
+
+    async def main() -> None:
+        pool = DecodePool(threads=1, queue=4, processes=1)
+        try:
+            decoded = await pool.run(work, partial(decode_header, body, len(body), "m", ""))
+            assert np.frombuffer(decoded.request.inputs[0].raw, np.float32).sum() == 5000
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)  # as the OOM killer would
+            with contextlib.suppress(BrokenProcessPool):
+                await pool.run(work, partial(decode_header, body, len(body), "m", ""))
+            decoded = await pool.run(work, partial(decode_header, body, len(body), "m", ""))
+            assert len(decoded.request.inputs[0].raw) == 4 * 5000
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+
+
+def test_stop_says_cancelled() -> None:
+    stop = Stop()
+    stop.cancelled.set()
+    with pytest.raises(Cancelled):
+        stop.check()
+
+
+# Against a server ------------------------------------------------------------------------------
+
+
+def _children_rss(server: RunningServer) -> int:
+    """RSS in bytes of the server's child processes (the decode pool's JSON process)."""
+    pid = server.process.pid
+    total = 0
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        with contextlib.suppress(OSError, StopIteration):
+            status = Path(f"/proc/{child}/status").read_text().splitlines()
+            total += int(next(line for line in status if line.startswith("VmRSS")).split()[1]) * 1024
+    return total
+
+
+def _server_pid_stat(server: RunningServer) -> tuple[float, int, int]:
+    """The server's CPU seconds (user + system), RSS in bytes and thread count."""
+    pid = server.process.pid
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) * 1024
+    threads = int(next(line for line in status.splitlines() if line.startswith("Threads")).split()[1])
+    return ticks / 100, rss, threads  # USER_HZ is 100 on Linux
+
+
+def _lenet_input() -> kpb.ModelInferRequest:
+    request = kpb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 32, 32])
+    request.raw_input_contents.append(bytes(32 * 32))
+    return request
+
+
+@pytest.fixture(scope="module")
+def attacked(trained_lenet: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    repository = tmp_path_factory.mktemp("nostall") / "models"
+    shutil.copytree(trained_lenet, repository)
+    toy_generator(repository / "toygen" / "1" / "model.onnx", 64)
+    manifest = {
+        "name": "toygen",
+        "kind": "generator",
+        "labels": ["zero", "one"],
+        "generator": {"latent_size": 64, "height": 8, "width": 8},
+    }
+    (repository / "toygen" / "config.yaml").write_text(yaml.safe_dump(manifest))
+    env = {"CONVSERVE_HTTP_IDLE_TIMEOUT_SECONDS": "2", "CONVSERVE_REPOSITORY_POLL_SECONDS": "0"}
+    server = start_server(repository, repository.parent / "server.log", env)
+    yield server
+    server.stop()
+
+
+def _input_name(server: RunningServer) -> str:
+    with urllib.request.urlopen(f"{server.http_url}/v2/models/lenet5", timeout=10) as answer:
+        return json.load(answer)["inputs"][0]["name"]
+
+
+def test_oversized_inputs_get_short_messages_and_log_lines(attacked: RunningServer) -> None:
+    with grpc.insecure_channel(attacked.target, options=[("grpc.max_send_message_length", -1)]) as channel:
+        kserve, vision = kgrpc.GRPCInferenceServiceStub(channel), vgrpc.VisionStub(channel)
+        calls: list[Callable[[], object]] = [
+            lambda: vision.Generate(vpb.GenerateRequest(model="toygen", count=2, labels=[7] * 2_000_000)),
+            lambda: vision.Generate(vpb.GenerateRequest(model="toygen", count=1, labels=[7])),
+            lambda: kserve.ModelInfer(kpb.ModelInferRequest(model_name="m" * 8_000_000)),
+            lambda: kserve.ModelMetadata(kpb.ModelMetadataRequest(name="lenet5", version="v" * 1_000_000)),
+        ]
+        shaped = _lenet_input()
+        del shaped.inputs[0].shape[:]
+        shaped.inputs[0].shape.extend([1] * 1_000_000)
+        calls.append(lambda: kserve.ModelInfer(shaped))
+        named = _lenet_input()
+        named.inputs[0].name = "n" * 1_000_000
+        calls.append(lambda: kserve.ModelInfer(named))
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+            assert len(caught.value.details().encode()) <= ONE_KB, caught.value.details()[:200]
+    missing = urllib.request.Request(f"{attacked.http_url}/v2/models/{'q' * 4000}")
+    with pytest.raises(urllib.error.HTTPError) as http_error:
+        urllib.request.urlopen(missing, timeout=10)
+    assert http_error.value.code == 404
+    body = http_error.value.read()
+    assert len(body) <= ONE_KB and b"lenet5" not in body  # the model asked for, not the list
+    assert http_error.value.headers["Server"] == "convserve"
+    time.sleep(0.5)  # the access log is written after the answer
+    lines = attacked.log().splitlines()
+    assert max(len(line.encode()) for line in lines) <= ONE_KB
+
+
+def test_http_malformed_input_is_4xx(attacked: RunningServer) -> None:
+    name = _input_name(attacked)
+    cases = [
+        ("/v2/models/lenet5/infer", b"[" * 200_000),
+        ("/v2/models/lenet5/infer", json.dumps({"inputs": [], "outputs": ["x"]}).encode()),
+        ("/v2/models/lenet5/infer", json.dumps({"inputs": [], "parameters": [1]}).encode()),
+        (
+            "/v2/models/lenet5/infer",
+            json.dumps(
+                {"inputs": [{"name": name, "shape": [1], "datatype": "BYTES", "data": [["a"], "b"]}]}
+            ).encode(),
+        ),
+        (f"/v1/classify?top_k={2**70}", _palette_png(28, 28)),
+        (f"/v1/generate?model=toygen&count={2**70}", b""),
+        ("/v2/models/lenet5%0A/infer", b"{}"),
+    ]
+    for path, body in cases:
+        request = urllib.request.Request(attacked.http_url + path, data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert 400 <= caught.value.code < 500, (path, caught.value.code, caught.value.read()[:200])
+
+
+#: The second client, in a process of its own so that the test's own threads (the attacks) do not
+#: delay it: ServerLive and a lenet5 ModelInfer, one after the other, each timed, until stdin closes.
+PROBE = """
+import json, sys, threading, time
+import grpc
+from service._proto.inference import grpc_predict_v2_pb2 as kpb
+from service._proto.inference import grpc_predict_v2_pb2_grpc as kgrpc
+stub = kgrpc.GRPCInferenceServiceStub(grpc.insecure_channel(sys.argv[1]))
+request = kpb.ModelInferRequest(model_name="lenet5")
+request.inputs.add(name="image", datatype="UINT8", shape=[1, 1, 32, 32])
+request.raw_input_contents.append(bytes(32 * 32))
+stub.ModelInfer(request, timeout=10)
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+latencies, failures = [], []
+print("ready", flush=True)
+while not stop.is_set():
+    for call in (lambda: stub.ServerLive(kpb.ServerLiveRequest(), timeout=5),
+                 lambda: stub.ModelInfer(request, timeout=5)):
+        started = time.perf_counter()
+        try:
+            call()
+        except grpc.RpcError as exc:
+            failures.append(exc.code().name + ": " + str(exc.details()))
+        latencies.append(time.perf_counter() - started)
+    time.sleep(0.005)
+print(json.dumps({"latencies": latencies, "failures": failures}), flush=True)
+"""
+
+
+class _Probe:
+    """The second client's process; `latencies` and `failures` once it stopped."""
+
+    def __init__(self, target: str) -> None:
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", PROBE, target], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def __enter__(self) -> _Probe:
+        assert self._process.stdout is not None and self._process.stdout.readline().strip() == "ready"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        output, _ = self._process.communicate(timeout=30)
+        found = json.loads(output.strip().splitlines()[-1])
+        self.latencies, self.failures = found["latencies"], found["failures"]
+
+    def p99(self) -> float:
+        return float(np.percentile(self.latencies, 99))
+
+
+def _post(url: str, body: bytes, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _nested_json(name: str, numbers: int) -> bytes:
+    head = json.dumps({"name": name, "shape": [numbers, 1], "datatype": "UINT8"})[:-1]
+    return b'{"inputs": [' + head.encode() + b', "data": [' + b"[0]," * (numbers - 1) + b"[0]]}]}"
+
+
+def _slow_headers(port: int, count: int, seconds: float) -> list[socket.socket]:
+    """`count` connections that send a request header a few bytes at a time."""
+    sockets = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"POST /v2/models/lenet5/infer HTTP/1.1\r\nHost: x\r\n")
+        sockets.append(s)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for s in sockets:
+            with contextlib.suppress(OSError):  # closed by the server: what it should do
+                s.sendall(b"X-Slow: 1\r\n")
+        time.sleep(0.5)
+    return sockets
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """Whether the server closed the connection (after any answer it wrote: a 503 or a 408)."""
+    s.settimeout(0.1)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:
+        return True
+
+
+def test_one_client_cannot_stall_the_server(attacked: RunningServer) -> None:
+    """Four attacks at once; the probe's p99 stays under 100 ms, nothing fails, RSS stays bounded."""
+    name = _input_name(attacked)
+    http_port = int(attacked.http_url.rsplit(":", 1)[1])
+    metrics_port = int(attacked.metrics_url.split(":")[2].split("/")[0])
+    big_json = _nested_json(name, 15_000_000)[: 60 * 1000 * 1000]  # 60 MB: over max_json_bytes
+    large_json = _nested_json(name, 2_000_000)  # 8 MB: parsed, in the decode process
+    png = _palette_png(4000, 4000)
+    _, rss_before, threads_before = _server_pid_stat(attacked)
+    peak = {"rss": rss_before, "threads": threads_before, "children": _children_rss(attacked)}
+    statuses: dict[str, list[object]] = {"json": [], "png": [], "slow": [], "metrics": []}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            _, rss, threads = _server_pid_stat(attacked)
+            peak["rss"], peak["threads"] = max(peak["rss"], rss), max(peak["threads"], threads)
+            peak["children"] = max(peak["children"], _children_rss(attacked))
+            time.sleep(0.05)
+
+    def json_attack() -> None:
+        url = f"{attacked.http_url}/v2/models/lenet5/infer"
+        statuses["json"].append(_post(url, big_json))
+        for _ in range(3):
+            statuses["json"].append(_post(url, large_json))
+
+    def png_attack() -> None:
+        with grpc.insecure_channel(attacked.target) as channel:
+            vision = vgrpc.VisionStub(channel)
+            for count in (7, 3, 7, 3):
+                images = [vpb.Image(encoded=png)] * count
+                try:
+                    vision.Classify(vpb.ClassifyRequest(model="lenet5", images=images), timeout=30)
+                    statuses["png"].append("OK")
+                except grpc.RpcError as exc:
+                    statuses["png"].append(exc.code().name)
+
+    def slow_attack() -> None:
+        sockets = _slow_headers(http_port, 200, 4.0)  # the idle timeout is 2 s here
+        statuses["slow"].append(sum(_closed_by_server(s) for s in sockets))
+        for s in sockets:
+            s.close()
+
+    def metrics_attack() -> None:
+        sockets = [socket.create_connection(("127.0.0.1", metrics_port), timeout=5) for _ in range(200)]
+        time.sleep(3.0)
+        statuses["metrics"].append(sum(_closed_by_server(s) for s in sockets))
+        for s in sockets:
+            s.close()
+
+    attacks = [threading.Thread(target=f) for f in (json_attack, png_attack, slow_attack, metrics_attack)]
+    sampler = threading.Thread(target=sample)
+    with _Probe(attacked.target) as probe:
+        sampler.start()
+        for attack in attacks:
+            attack.start()
+        for attack in attacks:
+            attack.join(90)
+        stop.set()
+        sampler.join()
+    p99, worst = probe.p99(), max(probe.latencies)
+    print(
+        f"\nprobe: {len(probe.latencies)} calls, p99 {p99 * 1000:.1f} ms, worst {worst * 1000:.1f} ms; "
+        f"RSS {rss_before / 2**20:.0f} -> peak {peak['rss'] / 2**20:.0f} MiB; "
+        f"JSON process peak {peak['children'] / 2**20:.0f} MiB; threads {threads_before} -> peak "
+        f"{peak['threads']}; {statuses}"
+    )
+    assert not probe.failures, probe.failures[:5]
+    assert p99 < P99_LIMIT, f"p99 {p99 * 1000:.1f} ms"
+    assert statuses["json"][0] == 413 and all(s == 400 for s in statuses["json"][1:]), statuses
+    assert statuses["png"] == ["INVALID_ARGUMENT", "OK", "INVALID_ARGUMENT", "OK"], statuses
+    assert statuses["slow"] == [200], "slow headers outlived the idle timeout"
+    assert statuses["metrics"] == [200], "idle metrics connections outlived the idle timeout"
+    assert peak["threads"] < threads_before + 20, "a thread per connection"
+    assert peak["rss"] < rss_before + 1024 * 2**20, "the documented bound: 1 GiB over the idle server"
+    assert peak["children"] < 1024 * 2**20, "the documented bound of the JSON process: 1 GiB"
+    # and afterwards it serves normally
+    with grpc.insecure_channel(attacked.target) as channel:
+        kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(_lenet_input(), timeout=10)
+    with urllib.request.urlopen(attacked.metrics_url, timeout=10) as answer:
+        assert b"convserve_decode_pool_pending" in answer.read()
+
+
+@pytest.fixture(scope="module")
+def decoding(trained_lenet: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    env = {
+        "CONVSERVE_MAX_REQUEST_PIXELS": str(10**10),
+        "CONVSERVE_DECODE_THREADS": "1",
+        "CONVSERVE_REPOSITORY_POLL_SECONDS": "0",
+    }
+    server = start_server(trained_lenet, tmp_path_factory.mktemp("decoding") / "server.log", env)
+    yield server
+    server.stop()
+
+
+def test_decoding_stops_when_the_deadline_passed(decoding: RunningServer) -> None:
+    """A request of 40 large images whose deadline passes after a few: the server stops decoding
+    within about one image's time (its CPU time measured), not after all forty."""
+    png = _palette_png(4000, 4000)
+    with grpc.insecure_channel(decoding.target) as channel:
+        vision = vgrpc.VisionStub(channel)
+        one = vpb.ClassifyRequest(model="lenet5", images=[vpb.Image(encoded=png)])
+        vision.Classify(one, timeout=30)  # warm
+        cpu_before, _, _ = _server_pid_stat(decoding)
+        started = time.perf_counter()
+        vision.Classify(one, timeout=30)
+        one_image = max(_server_pid_stat(decoding)[0] - cpu_before, time.perf_counter() - started)
+        many = vpb.ClassifyRequest(model="lenet5", images=[vpb.Image(encoded=png)] * 40)
+        deadline = 3 * one_image
+        with pytest.raises(grpc.RpcError) as caught:
+            vision.Classify(many, timeout=deadline)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        cpu_at_deadline, _, _ = _server_pid_stat(decoding)
+        time.sleep(max(2.0, 10 * one_image))  # what 40 images would have taken, or more
+        after = _server_pid_stat(decoding)[0] - cpu_at_deadline
+    print(f"\none image: {one_image * 1000:.0f} ms of CPU; after the deadline: {after * 1000:.0f} ms")
+    assert after <= one_image + 0.15, (
+        f"{after:.2f} s of CPU after the deadline; one image takes {one_image:.2f} s"
+    )
+
+
+def test_metrics_port_can_ask_for_a_token() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from service.security.auth import AuthPolicy
+    from service.server import metrics_app
+    from service.settings import Settings
+
+    policy = AuthPolicy.from_settings(Settings(auth_tokens="secret"))
+
+    async def main() -> None:
+        async with TestClient(TestServer(metrics_app(policy))) as client:
+            refused = await client.get("/metrics")
+            assert refused.status == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+            answered = await client.get("/metrics", headers={"Authorization": "Bearer secret"})
+            assert answered.status == 200 and "convserve_decode_pool_pending" in await answered.text()
+        async with TestClient(TestServer(metrics_app(None))) as client:
+            assert (await client.get("/metrics")).status == 200
+
+    asyncio.run(main())
