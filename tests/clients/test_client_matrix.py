@@ -1,6 +1,7 @@
 """The client matrix: the clients people point at a KServe v2 / Triton server, each unmodified in its own
 process against one running server — tritonclient over gRPC and HTTP in the version the dev extra pins
-and the newest (perf_analyzer is in tests/service/test_perf_analyzer.py).
+and the newest, the KServe SDK's REST and gRPC clients (perf_analyzer is in
+tests/service/test_perf_analyzer.py).
 
 Clients that cannot share the main venv get their own, made on first use from a pinned requirements
 file (tests/clients/venvs.py); one that cannot be installed fails its test with pip's reason.
@@ -229,6 +230,57 @@ def test_tritonclient_model_control(tritonclient_seen, triton, digits) -> None:
     assert seen["load"] == {"value": None}
     assert seen["spare_ready_after_load"] is True
     assert _value(seen, "spare_classes_after_load") == digits["classes"]
+
+
+@pytest.fixture(scope="module")
+def kserve_seen(matrix_server: RunningServer, digits) -> dict[str, Any]:
+    python = venv("kserve-0.21") / "bin" / "python"
+    script = HERE / "kserve_matrix.py"
+    seen = run_json([python, script, matrix_server.http_url, matrix_server.target, digits["path"], LATENT])
+    assert seen["version"].startswith("0.21.")
+    return seen
+
+
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_kserve_sdk_health_metadata_and_infer(kserve_seen, transport: str, digits) -> None:
+    seen = kserve_seen[transport]
+    assert [seen["live"], seen["ready"], seen["model_ready"]] == [True, True, True]
+    assert seen["unknown_ready"] in (False, {"value": False})  # REST: a bool; gRPC: ready=false, not an error
+    assert seen["server"]["name"] == "convserve"
+    (image,) = seen["metadata"]["inputs"]
+    assert image == {"name": "image", "datatype": "UINT8", "shape": [-1, 1, 32, 32]}
+    assert _value(seen, "binary_classes") == digits["classes"]
+    if transport == "rest":
+        assert _value(seen, "json_classes") == digits["classes"]
+    assert _value(seen, "dcgan") == {"name": "image", "datatype": "UINT8", "shape": [2, 1, 8, 8]}
+
+
+def test_kserve_sdk_rest_output_parameter_overrides_binary_data_output(kserve_seen, digits) -> None:
+    answer = _value(kserve_seen["rest"], "json_output")
+    assert answer == {"classes": digits["classes"], "binary_part": False}
+
+
+def test_kserve_sdk_rest_errors_show_the_servers_message(kserve_seen) -> None:
+    """The SDK puts the server's text into its HTTPStatusError only for `Content-Type: application/json`
+    exactly (no charset) and a body {"error": ...}; otherwise the caller sees just the status."""
+    unknown = kserve_seen["rest"]["unknown_model"]
+    assert unknown.get("status") == 404, unknown
+    assert "no-such-model" in unknown["error"].split(", '404")[0], unknown
+
+
+def test_kserve_sdk_rest_uint8_sent_as_json_floats_is_refused(kserve_seen) -> None:
+    """Pixels 0.5 for a UINT8 input: 400 with the server's reason, never truncated to 0 and run."""
+    floats = kserve_seen["rest"]["json_floats"]
+    assert floats.get("status") == 400, floats
+    assert "image" in floats["error"].split(", '400")[0], floats
+
+
+def test_kserve_sdk_grpc_errors_show_the_servers_message(kserve_seen) -> None:
+    seen = kserve_seen["grpc"]
+    unknown = seen["unknown_model"]
+    assert (unknown.get("code"), "no-such-model" in unknown.get("error", "")) == ("NOT_FOUND", True), unknown
+    bad = seen["bad_shape"]
+    assert (bad.get("code"), "expected shape" in bad.get("error", "")) == ("INVALID_ARGUMENT", True), bad
 
 
 def test_readiness_of_an_unknown_model_over_http_is_404(matrix_server: RunningServer) -> None:
