@@ -1,7 +1,7 @@
 """The client matrix: the clients people point at a KServe v2 / Triton server, each unmodified in its own
 process against one running server — tritonclient over gRPC and HTTP in the version the dev extra pins
-and the newest, the KServe SDK's REST and gRPC clients (perf_analyzer is in
-tests/service/test_perf_analyzer.py).
+and the newest, the KServe SDK's REST and gRPC clients, grpcurl through server reflection
+(perf_analyzer is in tests/service/test_perf_analyzer.py).
 
 Clients that cannot share the main venv get their own, made on first use from a pinned requirements
 file (tests/clients/venvs.py); one that cannot be installed fails its test with pip's reason.
@@ -9,6 +9,7 @@ file (tests/clients/venvs.py); one that cannot be installed fails its test with 
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
@@ -281,6 +282,48 @@ def test_kserve_sdk_grpc_errors_show_the_servers_message(kserve_seen) -> None:
     assert (unknown.get("code"), "no-such-model" in unknown.get("error", "")) == ("NOT_FOUND", True), unknown
     bad = seen["bad_shape"]
     assert (bad.get("code"), "expected shape" in bad.get("error", "")) == ("INVALID_ARGUMENT", True), bad
+
+
+def _grpcurl(server: RunningServer, *args: str, body: dict | None = None) -> subprocess.CompletedProcess:
+    grpcurl = venv("grpcurl") / "bin" / "grpcurl"
+    data = ["-d", json.dumps(body)] if body is not None else []
+    command = [str(grpcurl), "-plaintext", *data, server.target, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_grpcurl_through_reflection(matrix_server: RunningServer, digits) -> None:
+    listed = _grpcurl(matrix_server, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {"convserve.v1.Vision", "inference.GRPCInferenceService"} <= set(listed.stdout.split())
+    raw = [
+        {"raw": {"data": base64.b64encode(image.tobytes()).decode(), "height": 8, "width": 8, "channels": 1}}
+        for image in digits["native"]
+    ]
+    classify = _grpcurl(
+        matrix_server, "convserve.v1.Vision/Classify", body={"model": "lenet5", "images": raw, "top_k": 1}
+    )
+    assert classify.returncode == 0, classify.stderr
+    results = json.loads(classify.stdout)["results"]
+    assert [r["predictions"][0].get("index", 0) for r in results] == digits["classes"]
+    images = np.load(digits["path"])
+    infer = {
+        "model_name": "lenet5",
+        "inputs": [{"name": "image", "datatype": "UINT8", "shape": list(images.shape)}],
+        "raw_input_contents": [base64.b64encode(images.tobytes()).decode()],
+    }
+    answer = _grpcurl(matrix_server, "inference.GRPCInferenceService/ModelInfer", body=infer)
+    assert answer.returncode == 0, answer.stderr
+    response = json.loads(answer.stdout)
+    (output,) = response["outputs"]
+    assert [int(d) for d in output["shape"]] == [IMAGES, 10]
+    raw_logits = base64.b64decode(response["raw_output_contents"][0])  # grpcurl 1.8 keeps proto field names
+    logits = np.frombuffer(raw_logits, np.float32).reshape(IMAGES, 10)
+    assert logits.argmax(axis=1).tolist() == digits["classes"]
+    missing = _grpcurl(
+        matrix_server, "inference.GRPCInferenceService/ModelInfer", body={**infer, "model_name": "nope"}
+    )
+    assert missing.returncode != 0
+    assert "Code: NotFound" in missing.stderr and "nope" in missing.stderr, missing.stderr
 
 
 def test_readiness_of_an_unknown_model_over_http_is_404(matrix_server: RunningServer) -> None:
