@@ -4,7 +4,8 @@ Python running the tests changes (a stamp in the venv holds their hash).
 
 Clients that cannot share the main venv (tritonclient 2.73 and the KServe SDK need protobuf < 7; the
 server needs 7) live there. The venv is made without pip (fast) and filled by the main venv's pip
-through `pip --python`.
+through `pip --python`, without compiling every module up front (kserve brings kubernetes' thousands:
+that halves the install; Python compiles what it imports on first use).
 
 usage: python tests/clients/venvs.py [NAME ...]   (make them now; all when no name is given)
 """
@@ -57,7 +58,7 @@ def client_venv(name: str) -> Path:
             [sys.executable, "-m", "venv", "--without-pip", str(venv)],
             [
                 sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
-                "install", "--quiet", "--disable-pip-version-check", "-r", str(requirements),
+                "install", "--quiet", "--disable-pip-version-check", "--no-compile", "-r", str(requirements),
             ],
         ]  # fmt: skip
         for step in steps:
