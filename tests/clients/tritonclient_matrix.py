@@ -52,7 +52,7 @@ def main(protocol: str, url: str, images_path: str, spare: str) -> dict[str, Any
         assert result.get_response(**as_json)["id"] == f"{protocol}-{binary}"
         array = result.as_numpy("logits")
         if array.dtype == np.object_:  # BYTES: the classification extension's "score:index:label"
-            return [[item.decode() for item in row] for row in array]
+            return [[item.decode() if isinstance(item, bytes) else item for item in row] for row in array]
         return array.argmax(axis=1).tolist()
 
     def config(model: str) -> dict[str, Any]:
