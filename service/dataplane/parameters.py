@@ -9,7 +9,9 @@ shared memory or a sequence must learn at once that it did not get it.
   always raw bytes) and `triton_enable_empty_final_response` (perf_analyzer sends it on streams:
   every request gets exactly one response, which is its final one, so there is nothing to send);
 - input: `binary_data_size` (HTTP: the input's bytes follow the JSON header);
-- output: `binary_data` (HTTP: this output as binary data, or not);
+- output: `binary_data` (HTTP: this output as binary data, or not) and `classification` (a whole
+  number k >= 1: Triton's classification extension, the output's top k as "score:index:label"
+  strings; see service/kinds/tensor.py);
 - load: none (no config or file overrides from the network); unload: `unload_dependents` (a bool;
   a model's parts, e.g. a captioner's encoder and decoder, are always unloaded with it).
 """
@@ -23,11 +25,10 @@ from service.errors import InvalidArgument
 
 REQUEST = frozenset({"timeout", "binary_data_output", "triton_enable_empty_final_response"})
 INPUT = frozenset({"binary_data_size"})
-OUTPUT = frozenset({"binary_data"})
+OUTPUT = frozenset({"binary_data", "classification"})
 UNLOAD = frozenset({"unload_dependents"})
 
 _WHY = {
-    "classification": "the classification extension is not supported; ask for the logits and rank them",
     "shared_memory_region": "shared memory is not supported; send the tensor data in the request",
     "shared_memory_byte_size": "shared memory is not supported; send the tensor data in the request",
     "shared_memory_offset": "shared memory is not supported; send the tensor data in the request",
@@ -45,6 +46,9 @@ def check_infer_parameters(request: InferRequest) -> int | None:
         _refuse_unknown(tensor.parameters, INPUT, f"input {tensor.name[:64]!r}")
     for output in request.outputs:
         _refuse_unknown(output.parameters, OUTPUT, f"output {output.name[:64]!r}")
+        classes = output.parameters.get("classification")
+        if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+            raise InvalidArgument(f"output {output.name[:64]!r}: classification must be a whole number >= 1")
     timeout = request.parameters.get("timeout")
     if timeout is None:
         return None

@@ -10,6 +10,7 @@ Transports (service/transports/) only translate wire messages to these types and
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,8 +55,15 @@ from service.security.auth import check_model_name
 from service.settings import Settings
 
 SERVER_NAME = "convserve"
-#: The KServe v2 / Triton extensions this server implements.
-EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
+#: The KServe v2 / Triton extensions this server implements, exactly.
+EXTENSIONS = [
+    "binary_tensor_data",
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+]
 #: What a model must be to answer each task request, for the error when it is not.
 TASK_NOUNS: dict[type, str] = {
     ClassifyRequest: "classifier",
@@ -90,11 +98,20 @@ class DataPlane:
     def ready(self) -> bool:
         return self._is_ready()
 
-    def model_ready(self, name: str, version: str = "") -> bool:
+    def model_ready(self, name: str, version: str = "", *, unknown_is_error: bool = False) -> bool:
+        """Whether the model (version) can answer now. An unknown one is not ready, or, with
+        `unknown_is_error`, ModelNotFound (HTTP answers 404 where gRPC answers ready=false)."""
         try:
-            self._repository.get(name, version)
+            served = self._repository.get(name, version)
+        except ModelNotFound:
+            if unknown_is_error:
+                current_call().model = UNKNOWN_MODEL
+                raise
+            return False
         except ConvserveError:
             return False
+        call = current_call()
+        call.model, call.version = served.name, served.version.version
         return True
 
     def server_metadata(self) -> ServerMetadata:
@@ -114,6 +131,8 @@ class DataPlane:
         limit = self._settings.max_generate_count
         if not 1 <= count <= limit:
             raise InvalidArgument(f"count must be 1..{limit}, got {count}")
+        if request.seed is not None and not 0 <= request.seed < 2**64:
+            raise InvalidArgument(f"seed must be 0..2**64-1, got {request.seed}")
         _require_model(request.model, "dcgan")
         return await self._answer(request, timeout)
 
@@ -176,6 +195,8 @@ class DataPlane:
             timeout = self._settings.default_timeout_seconds or None
         if timeout is None:
             return None
+        if not 0 <= timeout < math.inf:
+            raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout}")
         return asyncio.get_running_loop().time() + timeout
 
     def _check_image_count(self, count: int) -> None:

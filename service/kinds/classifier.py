@@ -86,6 +86,7 @@ class ClassifierKind:
         pipeline = ClassifierPipeline(manifest, session)
         context.warm_up(session.warmup, pipeline.warmup)
         model = tensor_model(context.model, manifest, session, context, context.stats)
+        model.labels[manifest.output_name] = pipeline.labels
         settings = context.settings
 
         def classify(request: ClassifyRequest) -> ClassifyJob:

@@ -44,13 +44,15 @@ class TensorModel:
         self.max_elements = max_elements
         self.parts: Mapping[str, LoadedModel] = {}
         self.tasks: dict[type, Task] = {InferRequest: self.infer}
+        #: class labels of an output, for the classification extension ("score:index:label")
+        self.labels: dict[str, Sequence[str]] = {}
 
     @property
     def batching(self) -> BatchingOptions:
         return self.batcher.options
 
     def infer(self, request: InferRequest) -> TensorJob:
-        return TensorJob(request, self.session, self.batcher, self.max_elements)
+        return TensorJob(request, self.session, self.batcher, self.max_elements, self.labels)
 
     async def close(self) -> None:
         await self.batcher.close()
@@ -62,11 +64,29 @@ class TensorJob:
     finish_work = INLINE
 
     def __init__(
-        self, request: InferRequest, session: ModelSession, batcher: DynamicBatcher, max_elements: int
+        self,
+        request: InferRequest,
+        session: ModelSession,
+        batcher: DynamicBatcher,
+        max_elements: int,
+        labels: Mapping[str, Sequence[str]],
     ) -> None:
         self._request = request
         self._names = session.output_names
         self._wanted = requested_outputs(request.outputs, self._names)
+        self._batched = session.batchable
+        self._labels = labels
+        self._classes = {
+            o.name: o.parameters["classification"]
+            for o in request.outputs
+            if "classification" in o.parameters
+        }
+        for name in self._classes:
+            spec = session.outputs[self._names.index(name)]
+            if spec.dtype.kind not in "fiu" or len(spec.shape) < (2 if self._batched else 1):
+                raise InvalidArgument(
+                    f"output {name!r}: classification needs a numeric output with a class axis"
+                )
         self.rows = check_headers(request.inputs, session.inputs, session.batchable)
         self.batcher = batcher
         self._max_elements = max_elements
@@ -83,7 +103,25 @@ class TensorJob:
 
     def finish(self) -> InferResult:
         by_name = dict(zip(self._names, self._outputs, strict=True))
+        for name, count in self._classes.items():
+            by_name[name] = top_classes(by_name[name], int(count), self._labels.get(name), self._batched)
         return InferResult(outputs=[(name, by_name[name]) for name in self._wanted], id=self._request.id)
+
+
+def top_classes(values: np.ndarray, count: int, labels: Sequence[str] | None, batched: bool) -> np.ndarray:
+    """Triton's classification extension: the `count` largest values of each batch item (all of its
+    elements, flattened), best first, as BYTES "score:index" or "score:index:label" (score as C's %f)."""
+    rows = values.reshape(len(values), -1) if batched else values.reshape(1, -1)
+    count = min(count, rows.shape[1])
+    order = np.argsort(-rows, axis=1, kind="stable")[:, :count]
+    out = np.empty(order.shape, dtype=object)
+    for r, indices in enumerate(order):
+        for c, index in enumerate(indices):
+            text = f"{float(rows[r, index]):f}:{index}"
+            if labels is not None and index < len(labels):
+                text += f":{labels[index]}"
+            out[r, c] = text.encode()
+    return out if batched else out[0]
 
 
 class TensorKind:

@@ -129,10 +129,121 @@ def test_health_and_metadata_routes(server) -> None:
     assert _call(server.http_url + "/v2/health/live")[0] == 200
     assert _call(server.http_url + "/v2/health/ready")[0] == 200
     assert _call(server.http_url + "/v2/models/lenet5/ready")[0] == 200
-    assert _call(server.http_url + "/v2/models/nope/ready")[0] == 503
+    assert _call(server.http_url + "/v2/models/nope/ready")[0] == 404  # unknown: a 4xx, as the protocol asks
     status, headers, raw = _call(server.http_url + "/v2")
     assert (status, json.loads(raw)["name"]) == (200, "convserve")
+    assert json.loads(raw)["extensions"] == [
+        "binary_tensor_data",
+        "classification",
+        "model_configuration",
+        "model_repository",
+        "model_repository(unload_dependents)",
+        "statistics",
+    ]
     assert len(headers["x-request-id"]) == 32
+    status, _, raw = _call(server.http_url + "/v2/models/stats")  # every model's, Triton's route
+    assert status == 200
+    assert [s["name"] for s in json.loads(raw)["model_stats"]] == ["lenet5"]
+
+
+def test_errors_are_plain_application_json(server) -> None:
+    """Exactly `application/json` (no charset): the KServe SDK reads the server's text only then."""
+    for url, body in ((server.http_url + "/v2/models/nope", None), (server.http_url + "/v1/classify", b"x")):
+        status, headers, raw = _call(url, body)
+        assert status in (400, 404)
+        assert headers["Content-Type"] == "application/json"
+        assert set(json.loads(raw)) == {"error"}
+
+
+def _infer_json(server, body: dict) -> tuple[int, dict]:
+    status, _, raw = _call(server.http_url + "/v2/models/lenet5/infer", json.dumps(body).encode())
+    return status, json.loads(raw)
+
+
+def test_integer_inputs_take_whole_json_numbers_only(server) -> None:
+    image = {"name": "image", "datatype": "UINT8", "shape": [1, 1, 32, 32]}
+    status, answer = _infer_json(server, {"inputs": [{**image, "data": [0.5] * 1024}]})
+    assert status == 400
+    assert answer["error"] == "input 'image': UINT8 data must be whole numbers, got float64 values"
+    status, answer = _infer_json(server, {"inputs": [{**image, "data": [300] * 1024}]})
+    assert status == 400
+    assert _infer_json(server, {"inputs": [{**image, "data": [7] * 1024}]})[0] == 200
+
+
+def test_an_outputs_own_binary_data_wins_over_binary_data_output(server) -> None:
+    image = {"name": "image", "datatype": "UINT8", "shape": [1, 1, 32, 32], "data": [0] * 1024}
+    body = {
+        "inputs": [image],
+        "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+        "parameters": {"binary_data_output": True},
+    }
+    status, answer = _infer_json(server, body)
+    assert status == 200
+    assert len(answer["outputs"][0]["data"]) == 10
+
+
+def test_classification_extension_over_http_and_grpc(server) -> None:
+    images = load_digit_splits().test.images[:2]
+    body = {
+        "inputs": [
+            {"name": "image", "datatype": "UINT8", "shape": [2, 1, 32, 32], "data": images.ravel().tolist()}
+        ],
+        "outputs": [{"name": "logits", "parameters": {"classification": 3}}],
+    }
+    status, answer = _infer_json(server, body)
+    assert status == 200
+    (output,) = answer["outputs"]
+    assert (output["datatype"], output["shape"]) == ("BYTES", [2, 3])
+    over_http = output["data"]
+    with grpc.insecure_channel(server.target) as channel:
+        request = pb.ModelInferRequest(model_name="lenet5")
+        request.inputs.add(name="image", datatype="UINT8", shape=[2, 1, 32, 32])
+        request.raw_input_contents.append(images.tobytes())
+        wanted = request.outputs.add(name="logits")
+        wanted.parameters["classification"].int64_param = 3
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        request.ClearField("outputs")
+        logits = np.frombuffer(
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request).raw_output_contents[0], np.float32
+        ).reshape(2, 10)
+    raw = response.raw_output_contents[0]
+    over_grpc, offset = [], 0
+    while offset < len(raw):
+        size = int.from_bytes(raw[offset : offset + 4], "little")
+        over_grpc.append(raw[offset + 4 : offset + 4 + size].decode())
+        offset += 4 + size
+    assert over_grpc == over_http
+    for row, found in zip(logits, np.reshape(over_http, (2, 3)), strict=True):
+        best = np.argsort(-row, kind="stable")[:3]
+        assert [entry.split(":")[1:] for entry in found] == [
+            [str(i), str(i)] for i in best
+        ]  # labels are "0".."9"
+        assert [float(entry.split(":")[0]) for entry in found] == pytest.approx(row[best].tolist(), abs=1e-5)
+    bad = {**body, "outputs": [{"name": "logits", "parameters": {"classification": 0}}]}
+    assert _infer_json(server, bad)[0] == 400
+
+
+def test_a_client_that_hangs_up_mid_body_is_cancelled_not_an_error(server) -> None:
+    import socket
+    import time
+
+    host, port = server.http_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as connection:
+        connection.sendall(
+            b"POST /v2/models/lenet5/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100000\r\n\r\n{"inputs": ['
+        )
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while '"code": "CANCELLED"' not in server.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (line,) = [json.loads(x) for x in server.log().splitlines() if '"code": "CANCELLED"' in x]
+    assert (line["level"], line["method"], line["error"]) == (
+        "INFO",
+        "POST /v2/models/lenet5/infer",
+        "the client closed the connection",
+    )
+    assert "Traceback" not in server.log()
 
 
 def test_classify_route_and_metrics_by_transport(server) -> None:

@@ -120,6 +120,10 @@ class CaptionerModel:
 
     def infer(self, request: InferRequest) -> KServeCaptionJob:
         requested_outputs(request.outputs, [KSERVE_OUTPUT.name])  # it has one: refuse any other
+        if any("classification" in o.parameters for o in request.outputs):
+            raise InvalidArgument(
+                f"output {KSERVE_OUTPUT.name!r} holds captions: classification does not apply"
+            )
         rows = check_headers(request.inputs, [KSERVE_INPUT], True)
         if rows == 0:
             raise InvalidArgument(f"input {KSERVE_INPUT.name!r} holds no images")

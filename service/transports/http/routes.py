@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
-from aiohttp import web
+from aiohttp import ClientConnectionError, ClientPayloadError, web
 
 from service.codecs import tensors
 from service.codecs.kserve import model_config, model_statistics, plain
@@ -33,10 +34,14 @@ from service.domain import (
     OutputRequest,
     ParameterValue,
 )
-from service.errors import InvalidArgument, ModelNotFound
+from service.errors import Cancelled, InvalidArgument, ModelNotFound
 from service.security.auth import AuthPolicy, http_middleware
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: What reading a request raises when its client went away.
+_CLIENT_GONE = (ConnectionError, ClientConnectionError, ClientPayloadError)
+#: The OpenAPI document of these routes, shipped in the package (a copy is checked in under docs/).
+OPENAPI = Path(__file__).with_name("openapi.json")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,6 +61,8 @@ def build_app(plane: DataPlane, max_body_bytes: int, policy: AuthPolicy | None =
         ("GET", "/v2/health/live", routes.live, "ServerLive"),
         ("GET", "/v2/health/ready", routes.ready, "ServerReady"),
         ("GET", "/v2", routes.server_metadata, "ServerMetadata"),
+        ("GET", "/v2/models/stats", routes.every_model_statistics, "ModelStatistics"),  # before {name}
+        ("GET", "/openapi.json", routes.openapi, "OpenAPI"),
         ("POST", "/v2/repository/index", routes.repository_index, "RepositoryIndex"),
         ("POST", "/v2/repository/models/{name}/load", routes.load, "RepositoryModelLoad"),
         ("POST", "/v2/repository/models/{name}/unload", routes.unload, "RepositoryModelUnload"),
@@ -87,6 +94,8 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
     with CallObserver(call, f"{request.method} {request.path}") as observer:
         try:
             response = await handler(request)
+        except _CLIENT_GONE:  # the client hung up, e.g. in the middle of the body: not our error
+            response = _error(observer.failed(Cancelled("the client closed the connection")))
         except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
             wrapped = ModelNotFound(exc.reason) if exc.status == 404 else InvalidArgument(exc.reason)
             failure = observer.failed(wrapped)
@@ -99,8 +108,14 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
     return response
 
 
+def _json(body: object, status: int = 200) -> web.Response:
+    """A JSON answer as Triton writes it: `Content-Type: application/json`, no charset parameter
+    (UTF-8 is JSON's encoding; some clients only read an error's text from exactly this type)."""
+    return web.Response(body=json.dumps(body).encode(), status=status, content_type="application/json")
+
+
 def _error(failure: Failure) -> web.Response:
-    response = web.json_response({"error": failure.message}, status=failure.status.http)
+    response = _json({"error": failure.message}, failure.status.http)
     if failure.status.code is grpc.StatusCode.UNAUTHENTICATED:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
@@ -125,17 +140,15 @@ class Routes:
 
     async def live(self, request: web.Request) -> web.Response:
         live = self.plane.live()
-        return web.json_response({"live": live}, status=200 if live else 503)
+        return _json({"live": live}, status=200 if live else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
         ready = self.plane.ready()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        return _json({"ready": ready}, status=200 if ready else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         found = self.plane.server_metadata()
-        return web.json_response(
-            {"name": found.name, "version": found.version, "extensions": found.extensions}
-        )
+        return _json({"name": found.name, "version": found.version, "extensions": found.extensions})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         found = self.plane.model_metadata(*_model(request))
@@ -149,34 +162,42 @@ class Routes:
         body["platform"] = found.platform
         body["inputs"] = [tensor(t) for t in found.inputs]
         body["outputs"] = [tensor(t) for t in found.outputs]
-        return web.json_response(body)
+        return _json(body)
 
     async def model_ready(self, request: web.Request) -> web.Response:
+        """200 when ready; 503 for a model that exists but cannot answer now; 404 for an unknown one."""
         name, version = _model(request)
-        ready = self.plane.model_ready(name, version)
-        return web.json_response({"name": name, "ready": ready}, status=200 if ready else 503)
+        ready = self.plane.model_ready(name, version, unknown_is_error=True)
+        return _json({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return web.json_response(plain(model_config(self.plane.model_config(*_model(request)))))
+        return _json(plain(model_config(self.plane.model_config(*_model(request)))))
 
     async def model_statistics(self, request: web.Request) -> web.Response:
         found = self.plane.model_statistics(*_model(request))
-        return web.json_response({"model_stats": [plain(model_statistics(s)) for s in found]})
+        return _json({"model_stats": [plain(model_statistics(s)) for s in found]})
+
+    async def every_model_statistics(self, request: web.Request) -> web.Response:
+        found = self.plane.model_statistics()
+        return _json({"model_stats": [plain(model_statistics(s)) for s in found]})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         rows = self.plane.repository_index(bool(body.get("ready")))
-        return web.json_response([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
+        return _json([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         await self.plane.load(request.match_info["name"], _parameters(body.get("parameters"), "load"))
-        return web.json_response({})
+        return _json({})
 
     async def unload(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         await self.plane.unload(request.match_info["name"], _parameters(body.get("parameters"), "unload"))
-        return web.json_response({})
+        return _json({})
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
@@ -198,7 +219,7 @@ class Routes:
             _timeout(request),
         )
         predictions = [{"label": p.label, "index": p.index, "score": p.score} for p in found.results[0]]
-        return web.json_response({"model": found.model, "version": found.version, "predictions": predictions})
+        return _json({"model": found.model, "version": found.version, "predictions": predictions})
 
     async def generate(self, request: web.Request) -> web.Response:
         """One PNG: ?model=dcgan&count=16&label=7&seed=1 (several images come as one grid)."""
@@ -244,7 +265,7 @@ class Routes:
                     {"rows": a.rows, "columns": a.columns, "weights": a.weights} for a in c.attention
                 ]
             captions.append(entry)
-        return web.json_response({"model": found.model, "version": found.version, "captions": captions})
+        return _json({"model": found.model, "version": found.version, "captions": captions})
 
 
 def _index_row(name: str, version: str, state: str, reason: str) -> dict[str, str]:
@@ -260,13 +281,19 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    body = _parse_json(raw)
     if not isinstance(body, dict):
         raise InvalidArgument("request body must be a JSON object")
     return body
+
+
+def _parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument("request body is nested too deeply") from None
 
 
 def _parameters(value: Any, where: str) -> dict[str, ParameterValue]:
@@ -302,10 +329,7 @@ def _infer_request(
     json_end = len(body) if header_length is None else _int(header_length, HEADER_LENGTH)
     if not 0 <= json_end <= len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} is {json_end} but the body has {len(body)} bytes")
-    try:
-        header = json.loads(body[:json_end])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
+    header = _parse_json(body[:json_end])
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidArgument('request body must be a JSON object with an "inputs" list')
     inputs, offset = [], json_end
@@ -374,14 +398,33 @@ def _input(item: Any, body: bytes, offset: int) -> tuple[InputTensor, int]:
             raise InvalidArgument(f"{what}: BYTES data must be a list of strings") from None
         found = len(elements)
     else:
-        try:
-            array = np.asarray(data, dtype=kind.dtype).ravel()
-        except (TypeError, ValueError, OverflowError):
-            raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
+        array = _numbers(data, kind.dtype, datatype, what)
         raw, found = array.tobytes(), array.size
     if found != count:
         raise InvalidArgument(f"{what}: shape {shape} needs {count} elements, data has {found}")
     return InputTensor(name, datatype, shape, raw=raw, parameters=parameters), offset
+
+
+def _numbers(data: Any, dtype: np.dtype, datatype: str, what: str) -> np.ndarray:
+    """JSON numbers as a flat array of `dtype`; integer and BOOL tensors take whole numbers within
+    their range only (numpy would wrap 300 into a UINT8 silently)."""
+    try:
+        given = np.asarray(data)
+    except (TypeError, ValueError, OverflowError, RecursionError):
+        raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
+    if dtype.kind in "iub" and given.size:
+        if given.dtype.kind not in "iub":
+            got = given.dtype.name
+            raise InvalidArgument(f"{what}: {datatype} data must be whole numbers, got {got} values")
+        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        smallest, largest = given.min(), given.max()
+        if smallest < low or largest > high:
+            outside = smallest if smallest < low else largest
+            raise InvalidArgument(f"{what}: {outside} is outside the range of {datatype} ({low}..{high})")
+    try:
+        return np.asarray(given, dtype=dtype).ravel()
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
 
 
 def _infer_response(result: InferResult, binary: _BinaryOutputs) -> web.Response:
