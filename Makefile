@@ -149,4 +149,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) .venv-clients runs .pytest_cache .ruff_cache .import_linter_cache

@@ -2,7 +2,9 @@
 
 Transports translate their wire messages (protobuf, JSON) into these and back; the data plane
 (service/dataplane/) and the model kinds (service/kinds/) see nothing else. Optional fields are
-None when the client did not set them, so defaults are applied in one place.
+None when the client did not set them, so defaults are applied in one place. The per-request
+types are plain slotted dataclasses, not frozen ones: a frozen one's __init__ costs several times
+more, for every request (nothing changes them after the transport builds them).
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ Parameters = Mapping[str, ParameterValue]
 # Images ------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EncodedImage:
     """PNG, JPEG or BMP bytes."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RawImage:
     """uint8 pixels, (height, width, channels) in row-major order."""
 
@@ -49,7 +51,7 @@ def image_bytes(images: Sequence[ImageInput]) -> int:
 # The task API ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ClassifyRequest:
     model: str
     version: str
@@ -71,7 +73,7 @@ class ClassifyResult:
     version: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GenerateRequest:
     model: str
     version: str
@@ -97,7 +99,7 @@ class GenerateResult:
     version: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CaptionRequest:
     model: str
     version: str
@@ -136,7 +138,7 @@ class CaptionResult:
 # KServe v2 tensors -------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InputTensor:
     """One input as the client sent it: raw little-endian bytes, or typed values (not both)."""
 
@@ -155,13 +157,13 @@ class InputTensor:
         return 8 * len(self.typed) if self.typed is not None else 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutputRequest:
     name: str
     parameters: Parameters = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InferRequest:
     model: str
     version: str

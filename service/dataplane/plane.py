@@ -161,7 +161,7 @@ class DataPlane:
         task = served.model.tasks.get(type(request))
         if task is None:
             kind = served.version.manifest.kind if served.version.manifest is not None else "model"
-            raise not_offered(served.name, kind, TASK_NOUNS[type(request)])
+            raise not_offered(served.name, kind, TASK_NOUNS.get(type(request), type(request).__name__))
         call = current_call()
         stats, times = served.model.stats, call.times or RequestTimes()
         with served.version.in_use():

@@ -203,7 +203,7 @@ def _numbers(data: Any, dtype: np.dtype, datatype: str, what: str) -> np.ndarray
         if given.dtype.kind not in "iub":
             got = given.dtype.name
             raise InvalidArgument(f"{what}: {datatype} data must be whole numbers, got {got} values")
-        low, high = (0, 1) if dtype.kind == "b" else (np.iinfo(dtype).min, np.iinfo(dtype).max)
+        low, high = (0, 1) if dtype == np.bool_ else (np.iinfo(dtype).min, np.iinfo(dtype).max)
         smallest, largest = given.min(), given.max()
         if smallest < low or largest > high:
             outside = smallest if smallest < low else largest
