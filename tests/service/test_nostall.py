@@ -579,3 +579,27 @@ def test_metrics_port_can_ask_for_a_token() -> None:
             assert (await client.get("/metrics")).status == 200
 
     asyncio.run(main())
+
+
+def test_http_clients_that_hang_up_cancel_their_decoding(decoding: RunningServer) -> None:
+    """Six HTTP Classify calls of a large image queue for the one decode thread; their clients hang
+    up: the call being decoded finishes its image, the queued ones never start, all are CANCELLED."""
+    png = _palette_png(4000, 4000)
+    port = int(decoding.http_url.rsplit(":", 1)[1])
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nx-request-id: hangup-%d\r\nContent-Length: %d\r\n\r\n"
+    sockets = []
+    for i in range(6):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(head % (i, len(png)) + png)
+        sockets.append(s)
+    time.sleep(0.3)
+    cpu_at_hangup, _, _ = _server_pid_stat(decoding)
+    for s in sockets:
+        s.close()
+    time.sleep(2.0)
+    after = _server_pid_stat(decoding)[0] - cpu_at_hangup
+    lines = [json.loads(line) for line in decoding.log().splitlines() if '"hangup-' in line]
+    codes = sorted(line["code"] for line in lines)
+    print(f"\nafter six clients hung up: {after * 1000:.0f} ms of CPU; {codes}")
+    assert codes == ["CANCELLED"] * 6
+    assert after < 0.6, "the queued decodes ran for nobody"

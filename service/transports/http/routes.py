@@ -9,6 +9,7 @@ shared. JSON tensors and the binary tensor extension (`Inference-Header-Content-
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -118,6 +119,9 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
             response = await handler(request)
         except _CLIENT_GONE:  # the client hung up, e.g. in the middle of the body: not our error
             response = _error(observer.failed(Cancelled("the client closed the connection")))
+        except asyncio.CancelledError:  # it hung up while we worked: aiohttp cancels the handler
+            observer.failed(Cancelled("the client closed the connection"))
+            raise
         except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
             message = exc.text if exc.status == 413 and exc.text else exc.reason  # 413: which limit
             wrapped = ModelNotFound(message) if exc.status == 404 else InvalidArgument(message)

@@ -4,7 +4,8 @@ aiohttp closes a connection that sends no complete request header within its kee
 (counted from the connection's start and from each answer; bytes trickling in do not extend it),
 so `idle_timeout` bounds slow and idle clients alike. aiohttp has no limit on open connections:
 `LimitedSite` answers a connection beyond `max_connections` with a 503 and closes it at once, so
-one client cannot hold every file descriptor the process (and its gRPC port) has.
+one client cannot hold every file descriptor the process (and its gRPC port) has. A client
+that hangs up cancels its call, as on gRPC, so its work still queued or being decoded stops.
 """
 
 from __future__ import annotations
@@ -106,7 +107,11 @@ async def start_site(
 ) -> tuple[web.AppRunner, int]:
     """Serve `app` on `host:port` with those bounds; the runner (to clean up) and the bound port."""
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=shutdown_timeout, keepalive_timeout=idle_timeout
+        app,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=idle_timeout,
+        handler_cancellation=True,  # a client that hangs up cancels its call: decoding stops
     )
     await runner.setup()
     site = LimitedSite(runner, host, port, max_connections, ssl_context)
