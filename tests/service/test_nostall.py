@@ -583,7 +583,8 @@ def test_metrics_port_can_ask_for_a_token() -> None:
 
 def test_http_clients_that_hang_up_cancel_their_decoding(decoding: RunningServer) -> None:
     """Six HTTP Classify calls of a large image queue for the one decode thread; their clients hang
-    up: the call being decoded finishes its image, the queued ones never start, all are CANCELLED."""
+    up: the queued ones never start and are CANCELLED. A call whose image was decoded before its
+    client hung up may have answered (OK): on a busy machine the hang-up comes after one decode."""
     png = _palette_png(4000, 4000)
     port = int(decoding.http_url.rsplit(":", 1)[1])
     head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nx-request-id: hangup-%d\r\nContent-Length: %d\r\n\r\n"
@@ -601,5 +602,6 @@ def test_http_clients_that_hang_up_cancel_their_decoding(decoding: RunningServer
     lines = [json.loads(line) for line in decoding.log().splitlines() if '"hangup-' in line]
     codes = sorted(line["code"] for line in lines)
     print(f"\nafter six clients hung up: {after * 1000:.0f} ms of CPU; {codes}")
-    assert codes == ["CANCELLED"] * 6
+    assert len(codes) == 6 and set(codes) <= {"OK", "CANCELLED"}, codes
+    assert codes.count("CANCELLED") >= 4, "queued decodes must not run once their clients are gone"
     assert after < 0.6, "the queued decodes ran for nobody"
