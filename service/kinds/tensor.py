@@ -143,15 +143,12 @@ def tensor_model(
     stats: VersionStatistics,
     model_file: str = MODEL_FILE,
     check: CheckFunction | None = None,
-    batcher: DynamicBatcher | None = None,
 ) -> TensorModel:
-    """A graph served as a tensor model, with its own batcher unless it shares one."""
-    if batcher is None:
-        batcher = context.batcher(manifest, session, stats, check)
+    """A graph served as a tensor model, with its own batcher (`check`: the kind's value checks)."""
     return TensorModel(
         name,
         session,
-        batcher,
+        context.batcher(manifest, session, stats, check),
         stats,
         Signature.of_session(session, model_file),
         context.settings.max_message_bytes,  # every element costs at least a byte on the wire

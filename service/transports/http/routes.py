@@ -79,7 +79,7 @@ def build_app(
         ("GET", "/v2/health/live", routes.live, "ServerLive"),
         ("GET", "/v2/health/ready", routes.ready, "ServerReady"),
         ("GET", "/v2", routes.server_metadata, "ServerMetadata"),
-        ("GET", "/v2/models/stats", routes.every_model_statistics, "ModelStatistics"),  # before {name}
+        ("GET", "/v2/models/stats", routes.model_statistics, "ModelStatistics"),  # all; before {name}
         ("GET", "/openapi.json", routes.openapi, "OpenAPI"),
         ("POST", "/v2/repository/index", routes.repository_index, "RepositoryIndex"),
         ("POST", "/v2/repository/models/{name}/load", routes.load, "RepositoryModelLoad"),
@@ -165,6 +165,7 @@ class Routes:
     def __init__(self, plane: DataPlane, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> None:
         self.plane = plane
         self.max_json_bytes = max_json_bytes
+        self.openapi_document = OPENAPI.read_bytes()  # read once, not per request
 
     async def live(self, request: web.Request) -> web.Response:
         live = self.plane.live()
@@ -202,15 +203,12 @@ class Routes:
         return _json(plain(model_config(self.plane.model_config(*_model(request)))))
 
     async def model_statistics(self, request: web.Request) -> web.Response:
+        """One model's (version's) statistics, or every model's on /v2/models/stats (no name)."""
         found = self.plane.model_statistics(*_model(request))
         return _json({"model_stats": [plain(model_statistics(s)) for s in found]})
 
-    async def every_model_statistics(self, request: web.Request) -> web.Response:
-        found = self.plane.model_statistics()
-        return _json({"model_stats": [plain(model_statistics(s)) for s in found]})
-
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+        return web.Response(body=self.openapi_document, content_type="application/json")
 
     async def repository_index(self, request: web.Request) -> web.Response:
         body = await self._json_body(request)
@@ -319,7 +317,8 @@ def _index_row(name: str, version: str, state: str, reason: str) -> dict[str, st
 
 
 def _model(request: web.Request) -> tuple[str, str]:
-    return request.match_info["name"], request.match_info.get("version", "")
+    """The model name and version of a route ("" where the route names none)."""
+    return request.match_info.get("name", ""), request.match_info.get("version", "")
 
 
 def _json_end(body: bytes, header_length: str | None, max_json_bytes: int) -> int:
