@@ -120,6 +120,9 @@ class DecodePool:
         metrics.DECODE_POOL_PENDING.dec()
 
     def close(self) -> None:
+        """Stop both pools. The processes are waited for: left running, their manager thread can close
+        its wake-up pipe while the interpreter's exit hook writes to it (CPython 3.11 prints an
+        ignored OSError from `threading` at exit). They are idle or finishing one bounded decode."""
         self._executor.shutdown(wait=False, cancel_futures=True)
         if self._processes is not None:
-            self._processes.shutdown(wait=False, cancel_futures=True)
+            self._processes.shutdown(wait=True, cancel_futures=True)

@@ -91,9 +91,12 @@ def test_sigterm_under_load_drains_in_flight_work_and_loses_nothing(model_reposi
         for worker in workers:
             worker.join(60)
         watcher.join(60)
+    text = server.log()
+    stray = [line for line in text.splitlines() if not line.startswith("{")]
+    assert not stray, "the server wrote something other than JSON log lines:\n" + "\n".join(stray[:40])
     accepted = {
         line["request_id"]: line["code"]
-        for line in map(json.loads, server.log().splitlines())
+        for line in map(json.loads, text.splitlines())
         if line.get("message") == "rpc" and line.get("method", "").endswith("/Classify")
     }
     assert all(code == "OK" for code in accepted.values()), [c for c in accepted.values() if c != "OK"][:5]
