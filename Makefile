@@ -82,8 +82,9 @@ test: install system-deps
 	$(BIN)/python -m pytest
 
 # What the tests run besides the dev extra's tools: Debian's prometheus package (prometheus and
-# promtool, for tests/deploy) and libb64 (for perf_analyzer), installed when missing (as root, else
-# through sudo; Recommends left out), and kubectl.
+# promtool, for tests/deploy), libb64 (for perf_analyzer) and chromium (the web console's browser
+# tests drive it with Playwright), installed when missing (as root, else through sudo; Recommends
+# left out), and kubectl.
 .PHONY: system-deps
 system-deps:
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
@@ -99,6 +100,13 @@ system-deps:
 		$$sudo apt-get update -qq \
 		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			libb64-0d >/dev/null; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for tests/console"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq \
+		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null; \
 	fi
 	@command -v kubectl >/dev/null 2>&1 || { \
 		echo "kubectl is missing: tests/deploy renders deploy/k8s with kubectl kustomize" >&2; exit 1; }
