@@ -227,3 +227,22 @@ def test_a_page_of_another_site_cannot_unload_a_model(page: Page, console_server
         "error": "refused: a request from another web site may not change the server"
     }
     assert http(f"{console_server.http_url}/v2/models/lenet5/ready")[0] == 200
+
+
+def test_a_model_still_loading_is_shown_as_loading(page: Page, console_server: RunningServer) -> None:
+    """A state that lasts only while a version loads, so the model list is stood in for here."""
+    status, _, body = http(f"{console_server.http_url}/v1/models")
+    assert status == 200
+    listed = json.loads(body)
+    for model in listed["models"]:
+        if model["name"] == "dcgan":
+            model["versions"] = [{"version": "2", "state": "LOADING", "reason": "", "provider": ""}]
+    page.route(
+        "**/v1/models", lambda route: route.fulfill(body=json.dumps(listed), content_type="application/json")
+    )
+    _open(page, console_server, "models")
+    expect(page.locator('tr[data-model="dcgan"] .badge')).to_have_text("loading")
+    page.click('nav a[data-view="generator"]')
+    expect(page.locator("#generator-model-state")).to_have_text(
+        "dcgan is still loading; it can be tried once it is ready."
+    )
