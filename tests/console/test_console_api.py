@@ -148,7 +148,12 @@ def test_the_console_files_come_with_the_security_headers(console_server: Runnin
         policy = headers["Content-Security-Policy"]
         assert "script-src 'self'" in policy and "frame-ancestors 'none'" in policy
         assert headers["X-Content-Type-Options"] == "nosniff"
-    for missing in ("/console/nothing.js", "/console/..%2Fopenapi.json", "/console/index.htm"):
+    for missing in (
+        "/console/nothing.js",
+        "/console/..%2Fopenapi.json",
+        "/console/index.htm",
+        "/console/index.html",
+    ):
         assert http(base + missing)[0] == 404, missing
 
 

@@ -42,7 +42,9 @@ class ConsoleFiles:
         return self._answer("index.html")
 
     async def file(self, request: web.Request) -> web.Response:
-        return self._answer(request.match_info["file"])
+        name = request.match_info["file"]
+        # the page only at /: its relative links are written for that place
+        return self._answer("" if name == "index.html" else name)
 
     def _answer(self, name: str) -> web.Response:
         found = self.files.get(name)

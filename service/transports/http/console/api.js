@@ -1,5 +1,6 @@
-// Calls to convserve's public HTTP API, as any client makes them: relative URLs (so the page works
-// over http and https alike), the bearer token when one is set, and the server's own error message.
+// Calls to convserve's public HTTP API, as any client makes them: URLs relative to the page (so it
+// works over http and https alike, and under a path prefix), the bearer token when one is set, and
+// the server's own error message.
 
 const TOKEN_KEY = "convserve-token";
 let token = sessionStorage.getItem(TOKEN_KEY) || "";

@@ -100,7 +100,7 @@ export function startDigitsView() {
 
   async function classify(image) {
     try {
-      const response = await call("/v1/classify", {
+      const response = await call("v1/classify", {
         method: "POST",
         query: { model: select.value || DEFAULT_MODEL, top_k: 10 }, // no list yet: the usual name
         body: image,

@@ -30,7 +30,7 @@ export function startGeneratorView() {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     try {
-      const response = await call("/v1/generate", {
+      const response = await call("v1/generate", {
         method: "POST",
         query: { model: select.value, label: labels.value, seed: seed.value, count: count.value },
       });
@@ -45,7 +45,7 @@ export function startGeneratorView() {
   async function latentOf(model, value) {
     const key = `${model}|${value}`;
     if (!latents.has(key)) {
-      const answer = await callJson("/v1/latents", { query: { model, seed: value } });
+      const answer = await callJson("v1/latents", { query: { model, seed: value } });
       latents.set(key, answer.latents[0]);
     }
     return latents.get(key);
@@ -64,7 +64,7 @@ export function startGeneratorView() {
       const at = position.value;
       const [a, b] = await Promise.all([latentOf(model, walkFrom.value), latentOf(model, walkTo.value)]);
       const z = slerp(a, b, Number(at) / 100);
-      const response = await call("/v1/generate", {
+      const response = await call("v1/generate", {
         method: "POST",
         query: { model, label: labels.value },
         json: { latents: [z] },

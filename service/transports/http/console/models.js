@@ -56,7 +56,7 @@ export function startModelsView() {
   async function poll() {
     if (!document.hidden) {
       try {
-        const [list, recent] = await Promise.all([callJson("/v1/models"), callJson("/v1/models/recent")]);
+        const [list, recent] = await Promise.all([callJson("v1/models"), callJson("v1/models/recent")]);
         known = list.models;
         render(body, empty, list.models, recent.models);
         for (const listener of subscribers) listener(known);

@@ -52,12 +52,12 @@ export function startScenesView() {
     showError(error, null);
     // Before the model list arrived (or with none of a kind), the usual names: the server says the rest.
     const [classified, captioned] = await Promise.allSettled([
-      call("/v1/classify", {
+      call("v1/classify", {
         method: "POST",
         query: { model: classifier.value || DEFAULT_CLASSIFIER, top_k: 3 },
         body: image,
       }),
-      call("/v1/caption", {
+      call("v1/caption", {
         method: "POST",
         query: { model: captioner.value || DEFAULT_CAPTIONER, beam: beam.value, attention: 1 },
         body: image,
