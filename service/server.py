@@ -35,6 +35,7 @@ from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
 from service.errors import Unauthenticated
 from service.kinds import DecodingOptions
 from service.observability import metrics
+from service.observability.logs import ACCESS_LOG
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.security.auth import AuthPolicy
 from service.security.tls import grpc_server_credentials, http_ssl_context, tls_enabled
@@ -313,6 +314,7 @@ class ConvserveServer:
             self._plane.close()
         if self._metrics is not None:
             await self._metrics.cleanup()
+        ACCESS_LOG.flush()  # the drained calls' lines, before the last line
         log.info("stopped")
 
     async def _start_health_port(self) -> None:
