@@ -206,10 +206,10 @@ class DynamicBatcher:
     async def _work(self) -> None:
         """Take batches from the queue and run them, one at a time per worker.
 
-        Woken by a request, a worker gives the event loop one more pass before it takes its batch:
-        the requests whose handlers are already scheduled (arrived together, or while the previous
-        run held the loop) join it. Under load that forms batches without a delay timer; a request
-        alone pays one loop iteration.
+        A request wakes the worker, which runs one loop iteration later: after the handlers
+        already scheduled (requests that arrived together, or while the previous run held the
+        loop), which queue first and join the batch. Under load that forms batches without a delay
+        timer; a request alone pays one task switch.
         """
         loop = asyncio.get_running_loop()
         while True:
@@ -217,7 +217,6 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             try:
-                await asyncio.sleep(0)  # see _work's docstring
                 await self._wait_for_fill(loop)
                 slices = self._take(loop)
                 if slices:
