@@ -38,7 +38,9 @@ import grpc
 import numpy as np
 
 from bench import load as bench
+from bench import perf_analyzer
 from bench.load import BenchError, LoadResult, Progress, ServerProcess, Workload
+from bench.perf_analyzer import PerfPoint
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.client import DEFAULT_TIMEOUT_SECONDS, VisionClient
@@ -188,6 +190,8 @@ class SuiteReport:
     points: list[SuitePoint]
     compute: list[ComputePoint]
     started: str  # ISO date and time
+    perf_analyzer: list[PerfPoint] = field(default_factory=list)
+    perf_analyzer_note: str = ""  # why perf_analyzer gave no (or fewer) points
 
     def summary(self) -> dict[str, Any]:
         return summarize(self)
@@ -212,6 +216,8 @@ class SuiteReport:
                 for p in self.points
             ],
             "compute": [asdict(c) for c in self.compute],
+            "perf_analyzer": [asdict(p) for p in self.perf_analyzer],
+            "perf_analyzer_note": self.perf_analyzer_note,
             "summary": self.summary(),
         }
 
@@ -399,6 +405,14 @@ def run_suite(options: SuiteOptions, progress: Progress | None = None) -> SuiteR
             say(f"convserve SERVING after {facts.cold_start_seconds:.2f} s, RSS {facts.rss_ready_mb:.0f} MB")
             facts.models, facts.providers = served_models(servers["convserve"].target)
             points, compute, workloads = asyncio.run(_measure(options, cores, servers, say))
+            say("perf_analyzer against convserve, KServe v2 gRPC")
+            perf, perf_note = perf_analyzer.measure_all(
+                servers["convserve"].target,
+                options.models,
+                options.concurrencies,
+                options.duration,
+                _pin(cores.client),
+            )
     finally:
         os.sched_setaffinity(0, previous)
     return SuiteReport(
@@ -410,6 +424,8 @@ def run_suite(options: SuiteOptions, progress: Progress | None = None) -> SuiteR
         points=points,
         compute=compute,
         started=started,
+        perf_analyzer=perf,
+        perf_analyzer_note=perf_note,
     )
 
 
@@ -715,6 +731,7 @@ def render_markdown(report: SuiteReport) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines += ["", *_server_cpu_lines(facts["server_cpu"]), ""]
+    lines += [*_perf_analyzer_lines(report, summary), ""]
     lines += ["| goal | model | API | measured | goal | met |", "|---|---|---|---:|---:|---|"]
     for model, facts in summary["models"].items():
         for goal in facts["goals"]:
@@ -734,6 +751,28 @@ def render_markdown(report: SuiteReport) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _perf_analyzer_lines(report: SuiteReport, summary: dict[str, Any]) -> list[str]:
+    """perf_analyzer's figures beside the suite's own for convserve's KServe v2 gRPC."""
+    if not report.perf_analyzer:
+        return [f"perf_analyzer: not run ({report.perf_analyzer_note or 'no points'})."]
+    lines = [
+        "perf_analyzer against convserve, KServe v2 gRPC (after the interleaved points; its windows "
+        f"of {report.options.duration:g} s), beside convserve-bench's median:",
+        "",
+        "| model | concurrency | perf_analyzer infer/s | p50 ms | p99 ms | convserve-bench requests/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for point in report.perf_analyzer:
+        ours = _row(summary["models"][point.model]["rows"], "kserve", point.concurrency)
+        lines.append(
+            f"| {point.model} | {point.concurrency} | {point.infer_per_second:,.0f} | {point.p50_ms:.2f} "
+            f"| {point.p99_ms:.2f} | {_or_dash(_median_of(ours, 'requests_per_second'), ',.0f')} |"
+        )
+    if report.perf_analyzer_note:
+        lines += ["", f"perf_analyzer stopped: {report.perf_analyzer_note}"]
+    return lines
 
 
 def _onnxruntime_cell(row: dict[str, Any]) -> str:

@@ -92,6 +92,7 @@ class AccessLog:
         self._buffer: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def configure(self, stream: TextIO, fmt: str, logger: logging.Logger) -> None:
         self.flush()
@@ -109,11 +110,17 @@ class AccessLog:
         self._size += len(line)
         if self._size >= self.max_buffer:
             self.flush()
-        elif self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(self.flush_after, self.flush)
-            except RuntimeError:  # not on an event loop: nothing would flush later
-                self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on an event loop: nothing would flush later
+            self.flush()
+            return
+        if self._timer is not None and self._timer_loop is not loop:
+            self.flush()  # buffered under a loop that is gone, whose timer never fires: all now
+            return
+        if self._timer is None:
+            self._timer, self._timer_loop = loop.call_later(self.flush_after, self.flush), loop
 
     def flush(self) -> None:
         if self._timer is not None:

@@ -91,8 +91,14 @@ def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
     assert ("throughput at concurrency 2, x naive", "task") in goals
     assert ("access log cost at concurrency 2", "kserve") in goals
     assert ("convserve's own CPU per request at concurrency 2, µs", "kserve") in goals
+    perf = report["perf_analyzer"]  # the dev extra ships it; make system-deps adds its library
+    assert [(p["model"], p["concurrency"]) for p in perf] == [("lenet5", 1), ("lenet5", 2)], report[
+        "perf_analyzer_note"
+    ]
+    assert all(p["infer_per_second"] > 0 and 0 < p["p50_ms"] <= p["p99_ms"] for p in perf)
     table = markdown_path.read_text()
     assert table == out
+    assert "perf_analyzer against convserve, KServe v2 gRPC" in table
     assert "naive onnxruntime server, HTTP (reference)" in table
     assert "convserve, KServe v2 gRPC, access log off" in table
     assert "Where one request's server CPU goes" in table

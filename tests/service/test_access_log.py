@@ -89,3 +89,14 @@ def test_before_configure_lines_go_through_logging(caplog: pytest.LogCaptureFixt
         access.write(logging.INFO, "rpc", fields(7))
     (record,) = [r for r in caplog.records if r.name == ACCESS_LOGGER]
     assert record.fields["request_id"] == "id7"
+
+
+def test_lines_left_by_a_finished_event_loop_are_written_by_the_next_one() -> None:
+    access, stream = configured(flush_after=60)
+
+    async def one_call(n: int) -> None:
+        access.write(logging.INFO, "rpc", fields(n))
+
+    asyncio.run(one_call(1))  # its loop ends before the timer fires
+    asyncio.run(one_call(2))
+    assert [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["id1", "id2"]
