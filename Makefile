@@ -43,7 +43,7 @@ help:
 	@echo "make serve    set up, train the default models if missing, serve on HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT)"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make models   train and publish the default models at full quality (a new version each time)"
-	@echo "make bench    the performance suite: convserve vs transport and compute limits (bench-results/)"
+	@echo "make bench    the performance suite: convserve vs no-op and naive reference servers (bench-results/)"
 	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff, the import rules, the duplicate-code check, the docs site (mkdocs --strict)"
