@@ -13,7 +13,8 @@ import onnxruntime
 import pytest
 from drawing import draw_digit, png_bytes
 
-from service.client import VisionClient
+from service._proto.convserve.v1 import vision_pb2_grpc
+from service.client import VisionClient, classify_request
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -107,20 +108,23 @@ def test_unknown_models_are_counted_under_one_label(server, client: VisionClient
     )
 
 
-def _classify_lines(server) -> list[dict]:
-    lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    return [e for e in lines if e.get("message") == "rpc" and e.get("method", "").endswith("/Classify")]
-
-
-def test_access_log_is_json_with_request_id(server, client: VisionClient) -> None:
-    before = len(_classify_lines(server))
-    client.classify([png_bytes(draw_digit("0"))])
+def test_access_log_is_json_with_request_id(server) -> None:
+    """The call's own line (found by the request id the server answered with), written within a block."""
+    request = classify_request([png_bytes(draw_digit("0"))], model="lenet5")
+    with grpc.insecure_channel(server.target) as channel:
+        _, call = vision_pb2_grpc.VisionStub(channel).Classify.with_call(request, timeout=30)
+    request_id = dict(call.trailing_metadata())["x-request-id"]
+    assert len(request_id) == 32  # made by the server: the client sent none
     deadline = time.monotonic() + 5  # access lines are written in blocks, within 0.1 s
-    while len(rpcs := _classify_lines(server)) == before:
+    while True:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        found = [e for e in lines if e.get("message") == "rpc" and e.get("request_id") == request_id]
+        if found:
+            break
         assert time.monotonic() < deadline, "the call's access log line never came"
         time.sleep(0.05)
-    entry = rpcs[-1]
-    assert len(entry["request_id"]) == 32
+    (entry,) = found
+    assert entry["method"].endswith("/Classify")
     assert entry["model"] == "lenet5"
     assert entry["code"] == "OK"
     assert entry["duration_ms"] > 0
