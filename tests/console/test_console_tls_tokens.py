@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,8 +77,14 @@ def test_over_https_the_page_loads_without_a_token_and_shows_the_servers_refusal
         "#digits-file", str(Path(__file__).resolve().parents[2] / "examples" / "digit-7.jpg")
     )
     expect(page.locator("#digits-error")).to_have_text("401: invalid bearer token")
-    refused = [json.loads(line) for line in secure_server.log().splitlines() if "UNAUTHENTICATED" in line]
-    assert any(line["method"] == "GET /v1/models" for line in refused), "refused polls are logged"
+    deadline = time.monotonic() + 5  # access lines are written in blocks, within 0.1 s
+    while True:
+        log = secure_server.log().splitlines()
+        refused = [json.loads(line) for line in log if "UNAUTHENTICATED" in line]
+        if any(line["method"] == "GET /v1/models" for line in refused):
+            break
+        assert time.monotonic() < deadline, "refused polls are logged"
+        time.sleep(0.05)
 
 
 def test_with_the_token_every_view_works_and_the_token_is_kept_only_when_asked(
