@@ -246,7 +246,11 @@ def _scenes_manifest(checkpoint: dict, config: ResNetConfig, parity: float) -> M
         adaptation=ResizeAdaptation(),
         labels=list(SCENE_CLASS_LABELS),
         metrics={
-            "test_accuracy": float(checkpoint["metrics"]["test_accuracy"]),
+            **{
+                name: float(checkpoint["metrics"][name])
+                for name in ("test_accuracy", "style_shift_accuracy")
+                if name in checkpoint["metrics"]
+            },
             "parity_max_abs_diff": parity,
         },
         provenance=provenance(checkpoint, "train_scenes_resnet", SCENES_DESCRIPTION),
