@@ -19,7 +19,7 @@ from torch import nn
 
 from service.contract.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
 from service.contract.tensor_names import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
-from training.caption_decoding import greedy_decode
+from training.caption_decoding import greedy_decode, repeat_mask
 from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
 from training.data.scenes import load_scene_split
 from training.models.captioner import END, START, Captioner, CaptionerConfig, DecoderState
@@ -157,13 +157,14 @@ def check_graphs(directory: Path) -> None:
 class OnnxCaptioner:
     """The two exported graphs on onnxruntime, with the greedy decode the server's search starts from."""
 
-    def __init__(self, directory: Path, max_length: int) -> None:
+    def __init__(self, directory: Path, max_length: int, max_repeats: int | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         self.encoder = ort.InferenceSession(str(directory / ENCODER_FILE), options, providers=providers)
         self.decoder = ort.InferenceSession(str(directory / DECODER_FILE), options, providers=providers)
         self.max_length = max_length
+        self.max_repeats = max_repeats
 
     def encode(self, images: np.ndarray) -> list[np.ndarray]:
         return self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
@@ -181,6 +182,7 @@ class OnnxCaptioner:
         done = np.zeros(len(images), dtype=bool)
         for _ in range(self.max_length):  # as greedy_decode: at most max_length words
             log_probs, h, c, _ = self.step(tokens, h, c, features, projected, one_each)
+            log_probs = log_probs + repeat_mask(captions, log_probs.shape[1], self.max_repeats).numpy()
             tokens = log_probs.argmax(axis=1).astype(np.int64)
             for i in np.flatnonzero(~done & (tokens != END)):
                 captions[i].append(int(tokens[i]))
@@ -193,7 +195,7 @@ class OnnxCaptioner:
 def parity(model: Captioner, directory: Path) -> tuple[float, float]:
     """(max |onnxruntime - torch| over every output of both graphs, fraction of greedy captions equal)."""
     config = model.config
-    runtime = OnnxCaptioner(directory, config.max_length)
+    runtime = OnnxCaptioner(directory, config.max_length, config.max_repeats)
     real = load_scene_split("test", 0, GREEDY_PARITY_IMAGES).images
     rng = np.random.default_rng(0)
     worst = 0.0
@@ -251,6 +253,7 @@ def build_manifest(checkpoint: dict, config: CaptionerConfig, worst: float) -> M
             start_token=START,
             end_token=END,
             max_length=config.max_length,
+            max_repeats=config.max_repeats,
             grid=(config.grid_size, config.grid_size),
         ),
         metrics={**{k: float(v) for k, v in checkpoint["metrics"].items()}, "parity_max_abs_diff": worst},

@@ -12,7 +12,7 @@ import torch
 from service.contract.manifest import load_manifest
 from service.contract.tensor_names import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from training.caption_decoding import beam_search, greedy_decode
-from training.data.scenes import generate_split
+from training.data.scenes import generate_split, grammar_limits
 from training.export import export_checkpoint
 from training.models.captioner import END, PAD, SPECIAL_TOKENS, START, Captioner, CaptionerConfig
 from training.train_captioner import build_vocabulary, caption_loss, encode, run
@@ -75,7 +75,10 @@ def test_quick_run_evaluates_and_publishes_two_graphs_that_agree_with_torch(tmp_
         quick=True, epochs=1, run_dir=tmp_path / "run", repository=tmp_path / "models", progress=False
     )
     table = metrics["evaluation"]
-    assert set(table) == {"test", "compositional"} and set(table["test"]) == {"greedy", "beam3", "beam5"}
+    assert set(table) == {"test", "compositional", "style-shift"} and set(table["test"]) == {
+        "greedy",
+        "beam3",
+    }
     assert {"bleu1", "bleu4", "cider_d", "semantic_accuracy"} <= set(table["test"]["greedy"])
     version = tmp_path / "models" / "captioner" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx"]
@@ -88,6 +91,7 @@ def test_quick_run_evaluates_and_publishes_two_graphs_that_agree_with_torch(tmp_
         assert tuple(o.name for o in session.get_outputs()) == outputs
     manifest = load_manifest(tmp_path / "models" / "captioner")
     assert manifest.kind == "captioner" and manifest.captioner.grid == (8, 8)
+    assert (manifest.captioner.max_length, manifest.captioner.max_repeats) == grammar_limits() == (17, 3)
     assert manifest.metrics["parity_max_abs_diff"] < 1e-4
     assert manifest.metrics["test_greedy_bleu4"] == table["test"]["greedy"]["bleu4"]
     # a second export of the same checkpoint becomes version 2, checked the same way

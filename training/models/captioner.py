@@ -35,6 +35,7 @@ class CaptionerConfig:
     attention_dim: int = 128
     dropout: float = 0.3
     max_length: int = 24  # words, not counting <start> and <end>
+    max_repeats: int | None = None  # the most times a caption may say one word; None: any number
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
 
@@ -51,6 +52,15 @@ class CaptionerConfig:
     @property
     def feature_dim(self) -> int:
         return self.widths[-1]
+
+    @property
+    def positions(self) -> int:
+        """L: the grid cells the decoder attends over."""
+        return self.grid_size**2
+
+    @property
+    def state_dim(self) -> int:
+        return self.hidden_dim
 
 
 class Encoder(nn.Module):
