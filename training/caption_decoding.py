@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from training.models.butd import BottomUpTopDown
 from training.models.captioner import END, START, Captioner, DecoderState
 
-#: Any captioner with an encoder and a decoder of the show-attend-tell step interface.
-CaptionModel = Captioner | torch.nn.Module
+#: Both captioners: an encoder and a decoder with the show-attend-tell step interface.
+CaptionModel = Captioner | BottomUpTopDown
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ def test_objects_stay_inside_their_boxes() -> None:
 
 
 def test_style_shift_uses_no_style_that_training_uses() -> None:
+    assert min(TRAINING_STYLE.canvas[0], SHIFTED_STYLE.canvas[0]) >= 64  # scenes are only scaled down
     assert not set(SHIFTED_STYLE.backgrounds) & set(TRAINING_STYLE.backgrounds)
     for ranges in ("saturation", "canvas", "jpeg_quality"):
         (a_low, a_high), (b_low, b_high) = getattr(TRAINING_STYLE, ranges), getattr(SHIFTED_STYLE, ranges)

@@ -54,7 +54,8 @@ class StyleRanges:
 
     backgrounds: tuple[str, ...]
     saturation: tuple[float, float]  # HSV saturation of the objects' fill
-    canvas: tuple[int, int]  # side in px the scene is drawn at before it is resized to 64x64
+    canvas: tuple[int, int]  # side in px the scene is drawn at before it is resized to 64x64 (never
+    # below 64: drawn smaller and enlarged, a small shape has too few pixels to tell its kind)
     jpeg_quality: tuple[int, int]
     jpeg_probability: float
 
@@ -63,7 +64,7 @@ class StyleRanges:
 TRAINING_STYLE = StyleRanges(
     backgrounds=("white", "black", "grey", "tint", "gradient", "noise", "paper"),
     saturation=(0.62, 1.0),
-    canvas=(40, 128),
+    canvas=(64, 160),
     jpeg_quality=(55, 95),
     jpeg_probability=0.5,
 )
@@ -72,7 +73,7 @@ TRAINING_STYLE = StyleRanges(
 SHIFTED_STYLE = StyleRanges(
     backgrounds=("radial", "stripes"),
     saturation=(0.5, 0.6),
-    canvas=(160, 256),
+    canvas=(176, 256),
     jpeg_quality=(35, 50),
     jpeg_probability=1.0,
 )
