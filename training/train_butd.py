@@ -30,6 +30,7 @@ from training.models.captioner import PAD
 from training.runs import CURVES_FILE, finish_run, start_run
 from training.train_captioner import (
     build_vocabulary,
+    draw_caption_curves,
     evaluation_table,
     flat_metrics,
     print_summary,
@@ -47,7 +48,7 @@ VALIDATION_IMAGES = 500
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    detector_epochs: int = 6
+    detector_epochs: int = 8
     detector_lr: float = 3e-3
     batch_size: int = 64
     lr: float = 2e-3
@@ -281,13 +282,7 @@ def plot_curves(metrics: dict, path: Path) -> None:
     ax_det, ax_loss, ax_acc = fig.subplots(1, 3)
     ax_det.plot(range(1, len(metrics["detector_loss"]) + 1), metrics["detector_loss"])
     ax_det.set(xlabel="epoch", ylabel="loss", title="detector (stage one)", yscale="log")
-    epochs = range(1, len(metrics["train_loss"]) + 1)
-    ax_loss.plot(epochs, metrics["train_loss"], label="train (teacher forcing)")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per word", title="decoder (stage two)", yscale="log")
-    ax_loss.legend()
-    ax_acc.plot(epochs, metrics["val_semantic_accuracy"], label="validation, greedy")
-    ax_acc.set(xlabel="epoch", ylabel="semantic accuracy", title="captions exactly right", ylim=(0, 1))
-    ax_acc.legend()
+    draw_caption_curves(ax_loss, ax_acc, metrics, "decoder (stage two)")
     fig.savefig(path, dpi=100)
 
 

@@ -7,7 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageColor
 
 from training.data.scenes import (
     AXES,
@@ -24,7 +24,7 @@ from training.data.scenes import (
     parse_caption,
     render,
 )
-from training.data.styles import HUES, SHIFTED_STYLE, TRAINING_STYLE, Style
+from training.data.styles import HUES, SHIFTED_STYLE, TRAINING_STYLE, VALUES, Style
 
 
 def test_same_seed_same_scenes_other_seed_other_scenes() -> None:
@@ -162,6 +162,15 @@ def test_objects_stay_inside_their_boxes() -> None:
             for box in drawing.boxes:  # and every box holds something drawn
                 core, _ = _core_and_ring(drawing.image, box)
                 assert np.abs(core - background).sum(axis=1).min() > 60
+
+
+@pytest.mark.parametrize("name", ["red", "green", "lime", "blue", "yellow"])
+def test_the_colours_drawing_programs_name_are_shades_scenes_draw(name: str) -> None:
+    hue, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in ImageColor.getrgb(name)))
+    colour = "green" if name == "lime" else name
+    low, high = HUES[colour]
+    assert (hue * 360 - low) % 360 <= high - low and VALUES[colour][0] <= value <= VALUES[colour][1]
+    assert TRAINING_STYLE.saturation[0] <= saturation <= TRAINING_STYLE.saturation[1]
 
 
 def test_style_shift_uses_no_style_that_training_uses() -> None:

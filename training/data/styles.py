@@ -22,17 +22,18 @@ import numpy as np
 from PIL import Image
 
 #: Hue (degrees, may wrap below 0) and HSV value ranges of each colour name; the saturation range
-#: comes from the style. Orange, cyan and purple hues are never drawn, so no shade is in doubt.
+#: comes from the style. Each range holds the colour as drawing programs name it (red 0, yellow 60,
+#: green 120, blue 240 degrees); orange, cyan and purple hues are never drawn, so no shade is in doubt.
 HUES: dict[str, tuple[float, float]] = {
-    "red": (-8.0, 8.0),
-    "yellow": (47.0, 57.0),
-    "green": (105.0, 145.0),
-    "blue": (205.0, 232.0),
+    "red": (-10.0, 10.0),
+    "yellow": (45.0, 62.0),
+    "green": (95.0, 150.0),
+    "blue": (200.0, 245.0),
 }
 VALUES: dict[str, tuple[float, float]] = {
     "red": (0.6, 1.0),
     "yellow": (0.82, 1.0),
-    "green": (0.45, 0.85),
+    "green": (0.45, 1.0),
     "blue": (0.55, 1.0),
 }
 #: Euclidean RGB distance an object's fill keeps from the background under it.

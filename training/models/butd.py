@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.data.scenes import COLOURS, SHAPES, SIZES
-from training.models.captioner import PAD, SPECIAL_TOKENS, DecoderState
+from training.models.captioner import PAD, SPECIAL_TOKENS, DecoderState, coordconv_stem, coordinates
 from training.models.resnet import BasicBlock
 
 #: The factors a region's feature holds, in order: attribute probabilities, then its box, then
@@ -116,11 +116,7 @@ class Detector(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.stem = nn.Sequential(
-            nn.Conv2d(3 + 2, c.widths[0], 3, stride=2, padding=1, bias=False),  # RGB + x, y
-            nn.BatchNorm2d(c.widths[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.stem = coordconv_stem(c.widths[0])
         blocks, previous = [], c.widths[0]
         for i, width in enumerate(c.widths[1:]):
             blocks.append(BasicBlock(previous, width, stride=2 if i == 0 else 1))
@@ -145,11 +141,7 @@ class Detector(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(32, len(ATTRIBUTES["colour"]), 1),
         )
-        axis = torch.linspace(-1.0, 1.0, c.image_size)
-        coords = torch.stack(
-            [axis.view(1, -1).expand(c.image_size, -1), axis.view(-1, 1).expand(-1, c.image_size)]
-        )
-        self.register_buffer("coords", coords.unsqueeze(0), persistent=False)  # (1, 2, H, W): x, y
+        self.register_buffer("coords", coordinates(c.image_size), persistent=False)  # (1, 2, H, W): x, y
         self.register_buffer("mean", torch.tensor(c.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(c.std).view(1, -1, 1, 1), persistent=False)
 
@@ -221,7 +213,7 @@ class TopDownDecoder(nn.Module):
         vocab, hidden = len(c.vocabulary), c.hidden_dim
         where = c.feature_dim - ATTRIBUTE_DIM  # box and confidence
         self.embedding = nn.Embedding(vocab, c.embed_dim, padding_idx=PAD)
-        self.summary = nn.Sequential(nn.Linear(2 * where, hidden), nn.ReLU())  # the regions as a set
+        self.summary = nn.Sequential(nn.Linear(2 * where + 1, hidden), nn.ReLU())  # the regions as a set
         self.init_state = nn.Linear(hidden, 4 * hidden)  # h1, h2, c1, c2
         self.attention_lstm = nn.LSTMCell(hidden + hidden + c.embed_dim, hidden)  # h2, summary, word
         self.attend_features = nn.Linear(where, c.attention_dim)  # precomputed once per image
@@ -248,14 +240,15 @@ class TopDownDecoder(nn.Module):
         self.gain = nn.Parameter(torch.ones(len(ATTRIBUTES)))  # how much each attribute's belief counts
 
     def summarise(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, R, F) -> (N, hidden): mean and spread of where the regions are, weighted by how sure
-        the detector is of each."""
+        """(N, R, F) -> (N, hidden): how many objects the detector is sure of, and the mean and
+        spread of where they are, weighted by how sure it is of each."""
         where = features[..., ATTRIBUTE_DIM:]
         weight = features[..., -1:]  # (N, R, 1) the detector's confidence
-        total = weight.sum(dim=1).clamp_min(1e-3)  # (N, 1)
+        count = weight.sum(dim=1)  # (N, 1): the expected number of objects
+        total = count.clamp_min(1e-3)
         mean = (weight * where).sum(dim=1) / total  # (N, W)
         spread = ((weight * (where - mean.unsqueeze(1)) ** 2).sum(dim=1) / total + 1e-6).sqrt()
-        return self.summary(torch.cat([mean, spread], dim=1))
+        return self.summary(torch.cat([mean, spread, count], dim=1))
 
     def prepare(self, features: torch.Tensor) -> tuple[torch.Tensor, DecoderState]:
         """Per image, once: the projected features the attention reuses, and the initial state."""
