@@ -1,9 +1,10 @@
 """captioner-butd through a real server: a captioner that attends over regions is served like the
-grid captioner (the torch reference's captions, KServe v2, HTTP, the CLI), and its answers carry the
-regions, with attention over them and an attention picture that draws them as boxes."""
+grid captioner (the torch reference's captions, step batching, KServe v2, HTTP, the CLI), and its
+answers carry the regions, with attention over them and an attention picture that draws them as boxes."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -20,7 +21,7 @@ from PIL import Image
 
 from service._proto.inference import grpc_predict_v2_pb2 as kserve_pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
-from service.client import VisionClient
+from service.client import AsyncVisionClient, VisionClient
 from service.codecs.tensors import decode_output, encode_bytes
 
 MODEL = "captioner-butd"
@@ -86,6 +87,49 @@ def test_captions_match_torch_and_carry_regions_and_attention_over_them(
                         assert (weights.rows, weights.columns) == (len(regions), 1) == (4, 1)
                         assert sum(weights.weights) == pytest.approx(1.0, abs=1e-4)
     assert response.model == MODEL
+
+
+def test_concurrent_captions_share_decoder_steps_and_match_those_alone(
+    butd: tuple[RunningServer, Path], scenes: np.ndarray
+) -> None:
+    server, _ = butd
+    options = [{"beam_size": 1 + i % 3, "count": 1 + i % 2 if i % 3 else 1} for i in range(len(scenes))]
+
+    def key(response) -> list:
+        result = response.results[0]
+        return [
+            [tuple(c.tokens) for c in result.captions],
+            [(r.left, r.top, r.right, r.bottom) for r in result.regions],
+        ]
+
+    with VisionClient(server.target) as client:
+        alone = [
+            key(client.caption([_png(s)], model=MODEL, **o)) for s, o in zip(scenes, options, strict=True)
+        ]
+
+    async def crowd() -> list:
+        async with AsyncVisionClient(server.target) as client:
+            calls = [
+                client.caption([_png(s)], model=MODEL, **o)
+                for _ in range(4)
+                for s, o in zip(scenes, options, strict=True)
+            ]
+            return await asyncio.gather(*calls)
+
+    together = [key(r) for r in asyncio.run(crowd())]
+    assert [words for words, _ in together] == [words for words, _ in alone * 4]
+    for (_, batched), (_, single) in zip(together, alone * 4, strict=True):
+        assert np.allclose(batched, single, atol=1e-5)  # the encoder ran in other batches
+    text = urllib.request.urlopen(server.metrics_url).read().decode()
+    prefix = f'convserve_decode_active_requests_bucket{{le="1.0",model="{MODEL}"'
+    single_steps = [line for line in text.splitlines() if line.startswith(prefix)]
+    count = [
+        line
+        for line in text.splitlines()
+        if line.startswith(f'convserve_decode_active_requests_count{{model="{MODEL}"')
+    ]
+    # some steps advanced more than one request at once: the decode loop batched them
+    assert float(single_steps[0].split()[-1]) < float(count[0].split()[-1])
 
 
 def test_kserve_encoder_outputs_the_boxes_and_the_whole_model_captions(
