@@ -35,10 +35,11 @@ from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
 from service.errors import Unauthenticated
 from service.kinds import DecodingOptions
 from service.observability import metrics
+from service.observability.logs import ACCESS_LOG
 from service.repository import ModelRepository, ModelVersion, VersionState
 from service.security.auth import AuthPolicy
 from service.security.tls import grpc_server_credentials, http_ssl_context, tls_enabled
-from service.settings import Settings, grpc_threads_low, runs_inline
+from service.settings import Settings, grpc_threads_low, runs_inline, usable_cpus
 from service.transports.grpc.kserve import KServeServicer
 from service.transports.grpc.registration import register
 from service.transports.grpc.threads import threads_started_at_low_priority
@@ -128,6 +129,17 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def session_options(settings: Settings) -> SessionOptions:
+    """How every onnxruntime session is made; intra-op threads default to the CPUs the process may use."""
+    return SessionOptions(
+        providers=tuple(settings.providers),
+        require_gpu=settings.require_gpu,
+        explicit_providers="providers" in settings.model_fields_set,
+        intra_op_threads=settings.intra_op_threads or usable_cpus(),
+        spinning=settings.ort_spinning,
+    )
+
+
 class ConvserveServer:
     """The whole server; `await start()`, then `await wait_for_termination()` or `await stop()`."""
 
@@ -135,13 +147,7 @@ class ConvserveServer:
         self.settings = settings
         self.repository = ModelRepository(
             settings.model_repository,
-            SessionOptions(
-                providers=tuple(settings.providers),
-                require_gpu=settings.require_gpu,
-                explicit_providers="providers" in settings.model_fields_set,
-                intra_op_threads=settings.intra_op_threads,
-                spinning=settings.ort_spinning,
-            ),
+            session_options(settings),
             BatchingOptions(
                 max_batch_size=settings.max_batch_size,
                 max_queue_delay=settings.max_queue_delay,
@@ -181,6 +187,11 @@ class ConvserveServer:
         tls = tls_enabled(settings)
         policy = AuthPolicy.from_settings(settings)
         raise_open_files_limit()
+        log.info(
+            "onnxruntime: %d intra-op thread(s) per session, %s",
+            self.repository.options.intra_op_threads,
+            "run on the event loop" if runs_inline(settings.execution) else "run in a thread per instance",
+        )
         await self._start_metrics(policy)
         server = new_grpc_server(settings)
         plane = self._plane = DataPlane(self.repository, settings, lambda: self._ready)
@@ -303,6 +314,7 @@ class ConvserveServer:
             self._plane.close()
         if self._metrics is not None:
             await self._metrics.cleanup()
+        ACCESS_LOG.flush()  # the drained calls' lines, before the last line
         log.info("stopped")
 
     async def _start_health_port(self) -> None:

@@ -5,7 +5,9 @@ Nothing here runs at import time; `Settings()` reads the environment when it is 
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -43,7 +45,10 @@ class Settings(BaseSettings):
         description="Fail a model's readiness instead of running it on the CPU when CUDA is not active.",
     )
     intra_op_threads: int = Field(
-        default=0, ge=0, description="onnxruntime intra-op threads per session; 0 lets onnxruntime choose."
+        default=0,
+        ge=0,
+        description="onnxruntime intra-op threads per session; 0: the CPUs the process may use (its affinity "
+        "mask and its cgroup CPU quota, whichever is smaller).",
     )
     ort_spinning: bool = Field(
         default=False,
@@ -260,8 +265,75 @@ class Settings(BaseSettings):
 
 
 def one_usable_cpu() -> bool:
-    """The process may run on one CPU only (pinned with taskset, or a cpuset of one)."""
-    return len(os.sched_getaffinity(0)) == 1
+    """The process may use one CPU only (pinned with taskset, a cpuset of one, a CPU limit of <= 1)."""
+    return usable_cpus() == 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may really use: its affinity mask, capped by its cgroup CPU quota (what a
+    container's or a pod's CPU limit sets), rounded up. onnxruntime's own default counts the host's
+    cores, which escapes both: on a large node with a small limit its threads are throttled."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_cpu_quota()
+    return cpus if quota is None else max(1, min(cpus, math.ceil(quota)))
+
+
+def cgroup_cpu_quota(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> float | None:
+    """CPUs' worth of the smallest CPU quota on this process's cgroup and its ancestors (cgroup v2
+    `cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`); None when unlimited or unreadable."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:  # v2: the unified hierarchy
+            bases = [root, root / "unified"]
+            read = _cpu_max
+        elif "cpu" in controllers.split(","):
+            bases = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+            read = _cfs_quota
+        else:
+            continue
+        for base in bases:
+            if base.is_dir():
+                quotas += _along_the_path(base, path, read)
+                break
+    return min(quotas, default=None)
+
+
+def _along_the_path(base: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    """The quotas set on the cgroup directory of `path` under `base` and on each of its parents
+    (inside a container's cgroup namespace the path is "/" and `base` is the container's own)."""
+    directory = base / path.lstrip("/")
+    found = []
+    while True:
+        quota = read(directory)
+        if quota is not None:
+            found.append(quota)
+        if directory == base or base not in directory.parents:
+            return found
+        directory = directory.parent
+
+
+def _cpu_max(directory: Path) -> float | None:
+    try:
+        quota, period = (directory / "cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def _cfs_quota(directory: Path) -> float | None:
+    try:
+        quota = int((directory / "cpu.cfs_quota_us").read_text())
+        period = int((directory / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
 
 
 def grpc_threads_low(priority: str) -> bool:

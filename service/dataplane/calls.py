@@ -22,9 +22,10 @@ import grpc
 
 from service.errors import HTTP_STATUS, INTERNAL, INTERNAL_MESSAGE, OK, Status, clip_message, status_of
 from service.observability import metrics
+from service.observability.logs import ACCESS_LOG, ACCESS_LOGGER
 from service.observability.statistics import RequestTimes, VersionStatistics
 
-log = logging.getLogger("convserve.access")
+log = logging.getLogger(ACCESS_LOGGER)
 
 REQUEST_ID_KEY = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -174,6 +175,4 @@ def record_call(call: CallInfo, label: str, code: grpc.StatusCode, message: str,
     }
     if message and code is not grpc.StatusCode.INTERNAL:
         fields["error"] = clip_message(message)  # the access log's error field is capped too
-    log.log(
-        logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO, "rpc", extra={"fields": fields}
-    )
+    ACCESS_LOG.write(logging.WARNING if code is grpc.StatusCode.INTERNAL else logging.INFO, "rpc", fields)

@@ -184,8 +184,6 @@ class DynamicBatcher:
         if self._check is not None:
             self._check(feeds)
         loop = asyncio.get_running_loop()
-        if self._runs_now(rows):
-            return self._run_now(loop, feeds, rows, deadline, timing)
         signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
         request = _Request(feeds, rows, signature, deadline, loop.time(), loop.create_future(), timing)
         self._queue.append(request)
@@ -199,38 +197,6 @@ class DynamicBatcher:
                 request.future.cancel()
             self._forget(request)
 
-    def _runs_now(self, rows: int) -> bool:
-        """Inline, nothing queued or running and no wait for a fuller batch: the queue would
-        hand this request to the worker only for it to run alone, one loop iteration later."""
-        options = self.options
-        return (
-            options.inline
-            and options.max_queue_delay <= 0
-            and not self._queue
-            and not self._running
-            and rows <= max(options.max_batch_size, 1)
-        )
-
-    def _run_now(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        feeds: Feeds,
-        rows: int,
-        deadline: float | None,
-        timing: Timing | None,
-    ) -> list[np.ndarray]:
-        """The queue's path for a request that is alone, without the queue: same checks, same reports."""
-        if deadline is not None and loop.time() >= deadline:
-            raise DeadlineExceeded("deadline passed while the request was queued")
-        self._on_dequeue(QueueReport(0.0))
-        started = time.perf_counter()
-        outputs = list(self._run(feeds))
-        seconds = time.perf_counter() - started
-        self._on_run(RunReport(rows, 1, seconds))
-        if timing is not None:
-            timing.infer += seconds
-        return outputs
-
     def _forget(self, request: _Request) -> None:
         """Drop a finished request's rows that never reached a run."""
         if request in self._queue:
@@ -238,6 +204,13 @@ class DynamicBatcher:
             self._pending_rows -= request.rows - request.taken
 
     async def _work(self) -> None:
+        """Take batches from the queue and run them, one at a time per worker.
+
+        A request wakes the worker, which runs one loop iteration later: after the handlers
+        already scheduled (requests that arrived together, or while the previous run held the
+        loop), which queue first and join the batch. Under load that forms batches without a delay
+        timer; a request alone pays one task switch.
+        """
         loop = asyncio.get_running_loop()
         while True:
             while not self._queue:

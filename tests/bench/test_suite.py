@@ -11,15 +11,12 @@ import sys
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 
 from bench import load as bench
 from bench import suite as bench_suite
 from bench.cli import main
-from service._proto.inference import grpc_predict_v2_pb2 as pb
-from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.server import ConvserveServer
 from service.settings import Settings, runs_inline
@@ -29,38 +26,6 @@ def test_limit_is_the_harmonic_combination_of_both_costs() -> None:
     assert bench_suite.limit(1000, 1000) == pytest.approx(500)
     assert bench_suite.limit(2000, 50_000) == pytest.approx(1 / (1 / 2000 + 1 / 50_000))
     assert math.isnan(bench_suite.limit(0, 1000))
-
-
-def test_noop_server_answers_zeros_of_the_output_shape_and_checks_inputs(trained_lenet, tmp_path) -> None:
-    command = bench_suite.noop_command(trained_lenet, ["lenet5"])
-    server = bench_suite.start_pinned(command, tmp_path / "noop.log", {}, None)
-    try:
-        bench.wait_until_serving(server, timeout=60)
-        with grpc.insecure_channel(server.target) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            metadata = stub.ModelMetadata(pb.ModelMetadataRequest(name="lenet5"), timeout=10)
-            assert [t.name for t in metadata.inputs] and list(metadata.versions) == ["1"]
-            (spec,) = metadata.inputs
-            images = np.full((3, *spec.shape[1:]), 7, dtype=np.uint8)
-            request = pb.ModelInferRequest(model_name="lenet5")
-            request.inputs.add(name=spec.name, datatype="UINT8", shape=images.shape)
-            request.raw_input_contents.append(images.tobytes())
-            response = stub.ModelInfer(request, timeout=10)
-            (output,) = response.outputs
-            assert list(output.shape) == [3, 10]
-            assert not np.frombuffer(response.raw_output_contents[0], dtype=np.float32).any()
-            bad = pb.ModelInferRequest(model_name="lenet5")
-            bad.inputs.add(name=spec.name, datatype="UINT8", shape=[1, 5, 5])
-            bad.raw_input_contents.append(bytes(25))
-            with pytest.raises(grpc.RpcError) as refused:
-                stub.ModelInfer(bad, timeout=10)
-            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            with pytest.raises(grpc.RpcError) as missing:
-                stub.ModelInfer(pb.ModelInferRequest(model_name="nope"), timeout=10)
-            assert missing.value.code() is grpc.StatusCode.NOT_FOUND
-    finally:
-        server.stop()
-    assert server.process.returncode == 0
 
 
 def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
@@ -76,7 +41,8 @@ def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
     assert code == 0
     report = json.loads(json_path.read_text())
     targets = {(p["target"], p["concurrency"]) for p in report["points"]}
-    assert targets == {(t, c) for t in ("noop", "kserve", "task") for c in (1, 2)}
+    expected_targets = {(t, c) for t in bench_suite.TARGETS for c in (1, 2)} | {(bench_suite.QUIET, 2)}
+    assert targets == expected_targets
     assert all(p["requests"] > 0 and p["errors"] == {} for p in report["points"])
     assert report["server"]["cold_start_seconds"] > 0 and report["server"]["rss_peak_mb"] > 0
     assert report["server"]["providers"]["lenet5"] == "CPUExecutionProvider"
@@ -85,36 +51,57 @@ def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
     rates = {int(k): v for k, v in compute["images_per_second"].items()}
     assert set(rates) == set(bench_suite.SUITE_BATCH_SIZES)
     assert facts["compute_limit"] == pytest.approx(max(rates.values()))
-    for row in facts["rows"]:
-        noop = next(
-            r for r in facts["rows"] if r["target"] == "noop" and r["concurrency"] == row["concurrency"]
-        )
+
+    def row(target: str, concurrency: int) -> dict:
+        return next(r for r in facts["rows"] if r["target"] == target and r["concurrency"] == concurrency)
+
+    for r in facts["rows"]:
+        noop = row("noop-http" if r["target"].endswith("http") else "noop", r["concurrency"])
         expected = bench_suite.limit(noop["requests_per_second"]["median"], facts["compute_limit"])
-        assert row["limit"] == pytest.approx(expected)
-        if row["target"] != "noop":
-            fraction = row["fraction_of_limit"]["median"]
-            assert fraction == pytest.approx(row["requests_per_second"]["median"] / expected)
-    assert set(facts["goals"]) == {"kserve", "task"}
+        assert r["limit"] == pytest.approx(expected)
+        fraction = r["requests_per_second"]["median"] / expected
+        assert r["fraction_of_limit"]["median"] == pytest.approx(fraction)
+        if r["target"] in bench_suite.REFERENCES:  # convserve's APIs, against their naive server
+            naive = row(bench_suite.REFERENCES[r["target"]][1], r["concurrency"])
+            ratio = r["requests_per_second"]["median"] / naive["requests_per_second"]["median"]
+            assert r["fraction_of_naive"]["median"] == pytest.approx(ratio)
+        else:
+            assert r["fraction_of_naive"] is None
+        assert 0 < r["server_cores"] < 2
     # The server's CPU per request, and convserve's onnxruntime runs during each of its points.
     assert all(p["server_cpu_us_per_request"] > 0 for p in report["points"])
     for point in report["points"]:
         runs = point["onnxruntime"]
-        if point["target"] == "noop":
+        if point["target"] in ("noop", "naive", "noop-http", "naive-http"):
             assert runs is None
         else:  # the runs' count spans warm-up and drain too, so at least the window's images
             assert runs["images"] >= point["images"] and runs["runs"] >= 1 and runs["compute_ns"] > 0
-    for api, cost in facts["server_cpu"].items():
-        row = next(r for r in facts["rows"] if r["target"] == api and r["concurrency"] == 2)
-        assert cost["server_us"] == pytest.approx(row["server_cpu_us_per_request"])
-        assert cost["onnxruntime_us"] == pytest.approx(row["onnxruntime_us_per_image"])
+    costs = facts["server_cpu"]["2"]
+    assert set(costs) == set(bench_suite.CONVSERVE_APIS)
+    for api, cost in costs.items():
+        ours, (noop_name, naive_name) = row(api, 2), bench_suite.REFERENCES[api]
+        assert cost["server_us"] == pytest.approx(ours["server_cpu_us_per_request"])
+        assert cost["transport_us"] == pytest.approx(row(noop_name, 2)["server_cpu_us_per_request"])
+        assert cost["onnxruntime_us"] == pytest.approx(ours["onnxruntime_us_per_image"])
         own = cost["server_us"] - cost["transport_us"] - cost["onnxruntime_us"]
         assert cost["convserve_us"] == pytest.approx(own)
-        assert cost["onnxruntime_in_process_best_us"] == pytest.approx(1e6 / facts["compute_limit"])
+        assert cost["naive_us"] == pytest.approx(row(naive_name, 2)["server_cpu_us_per_request"])
         assert cost["mean_batch"] >= 1
+    goals = {(g["goal"], g["api"]) for g in facts["goals"]}
+    assert ("throughput at concurrency 2, x naive", "task") in goals
+    assert ("access log cost at concurrency 2", "kserve") in goals
+    assert ("convserve's own CPU per request at concurrency 2, µs", "kserve") in goals
+    perf = report["perf_analyzer"]  # the dev extra ships it; make system-deps adds its library
+    assert [(p["model"], p["concurrency"]) for p in perf] == [("lenet5", 1), ("lenet5", 2)], report[
+        "perf_analyzer_note"
+    ]
+    assert all(p["infer_per_second"] > 0 and 0 < p["p50_ms"] <= p["p99_ms"] for p in perf)
     table = markdown_path.read_text()
     assert table == out
-    assert "no-op KServe v2 server (transport limit T)" in table
-    assert "Where one request's server CPU goes at concurrency 2" in table
+    assert "perf_analyzer against convserve, KServe v2 gRPC" in table
+    assert "naive onnxruntime server, HTTP (reference)" in table
+    assert "convserve, KServe v2 gRPC, access log off" in table
+    assert "Where one request's server CPU goes" in table
     assert "| cold start to SERVING |" in table
 
 

@@ -354,16 +354,34 @@ def test_timing_gets_the_queue_and_run_seconds_of_its_request(inline: bool) -> N
     async def main() -> None:
         batcher = DynamicBatcher(model, BatchingOptions(inline=inline))
         first = asyncio.create_task(batcher.submit(rows(1), timing=timings[0]))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.01)  # the first run has started (inline: it held the loop and is over)
         await asyncio.gather(first, batcher.submit(rows(2), timing=timings[1]))
         await batcher.close()
 
     asyncio.run(main())
     assert all(t.infer >= 0.03 for t in timings)
-    if inline:  # each runs at once, on the loop, in its own call
-        assert [t.queue for t in timings] == [0.0, 0.0]
+    assert timings[0].queue < 0.01
+    if inline:  # the second arrived after the first run had given the loop back
+        assert timings[1].queue < 0.01
     else:
-        assert timings[1].queue > 0.02, "the second waited for the first run"
+        assert timings[1].queue > 0.015, "the second waited for the first run"
+
+
+@pytest.mark.parametrize("inline", [False, True])
+def test_requests_that_arrived_together_share_a_run_without_a_delay_timer(inline: bool) -> None:
+    model = Model()
+    reports: list[RunReport] = []
+
+    async def main() -> None:
+        batcher = DynamicBatcher(
+            model, BatchingOptions(max_queue_delay=0.0, inline=inline), on_run=reports.append
+        )
+        await asyncio.gather(*(batcher.submit(rows(i)) for i in range(5)))
+        await batcher.submit(rows(9))  # alone: its own run, at once
+        await batcher.close()
+
+    asyncio.run(main())
+    assert [(r.rows, r.requests) for r in reports] == [(5, 5), (1, 1)]
 
 
 def test_queue_delay_gathers_requests_that_arrive_apart() -> None:
@@ -467,7 +485,7 @@ def test_failed_runs_are_not_reported_as_inferences() -> None:
     assert [r.rows for r in reports] == [1]
 
 
-def test_inline_request_alone_runs_at_once_with_the_queues_checks_and_reports() -> None:
+def test_inline_runs_keep_the_queues_checks_and_reports() -> None:
     model = Model(poison=7)
     runs: list[RunReport] = []
     waits: list[float] = []
@@ -481,17 +499,16 @@ def test_inline_request_alone_runs_at_once_with_the_queues_checks_and_reports() 
         )
         doubled, _ = await batcher.submit(rows(1, 2))
         np.testing.assert_array_equal(doubled, [[2, 2], [4, 4]])
-        assert not batcher._workers, "a request alone needs no worker"
         loop = asyncio.get_running_loop()
         with pytest.raises(DeadlineExceeded):
             await batcher.submit(rows(3), deadline=loop.time() - 1)
         with pytest.raises(RuntimeError, match="poisoned"):
             await batcher.submit(rows(7))
-        split = await batcher.submit(rows(*range(6)))  # more rows than a run takes: queued and split
+        split = await batcher.submit(rows(*range(6)))  # more rows than a run takes: split
         np.testing.assert_array_equal(split[1], [2 * v for v in range(6)])
         await batcher.close()
 
     asyncio.run(main())
     assert [len(run) for run in model.runs] == [2, 1, 4, 2]
     assert [(r.rows, r.requests) for r in runs] == [(2, 1), (4, 1), (2, 1)]  # the failed run is not reported
-    assert waits[:2] == [0.0, 0.0] and len(waits) == 3
+    assert len(waits) == 3 and all(w < 0.01 for w in waits)  # the expired request never left the queue

@@ -107,11 +107,18 @@ def test_unknown_models_are_counted_under_one_label(server, client: VisionClient
     )
 
 
-def test_access_log_is_json_with_request_id(server, client: VisionClient) -> None:
-    client.classify([png_bytes(draw_digit("0"))])
+def _classify_lines(server) -> list[dict]:
     lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-    rpcs = [e for e in lines if e.get("message") == "rpc" and e.get("method", "").endswith("/Classify")]
-    assert rpcs
+    return [e for e in lines if e.get("message") == "rpc" and e.get("method", "").endswith("/Classify")]
+
+
+def test_access_log_is_json_with_request_id(server, client: VisionClient) -> None:
+    before = len(_classify_lines(server))
+    client.classify([png_bytes(draw_digit("0"))])
+    deadline = time.monotonic() + 5  # access lines are written in blocks, within 0.1 s
+    while len(rpcs := _classify_lines(server)) == before:
+        assert time.monotonic() < deadline, "the call's access log line never came"
+        time.sleep(0.05)
     entry = rpcs[-1]
     assert len(entry["request_id"]) == 32
     assert entry["model"] == "lenet5"

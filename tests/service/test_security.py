@@ -14,6 +14,7 @@ import secrets
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -388,8 +389,10 @@ def test_tokens_never_reach_the_log(token_server: RunningServer) -> None:
     assert _http(token_server.http_url + "/v2/models/lenet5", WRONG_TOKEN)[0] == 401
     with VisionClient(token_server.target, timeout=TIMEOUT, token=WRONG_TOKEN) as client:
         assert _code(lambda: client.list_models()) is grpc.StatusCode.UNAUTHENTICATED
-    log = token_server.log()
-    assert "UNAUTHENTICATED" in log and "PERMISSION_DENIED" in log  # refusals are logged...
+    deadline = time.monotonic() + 5  # access lines are written in blocks, within 0.1 s
+    while not ("UNAUTHENTICATED" in (log := token_server.log()) and "PERMISSION_DENIED" in log):
+        assert time.monotonic() < deadline, "refusals are logged"
+        time.sleep(0.05)
     for secret in (USER_TOKEN, ADMIN_TOKEN, WRONG_TOKEN):
         assert secret not in log  # ... without the tokens
 

@@ -1,0 +1,1 @@
+"""Generated from protos/inference with grpc_tools.protoc; frozen with the reference servers."""
