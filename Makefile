@@ -45,7 +45,7 @@ help:
 	@echo "make serve    set up, train the default models if missing, serve on HTTP $(HTTP_PORT), gRPC $(GRPC_PORT), metrics $(METRICS_PORT)"
 	@echo "make test     set up and run the whole test suite"
 	@echo "make models   train and publish the default models at full quality (a new version each time)"
-	@echo "make bench    the performance suite: convserve vs transport and compute limits (bench-results/)"
+	@echo "make bench    the performance suite: convserve vs no-op and naive reference servers (bench-results/)"
 	@echo "make soak     100,000 calls at high concurrency on a fresh server: codes, throughput, p99, RSS (not in CI)"
 	@echo "make protos   regenerate service/_proto from protos/"
 	@echo "make lint     ruff, the import rules, the duplicate-code check, the docs site (mkdocs --strict)"
@@ -84,8 +84,9 @@ test: install system-deps
 	$(BIN)/python -m pytest
 
 # What the tests run besides the dev extra's tools: Debian's prometheus package (prometheus and
-# promtool, for tests/deploy) and libb64 (for perf_analyzer), installed when missing (as root, else
-# through sudo; Recommends left out), and kubectl.
+# promtool, for tests/deploy), libb64 (for perf_analyzer) and chromium (the web console's browser
+# tests drive it with Playwright), installed when missing (as root, else through sudo; Recommends
+# left out), and kubectl.
 .PHONY: system-deps
 system-deps:
 	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
@@ -101,6 +102,13 @@ system-deps:
 		$$sudo apt-get update -qq \
 		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			libb64-0d >/dev/null; \
+	fi
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		echo "installing Debian's chromium for tests/console"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq \
+		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium >/dev/null; \
 	fi
 	@command -v kubectl >/dev/null 2>&1 || { \
 		echo "kubectl is missing: tests/deploy renders deploy/k8s with kubectl kustomize" >&2; exit 1; }

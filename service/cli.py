@@ -39,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["disabled", "enabled", "admin"],
         help="model load/unload over the network (default: disabled; admin: admin tokens only)",
     )
+    serve.add_argument(
+        "--no-console",
+        dest="console",
+        action="store_false",
+        default=None,
+        help="do not serve the web console at / on the HTTP port (default: served)",
+    )
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default: INFO")
     serve.add_argument("--log-format", choices=["json", "text"], help="default: json")
 
@@ -194,6 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
         "providers": args.providers.split(",") if args.providers else None,
         "require_gpu": args.require_gpu,
         "repository_control": args.repository_control,
+        "console": args.console,
         "log_level": args.log_level,
         "log_format": args.log_format,
     }

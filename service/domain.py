@@ -81,6 +81,24 @@ class GenerateRequest:
     labels: Sequence[int] = ()
     seed: int | None = None
     grid: bool = False
+    latents: np.ndarray | None = None  # float32 (count, latent size): instead of the seed's draws
+
+    @property
+    def image_count(self) -> int:
+        """One image per latent vector given, else `count` (default 1)."""
+        if self.latents is not None:
+            return len(self.latents)
+        return 1 if self.count is None else self.count
+
+
+@dataclass(slots=True)
+class LatentRequest:
+    """The latent vectors a seed draws for a generator (what Generate with that seed would use)."""
+
+    model: str
+    version: str
+    seed: int | None = None
+    count: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +113,14 @@ class GenerateResult:
     seed: int
     images: list[GeneratedImage]
     grid_png: bytes = b""
+    model: str = ""
+    version: str = ""
+
+
+@dataclass(slots=True)
+class LatentResult:
+    seed: int
+    latents: np.ndarray  # float32 (count, latent size)
     model: str = ""
     version: str = ""
 
@@ -251,6 +277,20 @@ class ModelStatistics:
     compute_infer: Duration
     compute_output: Duration
     batches: list[tuple[int, Duration]]  # (batch size, compute_infer)
+
+
+@dataclass(frozen=True, slots=True)
+class RecentStatistics:
+    """One version's requests over the last `window_seconds` whole seconds."""
+
+    name: str
+    version: str
+    window_seconds: int
+    requests: int  # answered, successes and failures
+    failures: int
+    p50: float | None  # latency in seconds, over the successful requests; None without any
+    p99: float | None
+    per_second: list[int]  # requests answered in each second of the window, oldest first
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,7 +235,9 @@ class ConvserveServer:
             settings.repository_control,
         )
         await self._start_health_port()
-        app = build_app(plane, settings.max_message_bytes, policy, settings.max_json_bytes)
+        app = build_app(
+            plane, settings.max_message_bytes, policy, settings.max_json_bytes, console=settings.console
+        )
         await self._start_http(app, ssl_context)
         await self.repository.refresh()
         self._started = True

@@ -170,6 +170,11 @@ class Settings(BaseSettings):
         description="Deadline of a request whose client set none (gRPC: no deadline; HTTP: no `timeout` "
         "parameter), so queued work never waits forever; 0: no default deadline.",
     )
+    console: bool = Field(
+        default=True,
+        description="Serve the web console at / on the HTTP port (static files: it calls the public "
+        "HTTP API with the visitor's token); false: / and /console/ answer 404.",
+    )
     http_idle_timeout_seconds: float = Field(
         default=15.0,
         gt=0,

@@ -42,6 +42,27 @@ def trained_lenet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repository
 
 
+@pytest.fixture(scope="session")
+def trained_captioner(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A quick captioner (one epoch on small splits, about 30 s), trained once for the whole run:
+    its run folder under `run`, its repository under `models`."""
+    from training.train_captioner import run
+
+    root = tmp_path_factory.mktemp("captioner")
+    run(quick=True, epochs=1, run_dir=root / "run", repository=root / "models", progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_scenes_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository with a quick scenes-resnet (a few epochs), trained once for the whole run."""
+    from training.train_scenes_resnet import run
+
+    root = tmp_path_factory.mktemp("scenes")
+    run(quick=True, run_dir=root / "run", repository=root / "models", progress=False)
+    return root / "models"
+
+
 @pytest.fixture
 def model_repository(trained_lenet: Path, tmp_path: Path) -> Path:
     """A private copy of the trained repository, for tests that change it."""

@@ -35,11 +35,14 @@ from service.domain import (
     InferRequest,
     InferResult,
     InputSpec,
+    LatentRequest,
+    LatentResult,
     ModelConfig,
     ModelInfo,
     ModelMetadata,
     ModelStatistics,
     Parameters,
+    RecentStatistics,
     ServerMetadata,
     TensorMetadata,
     VersionInfo,
@@ -69,6 +72,7 @@ EXTENSIONS = [
 TASK_NOUNS: dict[type, str] = {
     ClassifyRequest: "classifier",
     GenerateRequest: "generator",
+    LatentRequest: "generator",
     CaptionRequest: "captioner",
     InferRequest: "KServe v2 model",
 }
@@ -133,14 +137,33 @@ class DataPlane:
         return await self._answer(request, timeout)
 
     async def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
-        count = 1 if request.count is None else request.count
+        count = request.image_count
+        if request.count is not None and request.count != count:
+            raise InvalidArgument(f"count is {request.count} but {count} latent vectors were given")
+        self._check_generator_request(request.model, count, request.seed)
+        return await self._answer(request, timeout)
+
+    def latents(self, request: LatentRequest) -> LatentResult:
+        """The latent vectors Generate would draw for a seed; no model runs, so the call is not
+        counted in the model's statistics."""
+        self._check_generator_request(request.model, request.count, request.seed)
+        served = self._resolve(request.model, request.version, inference=False)
+        task = served.model.tasks.get(LatentRequest)
+        if task is None:
+            kind = served.version.manifest.kind if served.version.manifest is not None else "model"
+            raise not_offered(served.name, kind, TASK_NOUNS[LatentRequest])
+        result: LatentResult = task(request).finish()
+        result.model, result.version = served.name, served.version.version
+        return result
+
+    def _check_generator_request(self, model: str, count: int | None, seed: int | None) -> None:
+        count = 1 if count is None else count
         limit = self._settings.max_generate_count
         if not 1 <= count <= limit:
             raise InvalidArgument(f"count must be 1..{limit}, got {count}")
-        if request.seed is not None and not 0 <= request.seed < 2**64:
-            raise InvalidArgument(f"seed must be 0..2**64-1, got {request.seed}")
-        _require_model(request.model, "dcgan")
-        return await self._answer(request, timeout)
+        if seed is not None and not 0 <= seed < 2**64:
+            raise InvalidArgument(f"seed must be 0..2**64-1, got {seed}")
+        _require_model(model, "dcgan")
 
     async def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:
         _require_model(request.model, "captioner")
@@ -267,6 +290,28 @@ class DataPlane:
             for v in e.newest_first()
             if v.stats is not None and (not version or v.version == version)
         ]
+
+    def recent_statistics(self) -> list[RecentStatistics]:
+        """Every loaded version's requests over the last minute (whole seconds): the live figures."""
+        rows = []
+        for entry in self._repository.entries():
+            for v in entry.newest_first():
+                if v.stats is None:
+                    continue
+                window = v.stats.recent.summary()
+                rows.append(
+                    RecentStatistics(
+                        name=v.model,
+                        version=v.version,
+                        window_seconds=window.seconds,
+                        requests=window.requests,
+                        failures=window.failures,
+                        p50=window.p50,
+                        p99=window.p99,
+                        per_second=window.per_second,
+                    )
+                )
+        return rows
 
     def _part(self, name: str, version: str) -> Served:
         """A model's part (e.g. `captioner.encoder`) by its name; NOT_FOUND for anything else."""

@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.codecs.cost import INLINE, Codec, Work
 from service.contract.manifest import GeneratorSpec, Manifest
-from service.domain import GeneratedImage, GenerateRequest, GenerateResult
+from service.domain import GeneratedImage, GenerateRequest, GenerateResult, LatentRequest, LatentResult
 from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession
 from service.errors import InvalidArgument
@@ -48,8 +48,9 @@ class GeneratorPipeline:
             raise ModelLoadError(f"the ONNX graph has no output {self.spec.output!r}")
         self._output_index = session.output_names.index(self.spec.output)
 
-    def plan(self, count: int, labels: list[int], seed: int) -> Plan:
-        """Latents first, then any random labels, from one PCG64 stream seeded by `seed`."""
+    def plan(self, count: int, labels: list[int], seed: int, latents: np.ndarray | None = None) -> Plan:
+        """Latents first, then any random labels, from one PCG64 stream seeded by `seed`; given
+        `latents` (count, latent_size) take the place of the drawn ones."""
         classes = len(self.labels)
         if len(labels) not in (0, 1, count):
             raise InvalidArgument(f"{len(labels)} labels for {count} images: give none, one or one per image")
@@ -60,12 +61,26 @@ class GeneratorPipeline:
             )
             raise InvalidArgument(f"label {shown} outside the classes 0..{classes - 1}")
         rng = np.random.Generator(np.random.PCG64(seed))
-        latents = rng.standard_normal((count, self.spec.latent_size), dtype=np.float32)
+        drawn = self._draw(rng, count)
+        if latents is None:
+            latents = drawn
+        elif latents.shape != drawn.shape:
+            raise InvalidArgument(
+                f"latents have shape {list(latents.shape)}; this model takes "
+                f"{count} x {self.spec.latent_size}"
+            )
         if not labels:
             chosen = rng.integers(0, classes, size=count, dtype=np.int64)
         else:
             chosen = np.resize(np.asarray(labels, dtype=np.int64), count)
         return Plan(seed, latents, chosen)
+
+    def latents(self, count: int, seed: int) -> np.ndarray:
+        """The latents `plan` draws for `seed`: float32 (count, latent_size)."""
+        return self._draw(np.random.Generator(np.random.PCG64(seed)), count)
+
+    def _draw(self, rng: np.random.Generator, count: int) -> np.ndarray:
+        return rng.standard_normal((count, self.spec.latent_size), dtype=np.float32)
 
     def check_feeds(self, feeds: dict[str, np.ndarray]) -> None:
         """One request's arrays (task API or KServe v2): finite latents, labels among the classes."""
@@ -129,6 +144,7 @@ class GeneratorKind:
             context.model, manifest, session, context, context.stats, check=pipeline.check_feeds
         )
         model.tasks[GenerateRequest] = lambda request: GenerateJob(request, pipeline, model.batcher)
+        model.tasks[LatentRequest] = lambda request: LatentJob(request, pipeline, model.batcher)
         return model
 
 
@@ -140,10 +156,10 @@ class GenerateJob:
     def __init__(
         self, request: GenerateRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher
     ) -> None:
-        count = 1 if request.count is None else request.count
+        count = request.image_count
         self._pipeline = pipeline
         self._grid = request.grid
-        self._plan = pipeline.plan(count, list(request.labels), _seed(request))
+        self._plan = pipeline.plan(count, list(request.labels), _seed(request), request.latents)
         self.rows = count
         self.batcher = batcher
         spec = pipeline.spec
@@ -170,6 +186,30 @@ class GenerateJob:
         return GenerateResult(seed=self._plan.seed, images=generated, grid_png=grid)
 
 
-def _seed(request: GenerateRequest) -> int:
+class LatentJob:
+    """The latents a seed draws: no rows for the batcher and no model run (the data plane only
+    calls `finish`)."""
+
+    rows = 0
+    prepare_work = INLINE
+    finish_work = INLINE
+
+    def __init__(self, request: LatentRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher) -> None:
+        self._pipeline = pipeline
+        self._count = 1 if request.count is None else request.count
+        self._seed = _seed(request)
+        self.batcher = batcher
+
+    def prepare(self) -> None:
+        """Nothing to decode."""
+
+    async def run(self, deadline: float | None, times: RequestTimes) -> None:
+        """Nothing to run."""
+
+    def finish(self) -> LatentResult:
+        return LatentResult(seed=self._seed, latents=self._pipeline.latents(self._count, self._seed))
+
+
+def _seed(request: GenerateRequest | LatentRequest) -> int:
     """The request's seed, or a fresh one (the response names it, so the images can be made again)."""
     return secrets.randbits(63) if request.seed is None else request.seed

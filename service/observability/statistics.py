@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from prometheus_client import Histogram
 
 from service.observability import metrics
+from service.observability.recent import RecentWindow
 
 
 @dataclass
@@ -72,6 +73,7 @@ class VersionStatistics:
         self._failed_alone = metrics.ISOLATED_FAILURES.labels(*labels, "input")
         self._failed_with_batch = metrics.ISOLATED_FAILURES.labels(*labels, "batch")
         self.pending = metrics.PENDING.labels(*labels)
+        self.recent = RecentWindow()  # the last minute, for the console's live figures
 
     def queued(self, seconds: float) -> None:
         """A request's first rows left the queue after `seconds` (the histogram; the KServe
@@ -99,6 +101,7 @@ class VersionStatistics:
     def answered(self, ok: bool, seconds: float, times: RequestTimes | None = None) -> None:
         """A request answered: a success commits all of its stage times at once, a failure only
         counts as one."""
+        self.recent.record(seconds, ok)
         if not ok:
             self.fail.add(seconds)
             return

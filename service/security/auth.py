@@ -52,6 +52,9 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # fullmatch: no trailing
 #: Methods (the last part of a gRPC method, or an HTTP route's method name) by access class.
 HEALTH_METHODS = frozenset({"ServerLive", "ServerReady", "ModelReady"})
 CONTROL_METHODS = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+#: The HTTP route name of the web console's static files: open to anyone (they hold no data; every
+#: call the page makes needs the token like any other client's).
+STATIC_METHOD = "ConsoleFile"
 _OPEN_GRPC_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
@@ -210,7 +213,7 @@ def http_middleware(policy: AuthPolicy) -> Callable[[web.Request, Handler], Awai
         method = route.split(".", 1)[0]
         if method in CONTROL_METHODS:
             check_not_cross_site(request)
-        if method:  # unknown routes answer 404 as before
+        if method and method != STATIC_METHOD:  # unknown routes answer 404 as before
             policy.check(method, request.headers.get("Authorization"), health=method in HEALTH_METHODS)
         return await handler(request)
 

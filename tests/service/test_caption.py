@@ -34,16 +34,6 @@ from service.observability import metrics
 SCENES = 16
 
 
-@pytest.fixture(scope="session")
-def trained_captioner(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A quick captioner (one epoch on small splits, about 30 s), trained once for the whole run."""
-    from training.train_captioner import run
-
-    root = tmp_path_factory.mktemp("captioner")
-    run(quick=True, epochs=1, run_dir=root / "run", repository=root / "models", progress=False)
-    return root
-
-
 @pytest.fixture(scope="module")
 def scenes() -> np.ndarray:
     """Held-out scenes, (N, 3, 64, 64) uint8, as the captioner was trained on."""

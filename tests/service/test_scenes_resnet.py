@@ -14,15 +14,14 @@ from PIL import Image
 
 from service.client import VisionClient
 from training.data.scenes import CLASS_LABELS, load_classification_split
-from training.train_scenes_resnet import run
 
 
 @pytest.fixture(scope="module")
-def scenes_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
-    root = tmp_path_factory.mktemp("scenes")
-    run(quick=True, run_dir=root / "run", repository=root / "models", progress=False)
-    server = start_server(root / "models", root / "server.log")
-    yield server, root / "models"
+def scenes_server(
+    trained_scenes_resnet: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningServer, Path]]:
+    server = start_server(trained_scenes_resnet, tmp_path_factory.mktemp("scenes") / "server.log")
+    yield server, trained_scenes_resnet
     server.stop()
 
 

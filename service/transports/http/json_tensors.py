@@ -212,3 +212,28 @@ def _numbers(data: Any, dtype: np.dtype, datatype: str, what: str) -> np.ndarray
         return np.asarray(given, dtype=dtype).ravel()
     except (TypeError, ValueError, OverflowError):
         raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
+
+
+def decode_latents(raw: bytes) -> np.ndarray:
+    """A generate body, `{"latents": [[z, ...], ...]}`, as float32 (count, latent size).
+
+    Kept here for the same reason as `decode_header`: a large body is parsed in another process.
+    Values must be JSON numbers; a value float32 cannot hold becomes infinite, which the
+    generator refuses with the others that are not finite.
+    """
+    body = parse_json(raw)
+    if not isinstance(body, dict) or set(body) != {"latents"}:
+        raise InvalidArgument('the body must be a JSON object with one key, "latents"')
+    rows = body["latents"]
+    problem = "latents must be a non-empty list of equally long lists of numbers, e.g. [[0.1, -1.2, ...]]"
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, list) for row in rows):
+        raise InvalidArgument(problem)
+    width = len(rows[0])
+    for row in rows:
+        if len(row) != width or not all(type(value) in (int, float) for value in row):
+            raise InvalidArgument(problem)
+    try:
+        with np.errstate(over="ignore"):
+            return np.asarray(rows, dtype=np.float32).reshape(len(rows), width)
+    except OverflowError:  # an integer beyond any float
+        raise InvalidArgument("latents hold a number too large for float32") from None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from aiohttp import ClientConnectionError, ClientPayloadError, web
 
 from service.codecs import tensors
@@ -31,18 +32,31 @@ from service.domain import (
     EncodedImage,
     GenerateRequest,
     InferResult,
+    LatentRequest,
+    ModelInfo,
 )
 from service.errors import Cancelled, InvalidArgument, ModelNotFound, clip, clip_message
-from service.security.auth import AuthPolicy, http_middleware
+from service.security.auth import STATIC_METHOD, AuthPolicy, http_middleware
+from service.transports.http.console import ConsoleFiles
 from service.transports.http.json_tensors import (
     BinaryOutputs,
     decode_header,
+    decode_latents,
     parameters,
     parse_json,
     whole_number,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: The console's static files (served without a token, outside the call observation).
+CONSOLE_FILE = STATIC_METHOD
+#: Reads the console polls every few seconds: not logged or counted when they succeed.
+POLLED = frozenset({"ListModels", "RecentStatistics"})
+#: Scripts, styles, images and calls from this server only; never inside another site's frame.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 #: What reading a request raises when its client went away.
 _CLIENT_GONE = (ConnectionError, ClientConnectionError, ClientPayloadError)
 #: The OpenAPI document of these routes, shipped in the package (a copy is checked in under docs/).
@@ -62,16 +76,18 @@ def build_app(
     max_body_bytes: int,
     policy: AuthPolicy | None = None,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+    console: bool = True,
 ) -> web.Application:
     """The routes; each is named after the gRPC method it shares, for metrics and the access log.
 
     `policy`: bearer-token rules (service/security/auth.py), applied inside the serving middleware so
     refusals (401/403) are logged and counted; none: open. Bodies are limited to `max_body_bytes`,
-    their JSON part to `max_json_bytes` (over either: 413).
+    their JSON part to `max_json_bytes` (over either: 413). `console`: serve the web console's
+    static files at / and /console/.
     """
     middlewares = [_serving_middleware, http_middleware(policy or AuthPolicy())]
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
-    app.on_response_prepare.append(_server_header)
+    app.on_response_prepare.append(_standard_headers)
     routes = Routes(plane, max_json_bytes)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
@@ -81,6 +97,9 @@ def build_app(
         ("GET", "/v2", routes.server_metadata, "ServerMetadata"),
         ("GET", "/v2/models/stats", routes.model_statistics, "ModelStatistics"),  # all; before {name}
         ("GET", "/openapi.json", routes.openapi, "OpenAPI"),
+        ("GET", "/v1/models", routes.list_models, "ListModels"),
+        ("GET", "/v1/models/recent", routes.recent_statistics, "RecentStatistics"),
+        ("GET", "/v1/latents", routes.latents, "Latents"),
         ("POST", "/v2/repository/index", routes.repository_index, "RepositoryIndex"),
         ("POST", "/v2/repository/models/{name}/load", routes.load, "RepositoryModelLoad"),
         ("POST", "/v2/repository/models/{name}/unload", routes.unload, "RepositoryModelUnload"),
@@ -96,21 +115,39 @@ def build_app(
             ("GET", base + "/stats", routes.model_statistics, "ModelStatistics"),
             ("POST", base + "/infer", routes.infer, "ModelInfer"),
         ]
+    if console:
+        files = ConsoleFiles()
+        table += [
+            ("GET", "/", files.index, CONSOLE_FILE),
+            ("GET", "/console/{file}", files.file, CONSOLE_FILE),
+        ]
     for number, (method, path, handler, name) in enumerate(table):
         app.router.add_route(method, path, handler, name=f"{name}.route{number}")  # names must be unique
     return app
 
 
-async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
-    """`Server: convserve`, not aiohttp's default naming the Python and aiohttp versions."""
-    response.headers["Server"] = "convserve"
+async def _standard_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer: `Server: convserve` (not aiohttp's default naming the Python and aiohttp
+    versions), and the content security policy and no MIME sniffing that the console relies on."""
+    headers = response.headers
+    headers["Server"] = "convserve"
+    headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    headers["X-Content-Type-Options"] = "nosniff"
+    headers["Referrer-Policy"] = "no-referrer"
 
 
 @web.middleware
 async def _serving_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Request id and the call observation (the error table, metrics, the access log), as on gRPC."""
+    """Request id and the call observation (the error table, metrics, the access log), as on gRPC.
+
+    The console's static files are not calls: they are answered without observation. The reads the
+    console polls are observed but, when they succeed, neither logged nor counted (as health probes
+    on gRPC); a refused or failed one is.
+    """
     route = request.match_info.route.name or ""
     method = route.split(".", 1)[0] or "unrouted"
+    if method == CONSOLE_FILE:
+        return await handler(request)
     call = CallInfo(
         request_id=new_request_id(request.headers.get(REQUEST_ID_KEY)), method=method, transport="http"
     )
@@ -131,6 +168,8 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
             response = _error(observer.failed(exc))
         if observer.ok and response.status >= 400:  # a route's own "not ready" answer
             observer.ended(grpc.StatusCode.UNAVAILABLE, "")
+        elif observer.ok and method in POLLED:
+            observer.quiet = True
     response.headers[REQUEST_ID_KEY] = call.request_id
     return response
 
@@ -251,9 +290,12 @@ class Routes:
         return _json({"model": found.model, "version": found.version, "predictions": predictions})
 
     async def generate(self, request: web.Request) -> web.Response:
-        """One PNG: ?model=dcgan&count=16&label=7&seed=1 (several images come as one grid)."""
+        """One PNG: ?model=dcgan&count=16&label=7&seed=1 (several images come as one grid); a JSON
+        body {"latents": [[...], ...]} gives the latent vectors instead of the seed (one image each)."""
         query = request.query
-        count = whole_number(query.get("count", "1"), "count")
+        latents = await self._latents_body(request)
+        count = whole_number(query["count"], "count") if "count" in query else None
+        images = count if count is not None else 1 if latents is None else len(latents)
         found = await self.plane.generate(
             GenerateRequest(
                 model=query.get("model", "dcgan"),
@@ -261,7 +303,8 @@ class Routes:
                 count=count,
                 labels=[whole_number(label, "label") for label in query.getall("label", [])],
                 seed=whole_number(query["seed"], "seed") if "seed" in query else None,
-                grid=count > 1,
+                grid=images > 1,
+                latents=latents,
             ),
             _timeout(request),
         )
@@ -304,6 +347,58 @@ class Routes:
             answer["regions"] = [[r.left, r.top, r.right, r.bottom] for r in found.regions[0]]
         return _json(answer)
 
+    async def list_models(self, request: web.Request) -> web.Response:
+        """Every model: kind, versions with state and execution provider, input spec, labels."""
+        return _json({"models": [_model_row(m) for m in self.plane.models()]})
+
+    async def recent_statistics(self, request: web.Request) -> web.Response:
+        """Each version's requests over the last minute: rate, failures, p50 and p99 latency."""
+        rows = [
+            {
+                "name": r.name,
+                "version": r.version,
+                "window_seconds": r.window_seconds,
+                "requests": r.requests,
+                "failures": r.failures,
+                "rate": round(r.requests / r.window_seconds, 3),
+                "p50_seconds": r.p50,
+                "p99_seconds": r.p99,
+                "per_second": r.per_second,
+            }
+            for r in self.plane.recent_statistics()
+        ]
+        return _json({"models": rows})
+
+    async def latents(self, request: web.Request) -> web.Response:
+        """The latent vectors a generator draws for a seed: ?model=dcgan&seed=5&count=1."""
+        query = request.query
+        found = self.plane.latents(
+            LatentRequest(
+                model=query.get("model", "dcgan"),
+                version=query.get("version", ""),
+                seed=whole_number(query["seed"], "seed") if "seed" in query else None,
+                count=whole_number(query["count"], "count") if "count" in query else None,
+            )
+        )
+        return _json(
+            {
+                "model": found.model,
+                "version": found.version,
+                "seed": found.seed,
+                "latents": found.latents.tolist(),
+            }
+        )
+
+    async def _latents_body(self, request: web.Request) -> np.ndarray | None:
+        """A generate request's latent vectors, from its JSON body; None without a body."""
+        if not request.can_read_body:
+            return None
+        raw = await request.read()
+        if not raw.strip():
+            return None
+        _json_end(raw, None, self.max_json_bytes)
+        return await self.plane.offload(Work(Codec.JSON, len(raw)), partial(decode_latents, raw))
+
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         """The request's JSON object body; {} without a body."""
         if not request.can_read_body:
@@ -316,6 +411,29 @@ class Routes:
         if not isinstance(body, dict):
             raise InvalidArgument("request body must be a JSON object")
         return body
+
+
+def _model_row(model: ModelInfo) -> dict[str, Any]:
+    """A model as ListModels answers it; states in capitals, as the gRPC API and the CLI name them."""
+    spec = model.input
+    return {
+        "name": model.name,
+        "kind": model.kind,
+        "versions": [
+            {"version": v.version, "state": v.state.upper(), "reason": v.reason, "provider": v.provider}
+            for v in model.versions
+        ],
+        "input": None
+        if spec is None
+        else {
+            "name": spec.name,
+            "height": spec.height,
+            "width": spec.width,
+            "channels": spec.channels,
+            "color_mode": spec.color_mode,
+        },
+        "labels": model.labels,
+    }
 
 
 def _index_row(name: str, version: str, state: str, reason: str) -> dict[str, str]:
