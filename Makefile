@@ -33,9 +33,11 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(ALL_EXTRAS))
 SERVE_ARGS ?=
 
 # Models `make serve` trains before serving (fast), and models it trains in the background while
-# the first ones are already served (the server picks them up when they are published).
+# the first ones are already served (the server picks them up when they are published), TRAIN_JOBS
+# at a time (one process and torch thread each).
 FOREGROUND_MODELS ?= lenet5
-BACKGROUND_MODELS ?= scenes-resnet dcgan captioner
+BACKGROUND_MODELS ?= scenes-resnet dcgan captioner captioner-butd
+TRAIN_JOBS ?= 2
 
 .PHONY: help install serve test models bench protos lint format clean container-test
 
@@ -69,14 +71,14 @@ serve: install
 	@if [ -n "$(strip $(BACKGROUND_MODELS))" ]; then \
 		mkdir -p runs; \
 		echo "training $(BACKGROUND_MODELS) in the background (log: runs/background.log)"; \
-		$(BIN)/convserve-train all --missing --no-progress --only $(BACKGROUND_MODELS) \
+		$(BIN)/convserve-train all --missing --no-progress --only $(BACKGROUND_MODELS) --jobs $(TRAIN_JOBS) \
 			--repository $(MODELS) > runs/background.log 2>&1 & \
 	fi
 	$(BIN)/convserve serve --model-repository $(MODELS) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--metrics-port $(METRICS_PORT) $(SERVE_ARGS)
 
 models: install
-	$(BIN)/convserve-train all --repository $(MODELS)
+	$(BIN)/convserve-train all --jobs $(TRAIN_JOBS) --repository $(MODELS)
 
 test: install system-deps
 	$(BIN)/python -m pytest

@@ -276,16 +276,25 @@ def _caption(client: VisionClient, args: argparse.Namespace) -> int:
 
         best = captions[0]
         maps = [np.asarray(a.weights, np.float32).reshape(a.rows, a.columns) for a in best.attention]
-        args.attention.write_bytes(attention_png(args.image.read_bytes(), list(best.words), maps))
+        regions = [(r.left, r.top, r.right, r.bottom) for r in response.results[0].regions] or None
+        args.attention.write_bytes(attention_png(args.image.read_bytes(), list(best.words), maps, regions))
     if args.json:
         record = {"image": str(args.image), "model": response.model, "version": response.version}
-        rows = [{"text": c.text, "words": list(c.words), "log_prob": round(c.log_prob, 6)} for c in captions]
+        rows = [
+            {
+                "text": c.text,
+                "words": list(c.words),
+                "log_prob": round(c.log_prob, 6),
+                "mean_log_prob": round(c.mean_log_prob, 6),
+            }
+            for c in captions
+        ]
         if args.attention is not None:
             record["attention"] = str(args.attention)
         print(json.dumps({**record, "captions": rows}))
     else:
         for c in captions:
-            print(f"{c.text}    ({c.log_prob:.3f})")
+            print(f"{c.text}    ({c.log_prob:.3f}, {c.mean_log_prob:.3f} per token)")
         if args.attention is not None:
             print(f"attention: {args.attention}")
     return 0

@@ -138,7 +138,7 @@ class CaptionRequest:
 
 @dataclass(frozen=True, slots=True)
 class AttentionMap:
-    """One word's attention over the encoder's grid, row by row."""
+    """One word's attention over the encoder's grid, row by row; over regions: regions x 1."""
 
     rows: int
     columns: int
@@ -151,12 +151,24 @@ class Caption:
     words: list[str]
     tokens: list[int]
     log_prob: float
+    mean_log_prob: float  # log_prob per token (the words and <end>): low means "not recognised"
     attention: list[AttentionMap]  # one per word, when asked for
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A part of the image that a region captioner attends over, in fractions of width and height."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
 
 
 @dataclass(slots=True)
 class CaptionResult:
     results: list[list[Caption]]  # per image, best first
+    regions: list[list[Region]] = field(default_factory=list)  # per image; empty lists over a grid
     model: str = ""
     version: str = ""
 

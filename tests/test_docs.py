@@ -206,6 +206,7 @@ def test_the_working_folder_is_the_repository_with_models(workdir: Path) -> None
     assert (workdir / "examples" / "scene.png").is_file() and (workdir / "Makefile").is_file()
     assert sorted(p.name for p in (workdir / "models").iterdir()) == [
         "captioner",
+        "captioner-butd",
         "dcgan",
         "lenet5",
         "scenes-resnet",

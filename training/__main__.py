@@ -2,19 +2,22 @@
 
 Each family's trainer owns its flags (`add_arguments`) and its entry point (`run_from_args`);
 this module only routes to them, so adding a family (gan, scenes-resnet, captioner) is one
-entry in TRAINERS and, if it belongs to the default set, one in DEFAULT_MODELS.
+entry in TRAINERS and, if it belongs to the default set, one in DEFAULT_MODELS. `all --jobs N`
+trains N models at a time, each in a process of its own with one torch thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from service.contract.manifest import CONFIG_FILE
-from training import train_captioner, train_classifier, train_gan, train_scenes_resnet
+from training import train_butd, train_captioner, train_classifier, train_gan, train_scenes_resnet
 from training.export import published_versions
 from training.runs import CHECKPOINT_FILE
 
@@ -55,6 +58,11 @@ TRAINERS: dict[str, Trainer] = {
         add_arguments=train_captioner.add_arguments,
         run_from_args=train_captioner.run_from_args,
     ),
+    "captioner-butd": Trainer(
+        help="a bottom-up top-down captioner (region detector, two-LSTM decoder) on generated scenes",
+        add_arguments=train_butd.add_arguments,
+        run_from_args=train_butd.run_from_args,
+    ),
 }
 
 
@@ -70,6 +78,7 @@ DEFAULT_MODELS: list[DefaultModel] = [
     DefaultModel(name=train_scenes_resnet.MODEL_NAME, train=train_scenes_resnet.run),  # minutes
     DefaultModel(name=train_gan.MODEL_NAME, train=train_dcgan),  # a quarter of an hour
     DefaultModel(name=train_captioner.MODEL_NAME, train=train_captioner.run),  # a quarter of an hour
+    DefaultModel(name=train_butd.MODEL_NAME, train=train_butd.run),
 ]
 
 
@@ -89,19 +98,37 @@ def run_all(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.jobs < 1:
+        print(f"convserve-train all: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
+    chosen = []
     for model in DEFAULT_MODELS:
         if args.only and model.name not in args.only:
             continue
         if args.missing and has_published_version(args.repository, model.name):
             print(f"{model.name}: already published in {args.repository}, skipped")
             continue
-        model.train(
-            seed=args.seed,
-            run_dir=args.runs / model.name,
-            repository=args.repository,
-            quick=args.quick,
-            progress=not args.no_progress,
-        )
+        chosen.append(model)
+    options = {
+        "seed": args.seed,
+        "repository": args.repository,
+        "quick": args.quick,
+        "progress": not args.no_progress
+        and args.jobs == 1,  # bars of parallel runs would overwrite each other
+    }
+    first = [m for m in chosen if args.jobs == 1 or m.name == train_classifier.MODEL_NAME]
+    for model in first:  # lenet5 judges the DCGAN: it is trained before the others start
+        model.train(run_dir=args.runs / model.name, **options)
+    rest = [m for m in chosen if m not in first]
+    if not rest:
+        return 0
+    # In DEFAULT_MODELS order, each as soon as a process is free. "spawn": a forked copy of a
+    # process that has torch's thread pools can hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+        futures = [pool.submit(model.train, run_dir=args.runs / model.name, **options) for model in rest]
+        for future in futures:
+            future.result()
     return 0
 
 
@@ -132,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     every.add_argument("--quick", action="store_true", help="a few epochs only, for tests (default: off)")
     every.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     every.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: off)")
+    every.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="models trained at a time, one process and thread each (default: 1)",
+    )
     every.set_defaults(handler=run_all)
     return parser
 

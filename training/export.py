@@ -43,7 +43,8 @@ from training.data.digits import DATA_DESCRIPTION, load_digit_splits
 from training.data.scenes import CLASS_LABELS as SCENE_CLASS_LABELS
 from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
 from training.data.scenes import load_classification_split
-from training.export_captioner import captioner_stage, load_captioner
+from training.export_captioner import CaptionModel, captioner_stage, load_captioner
+from training.models.butd import BottomUpTopDown
 from training.models.captioner import Captioner
 from training.models.dcgan import DCGANConfig, Generator, Uint8Generator
 from training.models.lenet import LeNet5, LeNetConfig
@@ -81,19 +82,19 @@ class ExportResult:
         }
 
 
-def load_checkpoint(path: Path) -> tuple[LeNet5 | ResNet | Generator | Captioner, dict]:
+def load_checkpoint(path: Path) -> tuple[LeNet5 | ResNet | Generator | CaptionModel, dict]:
     """Rebuild the model a checkpoint describes; returns (model in eval mode, checkpoint dict).
 
     A "lenet5" checkpoint gives a LeNet5, "scenes-resnet" a ResNet, "dcgan" its Generator,
-    "captioner" the Captioner.
+    "captioner" the Captioner, "captioner-butd" the BottomUpTopDown captioner.
     """
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     kind = checkpoint.get("model")
     if kind == "lenet5":
-        model: LeNet5 | ResNet | Generator | Captioner = LeNet5(LeNetConfig(**checkpoint["config"]))
+        model: LeNet5 | ResNet | Generator | CaptionModel = LeNet5(LeNetConfig(**checkpoint["config"]))
     elif kind == "scenes-resnet":
         model = ResNet(ResNetConfig(**checkpoint["config"]))
-    elif kind == "captioner":
+    elif kind in ("captioner", "captioner-butd"):
         return load_captioner(checkpoint), checkpoint
     elif kind == "dcgan":
         model = Generator(DCGANConfig(**checkpoint["config"]))
@@ -246,7 +247,11 @@ def _scenes_manifest(checkpoint: dict, config: ResNetConfig, parity: float) -> M
         adaptation=ResizeAdaptation(),
         labels=list(SCENE_CLASS_LABELS),
         metrics={
-            "test_accuracy": float(checkpoint["metrics"]["test_accuracy"]),
+            **{
+                name: float(checkpoint["metrics"][name])
+                for name in ("test_accuracy", "style_shift_accuracy")
+                if name in checkpoint["metrics"]
+            },
             "parity_max_abs_diff": parity,
         },
         provenance=provenance(checkpoint, "train_scenes_resnet", SCENES_DESCRIPTION),
@@ -278,7 +283,7 @@ def export_checkpoint(
     PARITY_TOLERANCE (logits, captioner outputs) or GENERATOR_PARITY_LEVELS (uint8 pixels).
     """
     model, checkpoint = load_checkpoint(Path(checkpoint_path))
-    if isinstance(model, Captioner):
+    if isinstance(model, Captioner | BottomUpTopDown):
         stage = captioner_stage(model, checkpoint, PARITY_TOLERANCE if tolerance is None else tolerance)
     elif isinstance(model, Generator):
         stage = _generator_stage(

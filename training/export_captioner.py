@@ -1,9 +1,12 @@
 """Captioner checkpoint -> encoder.onnx + decoder.onnx -> parity checks -> publish.
 
-The captioner is served as two graphs so that the server can run the encoder once per image
+A captioner is served as two graphs so that the server can run the encoder once per image
 and batch single decoder steps across every caption in flight. Parity is checked per graph
 (random and real inputs, batch 1 and 64) and end to end: greedy captions decoded with the two
 ONNX graphs must equal those decoded in torch, word for word.
+
+Both captioners export this way: `captioner` (show, attend and tell) attends over a grid;
+`captioner-butd` (bottom-up top-down) over regions, whose boxes its encoder graph also outputs.
 """
 
 from __future__ import annotations
@@ -18,10 +21,17 @@ import torch
 from torch import nn
 
 from service.contract.manifest import CaptionerSpec, InputSpec, Manifest, ResizeAdaptation
-from service.contract.tensor_names import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
-from training.caption_decoding import greedy_decode
+from service.contract.tensor_names import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    REGION_BOXES,
+)
+from training.caption_decoding import CaptionModel, greedy_decode, repeat_mask
 from training.data.scenes import DATA_DESCRIPTION as SCENES_DESCRIPTION
 from training.data.scenes import load_scene_split
+from training.models.butd import BottomUpTopDown, BottomUpTopDownConfig
 from training.models.captioner import END, START, Captioner, CaptionerConfig, DecoderState
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
@@ -31,14 +41,23 @@ PARITY_BATCHES = (1, 64)
 GREEDY_PARITY_IMAGES = 64
 
 
-class EncoderGraph(nn.Module):
-    """image -> features, projected features, h0, c0: everything computed once per image."""
+def encoder_outputs(model: CaptionModel) -> tuple[str, ...]:
+    """The encoder graph's outputs: the region boxes too for a model that attends over regions."""
+    return (*ENCODER_OUTPUTS, REGION_BOXES) if isinstance(model, BottomUpTopDown) else ENCODER_OUTPUTS
 
-    def __init__(self, model: Captioner) -> None:
+
+class EncoderGraph(nn.Module):
+    """image -> features, projected features, h0, c0 (and region boxes): all that is once per image."""
+
+    def __init__(self, model: CaptionModel) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if isinstance(self.model, BottomUpTopDown):
+            features, boxes = self.model.encoder.detect(image)
+            projected, state = self.model.decoder.prepare(features)
+            return features, projected, state.h, state.c, boxes
         features = self.model.encoder(image)
         projected, state = self.model.decoder.prepare(features)
         return features, projected, state.h, state.c
@@ -53,7 +72,7 @@ class DecoderGraph(nn.Module):
     the step itself on a CPU.
     """
 
-    def __init__(self, model: Captioner) -> None:
+    def __init__(self, model: CaptionModel) -> None:
         super().__init__()
         self.model = model
 
@@ -71,15 +90,17 @@ class DecoderGraph(nn.Module):
         return torch.log_softmax(logits, dim=1), state.h, state.c, alpha
 
 
-def example_inputs(config: CaptionerConfig, n: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def example_inputs(
+    config: CaptionerConfig | BottomUpTopDownConfig, n: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """An encoder input and decoder inputs of n images with two hypotheses each, as the graphs expect."""
-    cells = config.grid_size**2
+    cells = config.positions
     image = torch.zeros(n, 3, config.image_size, config.image_size, dtype=torch.uint8)
     rows = 2 * n  # more hypotheses than images, so the two batch axes are traced apart
     step = (
         torch.full((rows,), START, dtype=torch.int64),
-        torch.zeros(rows, config.hidden_dim),
-        torch.zeros(rows, config.hidden_dim),
+        torch.zeros(rows, config.state_dim),
+        torch.zeros(rows, config.state_dim),
         torch.zeros(n, cells, config.feature_dim),
         torch.zeros(n, cells, config.attention_dim),
         torch.arange(n, dtype=torch.int64).repeat_interleave(2),
@@ -87,7 +108,7 @@ def example_inputs(config: CaptionerConfig, n: int) -> tuple[torch.Tensor, tuple
     return image, step
 
 
-def export_graphs(model: Captioner, directory: Path) -> None:
+def export_graphs(model: CaptionModel, directory: Path) -> None:
     """Write encoder.onnx and decoder.onnx with a dynamic batch axis on every input."""
     from training.export import OPSET  # the classifiers' opset, one place
 
@@ -102,7 +123,7 @@ def export_graphs(model: Captioner, directory: Path) -> None:
             (image,),
             str(directory / ENCODER_FILE),
             input_names=list(ENCODER_INPUTS),
-            output_names=list(ENCODER_OUTPUTS),
+            output_names=list(encoder_outputs(model)),
             dynamic_shapes={"image": {0: batch}},
             opset_version=OPSET,
             dynamo=True,
@@ -130,12 +151,12 @@ def export_graphs(model: Captioner, directory: Path) -> None:
         )
 
 
-def check_graphs(directory: Path) -> None:
+def check_graphs(directory: Path, model: CaptionModel) -> None:
     """Both files are valid ONNX with the expected names and a dynamic batch axis."""
     from training.export import ExportError
 
     for file, inputs, outputs in (
-        (ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS),
+        (ENCODER_FILE, ENCODER_INPUTS, encoder_outputs(model)),
         (DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS),
     ):
         path = directory / file
@@ -157,16 +178,18 @@ def check_graphs(directory: Path) -> None:
 class OnnxCaptioner:
     """The two exported graphs on onnxruntime, with the greedy decode the server's search starts from."""
 
-    def __init__(self, directory: Path, max_length: int) -> None:
+    def __init__(self, directory: Path, max_length: int, max_repeats: int | None = None) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         providers = ["CPUExecutionProvider"]
         self.encoder = ort.InferenceSession(str(directory / ENCODER_FILE), options, providers=providers)
         self.decoder = ort.InferenceSession(str(directory / DECODER_FILE), options, providers=providers)
         self.max_length = max_length
+        self.max_repeats = max_repeats
 
     def encode(self, images: np.ndarray) -> list[np.ndarray]:
-        return self.encoder.run(list(ENCODER_OUTPUTS), {"image": images})
+        """features, projected, h, c (and boxes, for a region model)."""
+        return self.encoder.run(None, {"image": images})
 
     def step(self, token: np.ndarray, *state_and_features: np.ndarray) -> list[np.ndarray]:
         """token, then h, c, features, projected, image_index, as the decoder graph takes them."""
@@ -174,13 +197,14 @@ class OnnxCaptioner:
         return self.decoder.run(list(DECODER_OUTPUTS), feeds)
 
     def greedy(self, images: np.ndarray) -> list[list[int]]:
-        features, projected, h, c = self.encode(images)
+        features, projected, h, c = self.encode(images)[:4]
         tokens = np.full(len(images), START, dtype=np.int64)
         one_each = np.arange(len(images), dtype=np.int64)  # one hypothesis per image
         captions: list[list[int]] = [[] for _ in images]
         done = np.zeros(len(images), dtype=bool)
         for _ in range(self.max_length):  # as greedy_decode: at most max_length words
             log_probs, h, c, _ = self.step(tokens, h, c, features, projected, one_each)
+            log_probs = log_probs + repeat_mask(captions, log_probs.shape[1], self.max_repeats).numpy()
             tokens = log_probs.argmax(axis=1).astype(np.int64)
             for i in np.flatnonzero(~done & (tokens != END)):
                 captions[i].append(int(tokens[i]))
@@ -190,10 +214,10 @@ class OnnxCaptioner:
         return captions
 
 
-def parity(model: Captioner, directory: Path) -> tuple[float, float]:
+def parity(model: CaptionModel, directory: Path) -> tuple[float, float]:
     """(max |onnxruntime - torch| over every output of both graphs, fraction of greedy captions equal)."""
     config = model.config
-    runtime = OnnxCaptioner(directory, config.max_length)
+    runtime = OnnxCaptioner(directory, config.max_length, config.max_repeats)
     real = load_scene_split("test", 0, GREEDY_PARITY_IMAGES).images
     rng = np.random.default_rng(0)
     worst = 0.0
@@ -204,7 +228,7 @@ def parity(model: Captioner, directory: Path) -> tuple[float, float]:
                 ours = runtime.encode(images)
                 theirs = EncoderGraph(model)(torch.tensor(images))
                 worst = max(worst, _max_diff(ours, theirs))
-                features, projected, h, c = ours
+                features, projected, h, c = ours[:4]
                 index = rng.integers(0, n, 3 * n).astype(np.int64)  # hypotheses in any order, any count
                 token = rng.integers(0, len(config.vocabulary), len(index)).astype(np.int64)
                 step_inputs = (token, h[index], c[index], features, projected, index)
@@ -224,17 +248,27 @@ def _max_diff(ours: list[np.ndarray], theirs: tuple[torch.Tensor, ...]) -> float
     return float("nan") if any(np.isnan(diffs)) else max(diffs)
 
 
-def build_manifest(checkpoint: dict, config: CaptionerConfig, worst: float) -> Manifest:
+def build_manifest(
+    checkpoint: dict, config: CaptionerConfig | BottomUpTopDownConfig, worst: float
+) -> Manifest:
     """The captioner's manifest: input adaptation, vocabulary, graphs and the evaluation results."""
     from training.export import provenance
 
+    if isinstance(config, BottomUpTopDownConfig):
+        what = (
+            "bottom-up top-down captioner (a detector's factored region features, two-LSTM decoder "
+            "with attention over the regions)"
+        )
+        positions: dict = {"regions": config.regions}
+        trainer = "train_butd"
+    else:
+        what = "show-attend-tell captioner (residual CNN encoder, LSTM decoder with soft attention)"
+        positions = {"grid": (config.grid_size, config.grid_size)}
+        trainer = "train_captioner"
     return Manifest(
         name=checkpoint["model"],
         kind="captioner",
-        description=(
-            "show-attend-tell captioner (residual CNN encoder, LSTM decoder with soft attention) "
-            "trained on generated scenes; " + checkpoint.get("selection", "")
-        ).strip("; "),
+        description=(f"{what} trained on generated scenes; " + checkpoint.get("selection", "")).strip("; "),
         input=InputSpec(
             name=ENCODER_INPUTS[0],
             channels=3,
@@ -251,27 +285,31 @@ def build_manifest(checkpoint: dict, config: CaptionerConfig, worst: float) -> M
             start_token=START,
             end_token=END,
             max_length=config.max_length,
-            grid=(config.grid_size, config.grid_size),
+            max_repeats=config.max_repeats,
+            **positions,
         ),
         metrics={**{k: float(v) for k, v in checkpoint["metrics"].items()}, "parity_max_abs_diff": worst},
-        provenance=provenance(checkpoint, "train_captioner", SCENES_DESCRIPTION),
+        provenance=provenance(checkpoint, trainer, SCENES_DESCRIPTION),
     )
 
 
-def load_captioner(checkpoint: dict) -> Captioner:
-    """The model a captioner checkpoint describes, in eval mode."""
-    model = Captioner(CaptionerConfig(**checkpoint["config"]))
+def load_captioner(checkpoint: dict) -> CaptionModel:
+    """The model a captioner or captioner-butd checkpoint describes, in eval mode."""
+    if checkpoint["model"] == "captioner-butd":
+        model: CaptionModel = BottomUpTopDown(BottomUpTopDownConfig(**checkpoint["config"]))
+    else:
+        model = Captioner(CaptionerConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()
 
 
-def captioner_stage(model: Captioner, checkpoint: dict, tolerance: float):
+def captioner_stage(model: CaptionModel, checkpoint: dict, tolerance: float):
     """The publishing stage (see training.export.publish): export, check, build the manifest."""
     from training.export import ExportError, check_parity
 
     def stage(staging: Path) -> tuple[Manifest, float]:
         export_graphs(model, staging)
-        check_graphs(staging)
+        check_graphs(staging, model)
         worst, same = parity(model, staging)
         check_parity(checkpoint["model"], worst, tolerance)
         print(f"{checkpoint['model']}: greedy captions equal in torch and onnxruntime: {same:.1%}")

@@ -6,7 +6,8 @@ guess which object the caption will start from, and a first try that trained on 
 said "left" or "right" at chance. Evaluation scores against every reference.
 
 The checkpoint kept is the one with the best semantic accuracy of greedy captions on the
-validation split; the test splits are only used once, for the final table.
+validation split; the test splits are only used once, for the final table. A caption is at most as
+long as the grammar's longest sentence and says no word more often than the grammar ever does.
 """
 
 from __future__ import annotations
@@ -21,23 +22,33 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from training.arguments import add_training_arguments, run_arguments
-from training.caption_decoding import beam_search, greedy_decode, words
+from training.caption_decoding import CaptionModel, beam_search, greedy_decode, words
 from training.caption_metrics import bleu, cider_d, tokenize
-from training.data.scenes import SceneSplit, load_scene_split, parse_caption
+from training.data.scenes import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    TEST_SPLITS,
+    SceneSplit,
+    grammar_limits,
+    load_scene_split,
+    parse_caption,
+)
 from training.models.captioner import END, PAD, SPECIAL_TOKENS, START, UNKNOWN, Captioner, CaptionerConfig
 from training.runs import CURVES_FILE, finish_run, start_run
 
 MODEL_NAME = "captioner"
-DEFAULT_EPOCHS = 8
+DEFAULT_EPOCHS = 12
 QUICK_EPOCHS = 2
-QUICK_SIZES = {"train": 600, "validation": 100, "test": 100, "compositional": 100}
+QUICK_SIZES = {"train": 600, "validation": 100, "test": 100, "compositional": 100, "style-shift": 100}
 DATA_SEED = 0  # the scenes do not change with the training seed, so results compare across seeds
 VALIDATION_IMAGES = 500  # greedy-decoded after every epoch to choose the checkpoint
-BEAM_SIZES = (1, 3, 5)  # 1 is greedy
+BEAM_SIZES = (1, 3)  # 1 is greedy
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class Hyperparameters:
     lr: float = 2e-3
     attention_penalty: float = 0.02  # lambda of the doubly stochastic attention regulariser
     clip_norm: float = 5.0
+    objects_weight: float = 1.0  # of the auxiliary per-cell object loss (see models/captioner.py)
 
 
 def build_vocabulary(captions: tuple[tuple[str, ...], ...]) -> list[str]:
@@ -78,6 +90,44 @@ def caption_loss(
     return ce, penalty * ((1.0 - coverage) ** 2).sum(dim=1).mean()
 
 
+@dataclass(frozen=True)
+class ObjectTargets:
+    """What the auxiliary head should say about each grid cell (row-major, as the features)."""
+
+    centre: torch.Tensor  # (N, L) 1.0 where an object's centre falls, else 0.0
+    attributes: torch.Tensor  # (N, L, 3) colour, shape, size index at those cells, -1 elsewhere
+
+
+def object_targets(split: SceneSplit, config: CaptionerConfig) -> ObjectTargets:
+    """The auxiliary head's targets, from the objects and boxes the generator drew."""
+    n, grid = len(split.images), config.grid_size
+    cell = config.image_size / grid
+    centre = torch.zeros(n, grid * grid)
+    attributes = torch.full((n, grid * grid, 3), -1, dtype=torch.long)
+    for i, (layout, boxes) in enumerate(zip(split.layouts, split.boxes, strict=True)):
+        for obj, (x0, y0, x1, y1) in zip(layout.objects, boxes, strict=True):
+            column = min(int((x0 + x1) / 2 / cell), grid - 1)
+            row = min(int((y0 + y1) / 2 / cell), grid - 1)
+            centre[i, row * grid + column] = 1.0
+            attributes[i, row * grid + column] = torch.tensor(
+                [list(COLOURS).index(obj.colour), SHAPES.index(obj.shape), list(SIZES).index(obj.size)]
+            )
+    return ObjectTargets(centre, attributes)
+
+
+def object_loss(logits: torch.Tensor, targets: ObjectTargets) -> torch.Tensor:
+    """(N, L, 10) head outputs: binary cross-entropy on object centres, cross-entropy on attributes."""
+    loss = F.binary_cross_entropy_with_logits(logits[..., 0], targets.centre)
+    start = 1
+    for k, width in enumerate((len(COLOURS), len(SHAPES), len(SIZES))):
+        part = logits[..., start : start + width]
+        loss = loss + F.cross_entropy(
+            part.reshape(-1, width), targets.attributes[..., k].reshape(-1), ignore_index=-1
+        )
+        start += width
+    return loss
+
+
 def train_epoch(
     model: Captioner,
     optimizer: torch.optim.Optimizer,
@@ -87,8 +137,10 @@ def train_epoch(
     hp: Hyperparameters,
     generator: torch.Generator,
     bar: tqdm | None = None,
+    objects: ObjectTargets | None = None,
 ) -> float:
-    """One epoch of teacher forcing over shuffled batches; returns the mean cross-entropy."""
+    """One epoch of teacher forcing over shuffled batches, with the auxiliary object loss when
+    `objects` are given; returns the mean cross-entropy of the words."""
     model.train()
     order = torch.randperm(len(images), generator=generator)
     total = 0.0
@@ -97,10 +149,15 @@ def train_epoch(
         tokens = targets[idx]
         length = int((tokens != PAD).sum(dim=1).max())  # trim the batch to its longest caption
         tokens = tokens[:, :length]
-        logits, alphas = model(images[idx], tokens)
+        features = model.encoder(images[idx])
+        logits, alphas = model.tell(features, tokens)
         ce, penalty = caption_loss(logits, alphas, tokens, hp.attention_penalty)
+        loss = ce + penalty
+        if objects is not None and model.objects is not None:
+            batch = ObjectTargets(objects.centre[idx], objects.attributes[idx])
+            loss = loss + hp.objects_weight * object_loss(model.objects(features), batch)
         optimizer.zero_grad(set_to_none=True)
-        (ce + penalty).backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp.clip_norm)
         optimizer.step()
         scheduler.step()
@@ -118,7 +175,8 @@ def semantic_accuracy(captions: list[str], split: SceneSplit) -> float:
 
 
 def score(captions: list[str], split: SceneSplit) -> dict[str, float]:
-    """BLEU-1..4 and CIDEr-D against every reference, semantic accuracy, and the share that parses."""
+    """BLEU-1..4 and CIDEr-D against every reference, semantic accuracy, the share that parses and
+    the longest caption's words."""
     candidates = [tokenize(c) for c in captions]
     references = [[tokenize(r) for r in refs] for refs in split.captions]
     b = bleu(candidates, references)
@@ -127,10 +185,11 @@ def score(captions: list[str], split: SceneSplit) -> dict[str, float]:
         "cider_d": round(cider_d(candidates, references), 3),
         "semantic_accuracy": round(float(semantic_accuracy(captions, split)), 4),
         "parsed": round(float(np.mean([parse_caption(c) is not None for c in captions])), 4),
+        "longest": max(len(c) for c in candidates),
     }
 
 
-def decode(model: Captioner, images: np.ndarray, beam_size: int) -> list[str]:
+def decode(model: CaptionModel, images: np.ndarray, beam_size: int) -> list[str]:
     """Captions of a whole split: greedy for beam 1, else the best of a beam search per image."""
     vocabulary = model.config.vocabulary
     batch = torch.tensor(images)
@@ -139,8 +198,8 @@ def decode(model: Captioner, images: np.ndarray, beam_size: int) -> list[str]:
     return [words(beam_search(model, image, beam_size)[0].tokens, vocabulary) for image in batch]
 
 
-def evaluation_table(model: Captioner, splits: dict[str, SceneSplit], progress: bool) -> dict[str, dict]:
-    """{split: {"greedy" | "beam3" | "beam5": scores}} on the test splits."""
+def evaluation_table(model: CaptionModel, splits: dict[str, SceneSplit], progress: bool) -> dict[str, dict]:
+    """{split: {"greedy" | "beam3": scores}} on the test splits."""
     table: dict[str, dict] = {}
     jobs = [(name, beam) for name in splits for beam in BEAM_SIZES]
     for name, beam in tqdm(jobs, desc="evaluating", unit="decode", disable=not progress):
@@ -152,16 +211,20 @@ def evaluation_table(model: Captioner, splits: dict[str, SceneSplit], progress: 
 
 def plot_curves(metrics: dict, path: Path) -> None:
     """Training cross-entropy and validation semantic accuracy per epoch."""
-    epochs = range(1, len(metrics["train_loss"]) + 1)
     fig = Figure(figsize=(10, 4), layout="tight")
-    ax_loss, ax_acc = fig.subplots(1, 2)
+    draw_caption_curves(*fig.subplots(1, 2), metrics, "loss")
+    fig.savefig(path, dpi=100)
+
+
+def draw_caption_curves(ax_loss: Axes, ax_acc: Axes, metrics: dict, title: str) -> None:
+    """The decoder's teacher-forced cross-entropy and greedy validation semantic accuracy per epoch."""
+    epochs = range(1, len(metrics["train_loss"]) + 1)
     ax_loss.plot(epochs, metrics["train_loss"], label="train (teacher forcing)")
-    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per word", title="loss", yscale="log")
+    ax_loss.set(xlabel="epoch", ylabel="cross-entropy per word", title=title, yscale="log")
     ax_loss.legend()
     ax_acc.plot(epochs, metrics["val_semantic_accuracy"], label="validation, greedy")
     ax_acc.set(xlabel="epoch", ylabel="semantic accuracy", title="captions exactly right", ylim=(0, 1))
     ax_acc.legend()
-    fig.savefig(path, dpi=100)
 
 
 def run(
@@ -187,10 +250,14 @@ def run(
     started = time.perf_counter()
     train = split("train")
     validation = split("validation")
-    validation = head(validation, min(VALIDATION_IMAGES, len(validation.images)))
+    validation = validation.head(min(VALIDATION_IMAGES, len(validation.images)))
     pixels = torch.tensor(train.images).float() / 255.0
+    longest, repeats = grammar_limits()
     config = CaptionerConfig(
         vocabulary=build_vocabulary(train.captions),
+        max_length=longest,
+        max_repeats=repeats,
+        objects_head=hp.objects_weight > 0,
         mean=pixels.mean(dim=(0, 2, 3)).tolist(),
         std=pixels.std(dim=(0, 2, 3)).tolist(),
     )
@@ -203,13 +270,14 @@ def run(
         optimizer, max_lr=hp.lr, total_steps=steps, pct_start=0.15
     )
     images = torch.tensor(train.images)
+    objects = object_targets(train, config) if config.objects_head else None
 
     history: dict[str, list[float]] = {"train_loss": [], "val_semantic_accuracy": []}
     best_val, best_epoch, best_state = -1.0, 0, None
     bar = tqdm(total=epochs * len(images), desc=MODEL_NAME, unit="img", disable=not progress)
     for epoch in range(1, epochs + 1):
         targets = sample_targets(train, index, config.max_length, rng)
-        loss = train_epoch(model, optimizer, scheduler, images, targets, hp, generator, bar)
+        loss = train_epoch(model, optimizer, scheduler, images, targets, hp, generator, bar, objects)
         val = semantic_accuracy(decode(model, validation.images, 1), validation)
         history["train_loss"].append(loss)
         history["val_semantic_accuracy"].append(val)
@@ -227,9 +295,7 @@ def run(
     train_seconds = time.perf_counter() - started
 
     model.load_state_dict(best_state)
-    table = evaluation_table(
-        model, {"test": split("test"), "compositional": split("compositional")}, progress
-    )
+    table = evaluation_table(model, {name: split(name) for name in TEST_SPLITS}, progress)
     metrics = {
         "model": MODEL_NAME,
         "seed": seed,
@@ -246,32 +312,32 @@ def run(
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    test, compositional = table["test"]["greedy"], table["compositional"]["greedy"]
-    print(
-        f"{MODEL_NAME}: test semantic accuracy {test['semantic_accuracy']:.4f}, BLEU-4 {test['bleu4']}, "
-        f"CIDEr-D {test['cider_d']}; compositional {compositional['semantic_accuracy']:.4f} "
-        f"(epoch {best_epoch}, {train_seconds:.0f} s training)"
-    )
+    print_summary(MODEL_NAME, table, f"epoch {best_epoch}, {train_seconds:.0f} s training")
     checkpoint = {
         "model": MODEL_NAME,
         "config": asdict(config),
         "state_dict": model.state_dict(),
         "seed": seed,
         "hyperparameters": asdict(hp),
-        "metrics": _flat_metrics(table),
+        "metrics": flat_metrics(table),
         "selection": f"epoch {best_epoch} of {epochs}, best greedy semantic accuracy on validation",
     }
     return finish_run(run_dir, checkpoint, metrics, plot_curves, CURVES_FILE, repository)
 
 
-def head(split: SceneSplit, count: int) -> SceneSplit:
-    """The first `count` scenes of a split."""
-    return SceneSplit(
-        split.images[:count], split.layouts[:count], split.captions[:count], split.canonical[:count]
+def print_summary(model: str, table: dict[str, dict], note: str) -> None:
+    """One line: greedy semantic accuracy on every test split, and the test split's BLEU-4 and CIDEr-D."""
+    test = table["test"]["greedy"]
+    others = ", ".join(
+        f"{name} {table[name]['greedy']['semantic_accuracy']:.4f}" for name in table if name != "test"
+    )
+    print(
+        f"{model}: test semantic accuracy {test['semantic_accuracy']:.4f}, BLEU-4 {test['bleu4']}, "
+        f"CIDEr-D {test['cider_d']}; {others} ({note})"
     )
 
 
-def _flat_metrics(table: dict[str, dict]) -> dict[str, float]:
+def flat_metrics(table: dict[str, dict]) -> dict[str, float]:
     """{"test_greedy_bleu4": ..., ...}: the evaluation table as the manifest's flat metrics."""
     return {
         f"{split}_{decoding}_{name}": float(value)

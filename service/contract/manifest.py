@@ -125,6 +125,10 @@ class CaptionerSpec(_Strict):
     h, c (K, hidden), features (M, L, D), projected (M, L, A), image_index (K,) int64 -> log-probabilities
     of the next word (K, V), the next h, c and the attention weights (K, L). (Older decoders take
     features and projected per hypothesis, without image_index.)
+
+    The L attended positions are either the cells of a `grid` or, for a model that attends over
+    object regions, `regions` boxes that the encoder also outputs as `boxes` (N, L, 4): left, top,
+    right, bottom in fractions of the image's width and height.
     """
 
     encoder_file: str = "encoder.onnx"
@@ -133,8 +137,24 @@ class CaptionerSpec(_Strict):
     start_token: int = Field(ge=0)
     end_token: int = Field(ge=0)
     max_length: int = Field(gt=0)  # words, not counting <start> and <end>
+    max_repeats: int | None = Field(default=None, gt=0)  # the most times a caption says one word
     default_beam_size: int = Field(default=3, gt=0)
-    grid: tuple[int, int]  # the attention grid (rows, columns) that the L weights lay out as
+    grid: tuple[int, int] | None = None  # the attention grid (rows, columns) that the L weights lay out as
+    regions: int | None = Field(default=None, gt=0)  # or: L regions, boxed by the encoder's `boxes`
+
+    @model_validator(mode="after")
+    def _grid_or_regions(self) -> CaptionerSpec:
+        if (self.grid is None) == (self.regions is None):
+            raise ValueError("a captioner attends over a grid or over regions: give exactly one")
+        return self
+
+    @property
+    def positions(self) -> int:
+        """L: the grid's cells or the regions."""
+        if self.grid is not None:
+            return self.grid[0] * self.grid[1]
+        assert self.regions is not None, "the validator says so"
+        return self.regions
 
 
 class Provenance(_Strict):

@@ -25,3 +25,6 @@ DECODER_INPUTS = ("token", "h", "c", "features", "projected", "image_index")
 DECODER_OUTPUTS = ("log_probs", "next_h", "next_c", "alpha")
 #: Decoder graphs exported before image_index take features and projected once per hypothesis.
 PER_HYPOTHESIS_DECODER_INPUTS = DECODER_INPUTS[:5]
+#: The encoder of a captioner that attends over object regions also outputs their boxes (N, L, 4):
+#: left, top, right, bottom in fractions of the image's width and height.
+REGION_BOXES = "boxes"

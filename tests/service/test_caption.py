@@ -91,7 +91,11 @@ def test_captions_match_the_torch_reference_beam_search(
                 assert [tuple(c.tokens) for c in result.captions] == [h.tokens for h in reference]
                 for caption, hypothesis in zip(result.captions, reference, strict=True):
                     assert caption.log_prob == pytest.approx(hypothesis.log_prob, abs=1e-4)
+                    assert caption.mean_log_prob == pytest.approx(
+                        caption.log_prob / (len(caption.tokens) + 1)
+                    )
                     assert caption.text == " ".join(caption.words)
+                assert not result.regions  # a grid model
     assert response.model == "captioner" and response.version == "1"
 
 
@@ -99,7 +103,7 @@ def test_concurrent_requests_get_exactly_the_captions_they_get_alone(
     cap_server: RunningServer, scenes: np.ndarray
 ) -> None:
     options = [
-        {"beam_size": 1 + i % 4, "max_length": (6, 12, 24)[i % 3], "count": 1 + i % 2 if i % 4 else 1}
+        {"beam_size": 1 + i % 4, "max_length": (6, 12, 17)[i % 3], "count": 1 + i % 2 if i % 4 else 1}
         for i in range(len(scenes))
     ]
     with VisionClient(cap_server.target) as client:
@@ -150,8 +154,8 @@ def test_attention_maps_one_per_word_each_summing_to_one(
     [
         ({"beam_size": 0}, "beam_size must be 1..10, got 0"),
         ({"beam_size": 11}, "beam_size must be 1..10, got 11"),
-        ({"max_length": 0}, "max_length must be 1..24"),
-        ({"max_length": 25}, "max_length must be 1..24"),
+        ({"max_length": 0}, "max_length must be 1..17"),
+        ({"max_length": 18}, "max_length must be 1..17"),
         ({"count": 0}, "count must be 1..beam_size"),
         ({"beam_size": 2, "count": 3}, "count must be 1..beam_size (2), got 3"),
         ({"model": "lenet5"}, "model 'lenet5' is a classifier, not a captioner"),
@@ -201,6 +205,31 @@ def _search(beam: int = 2) -> BeamSearch:
     zeros = np.zeros((1, 4, 3), np.float32)
     h = np.zeros((1, 5), np.float32)
     return BeamSearch(zeros, zeros, h, h, beam_size=beam, max_length=20, start_token=1, end_token=2)
+
+
+def _decode_alone(search: BeamSearch) -> list:
+    """Decode with a model that likes word 4 best, then 3, then <end> (2), whatever it has said."""
+    while True:
+        feeds = merge([search], by_image=True)
+        n = len(feeds["token"])
+        scores = np.full((n, 6), -20.0, np.float32)
+        scores[:, 4], scores[:, 3], scores[:, 2] = -0.1, -1.0, -5.0
+        if search.advance(scores, feeds["h"], feeds["c"], np.full((n, 4), 0.25, np.float32)):
+            return search.result()
+
+
+@pytest.mark.parametrize("limit", [None, 3])
+def test_beam_search_says_no_word_more_often_than_the_grammar_does(limit: int | None) -> None:
+    zeros, h = np.zeros((1, 4, 3), np.float32), np.zeros((1, 5), np.float32)
+    search = BeamSearch(
+        zeros, zeros, h, h, beam_size=2, max_length=10, start_token=1, end_token=2, max_repeats=limit
+    )
+    best = _decode_alone(search)[0]
+    if limit is None:
+        assert best.tokens == (4,) * 10  # the favourite word to the end
+    else:
+        assert best.tokens == (4, 4, 4, 3, 3, 3)  # then the next best word, three times, then <end>
+    assert best.mean_log_prob == pytest.approx(best.log_prob / (len(best.tokens) + 1))
 
 
 def test_a_step_sends_each_images_features_once_or_per_hypothesis_to_older_graphs() -> None:

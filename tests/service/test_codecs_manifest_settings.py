@@ -11,7 +11,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from service.codecs import images as codecs
-from service.contract.manifest import InputSpec, Manifest, load_manifest, write_manifest
+from service.contract.manifest import CaptionerSpec, InputSpec, Manifest, load_manifest, write_manifest
 from service.errors import INTERNAL_MESSAGE, InvalidArgument, ModelNotFound, ModelNotReady, status_for
 from service.settings import Settings
 
@@ -129,3 +129,15 @@ def test_reserved_model_names() -> None:
         Manifest(name="liveness", kind="tensor")
     with pytest.raises(ValidationError):
         Manifest(name="../escape", kind="tensor")
+
+
+def test_a_captioner_attends_over_a_grid_or_over_regions_never_both() -> None:
+    words = {"vocabulary": ["<pad>", "<start>", "<end>", "<unk>", "a"], "start_token": 1, "end_token": 2}
+    assert CaptionerSpec(**words, max_length=17, grid=(8, 8)).positions == 64
+    regions = CaptionerSpec(**words, max_length=17, max_repeats=3, regions=4)
+    assert (regions.positions, regions.max_repeats) == (4, 3)
+    for layout in ({}, {"grid": (8, 8), "regions": 4}):
+        with pytest.raises(ValidationError, match="a grid or over regions: give exactly one"):
+            CaptionerSpec(**words, max_length=17, **layout)
+    with pytest.raises(ValidationError):
+        CaptionerSpec(**words, max_length=17, grid=(8, 8), max_repeats=0)

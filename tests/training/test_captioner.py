@@ -12,10 +12,10 @@ import torch
 from service.contract.manifest import load_manifest
 from service.contract.tensor_names import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from training.caption_decoding import beam_search, greedy_decode
-from training.data.scenes import generate_split
+from training.data.scenes import COLOURS, SHAPES, SIZES, generate_split, grammar_limits
 from training.export import export_checkpoint
 from training.models.captioner import END, PAD, SPECIAL_TOKENS, START, Captioner, CaptionerConfig
-from training.train_captioner import build_vocabulary, caption_loss, encode, run
+from training.train_captioner import build_vocabulary, caption_loss, encode, object_loss, object_targets, run
 
 
 def _model(seed: int = 0) -> Captioner:
@@ -47,6 +47,29 @@ def test_loss_ignores_padding_and_penalises_uneven_attention() -> None:
     assert flat.item() == pytest.approx(1.0) and sharp.item() == pytest.approx(4.0)
 
 
+def test_object_targets_mark_each_objects_centre_cell_with_its_attributes() -> None:
+    split = generate_split("train", 30)
+    config = CaptionerConfig(vocabulary=[*SPECIAL_TOKENS, "a"], objects_head=True)
+    targets = object_targets(split, config)
+    assert targets.centre.shape == (30, 64) and targets.attributes.shape == (30, 64, 3)
+    for i, (layout, boxes) in enumerate(zip(split.layouts, split.boxes, strict=True)):
+        assert int(targets.centre[i].sum()) == len(layout.objects)  # one cell each: they never share one
+        for obj, (x0, y0, x1, y1) in zip(layout.objects, boxes, strict=True):
+            cell = int((y0 + y1) / 2 / 8) * 8 + int((x0 + x1) / 2 / 8)
+            assert targets.centre[i, cell] == 1.0
+            colour, shape, size = targets.attributes[i, cell].tolist()
+            assert (list(COLOURS)[colour], SHAPES[shape], list(SIZES)[size]) == (
+                obj.colour,
+                obj.shape,
+                obj.size,
+            )
+        assert bool((targets.attributes[i][targets.centre[i] == 0] == -1).all())
+    logits = torch.zeros(30, 64, 10, requires_grad=True)
+    loss = object_loss(logits, targets)
+    loss.backward()
+    assert loss.item() > 0 and logits.grad is not None and logits.grad[..., 1:].abs().sum() > 0
+
+
 def test_vocabulary_and_encoding() -> None:
     vocabulary = build_vocabulary((("a red circle", "a blue square"),))
     assert vocabulary[:4] == list(SPECIAL_TOKENS) and vocabulary[4:] == sorted(set(vocabulary[4:]))
@@ -75,8 +98,12 @@ def test_quick_run_evaluates_and_publishes_two_graphs_that_agree_with_torch(tmp_
         quick=True, epochs=1, run_dir=tmp_path / "run", repository=tmp_path / "models", progress=False
     )
     table = metrics["evaluation"]
-    assert set(table) == {"test", "compositional"} and set(table["test"]) == {"greedy", "beam3", "beam5"}
+    assert set(table) == {"test", "compositional", "style-shift"} and set(table["test"]) == {
+        "greedy",
+        "beam3",
+    }
     assert {"bleu1", "bleu4", "cider_d", "semantic_accuracy"} <= set(table["test"]["greedy"])
+    assert all(row["longest"] <= 17 for rows in table.values() for row in rows.values())
     version = tmp_path / "models" / "captioner" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx"]
     for graph, inputs, outputs in [
@@ -88,6 +115,7 @@ def test_quick_run_evaluates_and_publishes_two_graphs_that_agree_with_torch(tmp_
         assert tuple(o.name for o in session.get_outputs()) == outputs
     manifest = load_manifest(tmp_path / "models" / "captioner")
     assert manifest.kind == "captioner" and manifest.captioner.grid == (8, 8)
+    assert (manifest.captioner.max_length, manifest.captioner.max_repeats) == grammar_limits() == (17, 3)
     assert manifest.metrics["parity_max_abs_diff"] < 1e-4
     assert manifest.metrics["test_greedy_bleu4"] == table["test"]["greedy"]["bleu4"]
     # a second export of the same checkpoint becomes version 2, checked the same way

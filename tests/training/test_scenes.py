@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import colorsys
+import itertools
+
 import numpy as np
 import pytest
+from PIL import Image, ImageColor
 
 from training.data.scenes import (
+    AXES,
     CLASS_LABELS,
     COLOURS,
     HELD_OUT_PAIRS,
+    MAX_CROSS_OFFSET,
+    MIN_GAP,
     SceneLayout,
     SceneObject,
     caption_variants,
@@ -17,6 +24,7 @@ from training.data.scenes import (
     parse_caption,
     render,
 )
+from training.data.styles import HUES, SHIFTED_STYLE, TRAINING_STYLE, VALUES, Style
 
 
 def test_same_seed_same_scenes_other_seed_other_scenes() -> None:
@@ -77,26 +85,102 @@ def test_held_out_pairs_only_in_the_compositional_split() -> None:
     assert seen_colours == set(COLOURS) and len(seen_shapes) == 3  # each part on its own is seen
 
 
-def _centroid(image: np.ndarray, colour: str) -> np.ndarray:
-    target = np.array(COLOURS[colour]).reshape(3, 1, 1)
-    mask = np.abs(image.astype(int) - target).sum(axis=0) < 90
-    assert mask.sum() > 10, f"no {colour} pixels found"
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.mean(), ys.mean()])
+def _hue_share(pixels: np.ndarray, colour: str) -> float:
+    """Share of (N, 3) RGB pixels whose hue is within 10 degrees of the colour's range, saturated."""
+    hsv = np.array([colorsys.rgb_to_hsv(*(p / 255.0)) for p in pixels.astype(float)])
+    low, high = HUES[colour]
+    hue = (hsv[:, 0] * 360.0 - low + 10.0) % 360.0  # 0 at 10 degrees below the range
+    return float(np.mean((hue <= high - low + 20.0) & (hsv[:, 1] > 0.25)))
 
 
-@pytest.mark.parametrize("axis", ["horizontal", "vertical"])
-def test_the_relation_a_caption_states_is_what_the_image_shows(axis: str) -> None:
-    rng = np.random.default_rng(7)
-    layout = SceneLayout(
-        axis, (SceneObject("small", "red", "circle"), SceneObject("large", "blue", "triangle"))
+def _core_and_ring(image: np.ndarray, box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) pixels of the middle of an object's box, and of a ring 2-4 px outside the box."""
+    pixels = image.transpose(1, 2, 0)
+    ys, xs = np.mgrid[0:64, 0:64] + 0.5
+    x0, y0, x1, y1 = box
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, min(x1 - x0, y1 - y0) / 2
+    core = (np.abs(xs - cx) <= 0.35 * half) & (np.abs(ys - cy) <= 0.35 * half)
+    outside = np.maximum(np.maximum(x0 - xs, xs - x1), np.maximum(y0 - ys, ys - y1))
+    ring = (outside >= 2) & (outside <= 4)
+    return pixels[core], pixels[ring]
+
+
+@pytest.mark.parametrize("split", ["train", "style-shift"])
+def test_every_object_shows_its_colour_size_and_place_in_any_style(split: str) -> None:
+    scenes = generate_split(split, 150, seed=3)
+    small, large = [], []
+    for image, layout, boxes in zip(scenes.images, scenes.layouts, scenes.boxes, strict=True):
+        for obj, box in zip(layout.objects, boxes, strict=True):
+            assert 0 <= box[0] < box[2] <= 64 and 0 <= box[1] < box[3] <= 64
+            core, ring = _core_and_ring(image, box)
+            assert _hue_share(core, obj.colour) >= 0.6, f"a {obj.colour} object that does not look it"
+            if len(ring):  # it stands out from the background around it
+                contrast = np.linalg.norm(core.mean(axis=0) - np.median(ring, axis=0))
+                assert contrast > 40, f"a {obj.colour} {obj.shape} that barely shows ({contrast:.0f})"
+            (small if obj.size == "small" else large).append(max(box[2] - box[0], box[3] - box[1]))
+        along = 0 if layout.axis == "horizontal" else 1  # x0/x1 or y0/y1
+        across = 1 - along
+        for first, second in itertools.pairwise(boxes):  # in reading order, apart, roughly level
+            assert second[along] - first[along + 2] >= MIN_GAP - 1e-4
+            first_mid = (first[across] + first[across + 2]) / 2
+            second_mid = (second[across] + second[across + 2]) / 2
+            assert abs(first_mid - second_mid) < 2 * MAX_CROSS_OFFSET + 4
+    assert max(small) < min(large)  # the size words never overlap
+
+
+def test_objects_stay_inside_their_boxes() -> None:
+    style = Style(
+        background="white",
+        saturation=TRAINING_STYLE.saturation,
+        canvas=128,
+        supersample=4,
+        resample=Image.Resampling.BOX,
+        outline=1.0,
+        outline_darkness=0.5,
+        noise=0.0,
+        jpeg_quality=None,
     )
-    for _ in range(20):
-        image = render(layout, rng)
-        first, second = _centroid(image, "red"), _centroid(image, "blue")
-        along, across = (0, 1) if axis == "horizontal" else (1, 0)
-        assert second[along] - first[along] > 10  # clearly after it along the axis
-        assert abs(second[across] - first[across]) < 8  # and roughly level across it
+    rng = np.random.default_rng(5)
+    for axis in AXES:
+        layout = SceneLayout(
+            axis,
+            (
+                SceneObject("small", "red", "triangle"),
+                SceneObject("large", "blue", "square"),
+                SceneObject("small", "green", "circle"),
+            ),
+        )
+        for _ in range(10):
+            drawing = render(layout, rng, style)
+            pixels = drawing.image.transpose(1, 2, 0).astype(int)
+            ys, xs = np.mgrid[0:64, 0:64] + 0.5
+            inside = np.zeros((64, 64), bool)
+            for x0, y0, x1, y1 in drawing.boxes:
+                inside |= (xs > x0 - 1) & (xs < x1 + 1) & (ys > y0 - 1) & (ys < y1 + 1)
+            background = np.median(pixels[~inside], axis=0)
+            assert np.abs(pixels[~inside] - background).max() <= 2  # nothing drawn outside the boxes
+            for box in drawing.boxes:  # and every box holds something drawn
+                core, _ = _core_and_ring(drawing.image, box)
+                assert np.abs(core - background).sum(axis=1).min() > 60
+
+
+@pytest.mark.parametrize("name", ["red", "green", "lime", "blue", "yellow"])
+def test_the_colours_drawing_programs_name_are_shades_scenes_draw(name: str) -> None:
+    hue, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in ImageColor.getrgb(name)))
+    colour = "green" if name == "lime" else name
+    low, high = HUES[colour]
+    assert (hue * 360 - low) % 360 <= high - low and VALUES[colour][0] <= value <= VALUES[colour][1]
+    assert TRAINING_STYLE.saturation[0] <= saturation <= TRAINING_STYLE.saturation[1]
+
+
+def test_style_shift_uses_no_style_that_training_uses() -> None:
+    assert min(TRAINING_STYLE.canvas[0], SHIFTED_STYLE.canvas[0]) >= 64  # scenes are only scaled down
+    assert not set(SHIFTED_STYLE.backgrounds) & set(TRAINING_STYLE.backgrounds)
+    for ranges in ("saturation", "canvas", "jpeg_quality"):
+        (a_low, a_high), (b_low, b_high) = getattr(TRAINING_STYLE, ranges), getattr(SHIFTED_STYLE, ranges)
+        assert a_high < b_low or b_high < a_low, f"{ranges} ranges overlap"
+    hues = sorted(HUES.values())  # and the named colours keep 20 degrees apart, all round the circle
+    assert all(a[1] + 20 < b[0] for a, b in itertools.pairwise([*hues, (hues[0][0] + 360, 0)]))
 
 
 def test_classification_split_labels_name_the_one_large_object() -> None:

@@ -55,9 +55,9 @@ def test_classifier_quick_run_trains_and_publishes(tmp_path: Path) -> None:
     assert not (tmp_path / "runs").exists()
 
 
-def test_all_missing_trains_what_is_absent(tmp_path: Path) -> None:
+def test_all_missing_trains_what_is_absent_two_at_a_time(tmp_path: Path) -> None:
     repository = tmp_path / "models"
-    argv = ["all", "--missing", "--quick", "--no-progress", "--repository", str(repository)]
+    argv = ["all", "--missing", "--quick", "--no-progress", "--jobs", "2", "--repository", str(repository)]
     assert main([*argv, "--runs", str(tmp_path / "runs")]) == 0
     assert (repository / "lenet5" / "1" / "model.onnx").is_file()
     assert (tmp_path / "runs" / "lenet5" / "metrics.json").is_file()
@@ -67,6 +67,7 @@ def test_all_missing_trains_what_is_absent(tmp_path: Path) -> None:
     assert scenes.kind == "classifier" and scenes.input.color_mode == "RGB" and len(scenes.labels) == 12
     assert load_manifest(repository / "captioner").kind == "captioner"
     assert (repository / "captioner" / "1" / "decoder.onnx").is_file()
+    assert load_manifest(repository / "captioner-butd").captioner.regions == 4
 
 
 def test_no_export_publishes_nothing(tmp_path: Path) -> None:

@@ -7,8 +7,13 @@ is never in doubt. Each scene has several reference captions with varied phrasin
 order; `parse_caption` reads a caption back into the scene's structure, which is how semantic
 accuracy is measured (BLEU cannot tell "left" from "right").
 
-Splits: train, validation, test (same distribution), and `compositional`, whose scenes each hold
-at least one colour-shape pair that never occurs in training (e.g. a red square).
+Every scene is drawn in its own style (training/data/styles.py: background, shades, pen,
+resolution, compression), so that models learn the objects rather than one way of drawing them;
+the generator knows each object's box, which the bottom-up captioner's region detector learns from.
+
+Splits: train, validation, test (same distribution), `compositional`, whose scenes each hold at
+least one colour-shape pair that never occurs in training (e.g. a red square), and `style-shift`,
+the training distribution of objects drawn in styles that training never uses (`SHIFTED_STYLE`).
 """
 
 from __future__ import annotations
@@ -20,8 +25,20 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
+from training.data.styles import (
+    MAX_ROTATION,
+    SHIFTED_STYLE,
+    TRAINING_STYLE,
+    Style,
+    StyleRanges,
+    contrasting_shade,
+    darker,
+    finish,
+    paint_background,
+    sample_style,
+)
+
 IMAGE_SIZE = 64
-SUPERSAMPLE = 4  # drawn at 4x and downsampled: anti-aliased edges, like a real picture
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (210, 45, 45),
     "green": (40, 160, 70),
@@ -29,18 +46,25 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (225, 195, 40),
 }
 SHAPES = ("circle", "square", "triangle")
-SIZES: dict[str, tuple[float, float]] = {"small": (4.5, 5.5), "large": (9.0, 10.0)}  # radius in px
+SIZES: dict[str, tuple[float, float]] = {"small": (3.5, 5.5), "large": (8.0, 10.0)}  # radius in px
 #: Colour-shape pairs that occur only in the compositional split.
 HELD_OUT_PAIRS = frozenset({("red", "square"), ("green", "triangle"), ("blue", "circle")})
 AXES = ("horizontal", "vertical")
 MIN_GAP = 4.0  # px between neighbouring objects along the axis
 MAX_CROSS_OFFSET = 3.0  # px each object may stray from the row's line
 MARGIN = 2.0  # px between an object and the image border
-DATA_DESCRIPTION = "generated scenes (training/data/scenes.py), 64x64 RGB, 1-3 objects"
+DATA_DESCRIPTION = "generated scenes (training/data/scenes.py), 64x64 RGB, 1-3 objects, varied styles"
 
-SPLIT_SIZES = {"train": 8000, "validation": 1000, "test": 1000, "compositional": 1000}
+SPLIT_SIZES = {"train": 8000, "validation": 1000, "test": 1000, "compositional": 1000, "style-shift": 1000}
+#: The test splits every evaluation reports, beside each other.
+TEST_SPLITS = ("test", "compositional", "style-shift")
 #: Offsets mixed into the seed so that the splits never share a random stream.
-_SPLIT_STREAMS = {"train": 1, "validation": 2, "test": 3, "compositional": 4}
+_SPLIT_STREAMS = {"train": 1, "validation": 2, "test": 3, "compositional": 4, "style-shift": 5}
+
+
+def split_style(split: str) -> StyleRanges:
+    """The drawing styles of a split: the held-out ones for style-shift, the training ones otherwise."""
+    return SHIFTED_STYLE if split == "style-shift" else TRAINING_STYLE
 
 
 @dataclass(frozen=True)
@@ -72,6 +96,7 @@ class Scene:
     image: np.ndarray  # (3, H, W) uint8
     captions: tuple[str, ...]  # references, varied phrasing and order
     canonical: tuple[str, ...]  # the references that name the objects in reading order
+    boxes: np.ndarray  # (objects, 4) float32 x0, y0, x1, y1 in pixels, in layout order
 
 
 # --- the grammar ---
@@ -101,6 +126,26 @@ def caption_variants(layout: SceneLayout) -> tuple[list[str], list[str]]:
     forward = [f"{listed} {_FORWARD[layout.axis]}", f"{_FORWARD[layout.axis]}: {listed}"]
     backward = [f"{reversed_listed} {_BACKWARD[layout.axis]}", f"{_BACKWARD[layout.axis]}: {reversed_listed}"]
     return forward + backward, forward
+
+
+@lru_cache(maxsize=1)
+def grammar_limits() -> tuple[int, int]:
+    """(words in the grammar's longest caption, the most times any caption says one word).
+
+    Every object phrase has the same number of words, and a caption repeats a word most when its
+    objects are all alike, so layouts of one repeated object of each count and axis cover both.
+    """
+    from training.caption_metrics import tokenize  # the tokens a captioner is trained on
+
+    obj = SceneObject("small", "red", "circle")
+    longest = repeats = 0
+    for count in (1, 2, 3):
+        for axis in AXES:
+            for caption in caption_variants(SceneLayout(axis, (obj,) * count))[0]:
+                words = tokenize(caption)
+                longest = max(longest, len(words))
+                repeats = max(repeats, max(words.count(word) for word in words))
+    return longest, repeats
 
 
 _OBJECT = re.compile(rf"\ba ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
@@ -174,68 +219,129 @@ def fits(objects: tuple[SceneObject, ...]) -> bool:
     return extent <= IMAGE_SIZE - 2 * MARGIN
 
 
-def _place(rng: np.random.Generator, radii: list[float]) -> list[float] | None:
+def _place(rng: np.random.Generator, extents: list[tuple[float, float]]) -> list[float] | None:
     """Centres along the axis with at least MIN_GAP between neighbours; None when they do not fit.
 
-    The room left over is shared out at random before, between and after the objects.
+    `extents` are each object's reach before and after its centre along the axis. The room left
+    over is shared out at random before, between and after the objects.
     """
-    extent = sum(2 * r for r in radii) + MIN_GAP * (len(radii) - 1)
+    extent = sum(before + after for before, after in extents) + MIN_GAP * (len(extents) - 1)
     slack = IMAGE_SIZE - 2 * MARGIN - extent
     if slack < 0:
         return None
-    spare = slack * rng.dirichlet(np.ones(len(radii) + 1))
+    spare = slack * rng.dirichlet(np.ones(len(extents) + 1))
     centres, position = [], MARGIN
-    for r, extra in zip(radii, spare, strict=False):  # the last share is the room after the row
-        start = position + float(extra)
-        centres.append(start + r)
-        position = start + 2 * r + MIN_GAP
+    for (before, after), extra in zip(extents, spare, strict=False):  # the last share is the room after
+        centre = position + float(extra) + before
+        centres.append(centre)
+        position = centre + after + MIN_GAP
     return centres
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, x: float, y: float, r: float, fill: tuple) -> None:
-    s = SUPERSAMPLE
-    x, y, r = x * s, y * s, r * s
-    if obj.shape == "circle":
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    elif obj.shape == "square":
+def _corners(shape: str, r: float, angle: float) -> np.ndarray:
+    """The outline of a square or triangle of radius r rotated by `angle` degrees: (P, 2) x, y
+    relative to the centre (y down); a circle's four extreme points."""
+    if shape == "circle":
+        return np.array([(-r, 0.0), (r, 0.0), (0.0, -r), (0.0, r)])
+    if shape == "square":
         half = r * 0.88  # a square as big to the eye as a circle of radius r
-        draw.rectangle((x - half, y - half, x + half, y + half), fill=fill)
+        points = np.array([(-half, -half), (half, -half), (half, half), (-half, half)])
     else:
-        draw.polygon([(x, y - r), (x + r, y + r * 0.8), (x - r, y + r * 0.8)], fill=fill)
+        points = np.array([(0.0, -r), (r, r * 0.8), (-r, r * 0.8)])
+    theta = np.radians(angle)
+    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    return points @ rotation.T
 
 
-def render(layout: SceneLayout, rng: np.random.Generator) -> np.ndarray:
-    """Draw a layout with random positions, exact sizes and colours jittered: (3, H, W) uint8."""
+@dataclass(frozen=True)
+class Drawing:
+    image: np.ndarray  # (3, H, W) uint8
+    boxes: np.ndarray  # (objects, 4) float32: x0, y0, x1, y1 in pixels of the image, in layout order
+
+
+def render(
+    layout: SceneLayout, rng: np.random.Generator, style: Style | StyleRanges = TRAINING_STYLE
+) -> Drawing:
+    """Draw a layout: random sizes within each size word, rotations, positions and shades, in a
+    style sampled from `style` (or exactly that style)."""
     if not fits(layout.objects):
         raise ValueError(f"{len(layout.objects)} objects of these sizes do not fit in a row")
-    radii = [float(rng.uniform(*SIZES[o.size])) for o in layout.objects]
-    centres = _place(rng, radii)
-    assert centres is not None, "fits() guarantees room at the largest sizes"
-    reach = max(radii) + MAX_CROSS_OFFSET + MARGIN
-    line = float(rng.uniform(reach, IMAGE_SIZE - reach))
-    background = tuple(int(v) for v in rng.integers(205, 245, 3))
-    canvas = Image.new("RGB", (IMAGE_SIZE * SUPERSAMPLE,) * 2, background)
-    draw = ImageDraw.Draw(canvas)
-    for obj, along, r in zip(layout.objects, centres, radii, strict=True):
+    if isinstance(style, StyleRanges):
+        style = sample_style(rng, style)
+    along_axis = 0 if layout.axis == "horizontal" else 1
+    for _ in range(1000):  # rotated squares and triangles reach further: draw again until they fit
+        radii = [float(rng.uniform(*SIZES[o.size])) for o in layout.objects]
+        angles = [
+            0.0 if o.shape == "circle" else float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))
+            for o in layout.objects
+        ]
+        outlines = [_corners(o.shape, r, a) for o, r, a in zip(layout.objects, radii, angles, strict=True)]
+        low = [points.min(axis=0) for points in outlines]  # (x, y) reach before the centre, negative
+        high = [points.max(axis=0) for points in outlines]
+        centres = _place(rng, [(-lo[along_axis], hi[along_axis]) for lo, hi in zip(low, high, strict=True)])
+        if centres is not None:
+            break
+    else:
+        raise RuntimeError("no placement found in 1000 draws")
+    across = 1 - along_axis
+    first = max(-lo[across] for lo in low) + MAX_CROSS_OFFSET + MARGIN
+    last = IMAGE_SIZE - max(hi[across] for hi in high) - MAX_CROSS_OFFSET - MARGIN
+    line = float(rng.uniform(first, last))
+    positions = []
+    for along in centres:
         cross = line + float(rng.uniform(-MAX_CROSS_OFFSET, MAX_CROSS_OFFSET))
-        x, y = (along, cross) if layout.axis == "horizontal" else (cross, along)
-        fill = tuple(int(np.clip(c + rng.integers(-18, 19), 0, 255)) for c in COLOURS[obj.colour])
-        _draw(draw, obj, x, y, r, fill)
-    image = np.asarray(canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX), dtype=np.int16)
-    noise = rng.normal(0, 3.0, image.shape).round().astype(np.int16)
-    return np.clip(image + noise, 0, 255).astype(np.uint8).transpose(2, 0, 1)
+        positions.append((along, cross) if layout.axis == "horizontal" else (cross, along))
+    boxes = np.array(
+        [
+            (x + lo[0], y + lo[1], x + hi[0], y + hi[1])
+            for (x, y), lo, hi in zip(positions, low, high, strict=True)
+        ],
+        dtype=np.float32,
+    )
+
+    background = paint_background(style, rng)  # (S, S, 3) at the canvas size
+    scale = style.canvas / IMAGE_SIZE
+    side = style.canvas * style.supersample
+    canvas = Image.fromarray(background.round().astype(np.uint8))
+    if style.supersample > 1:
+        canvas = canvas.resize((side, side), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
+    pen = max(1, round(style.outline * scale * style.supersample)) if style.outline else 0
+    for obj, (x, y), r, points, box in zip(layout.objects, positions, radii, outlines, boxes, strict=True):
+        x0, y0, x1, y1 = np.clip(np.round(box * scale).astype(int), 0, style.canvas)
+        under = background[y0 : max(y1, y0 + 1), x0 : max(x1, x0 + 1)].reshape(-1, 3).mean(axis=0)
+        fill = contrasting_shade(obj.colour, style, under, rng)
+        outline = darker(fill, style.outline_darkness) if pen else None
+        k = scale * style.supersample  # 64x64 pixels -> drawing pixels
+        if obj.shape == "circle":
+            draw.ellipse(
+                ((x - r) * k, (y - r) * k, (x + r) * k, (y + r) * k), fill=fill, outline=outline, width=pen
+            )
+        else:
+            corners = [((x + px) * k, (y + py) * k) for px, py in points]
+            draw.polygon(corners, fill=fill, outline=outline, width=pen)
+    if style.supersample > 1:
+        canvas = canvas.resize((style.canvas, style.canvas), Image.Resampling.BOX)
+    if style.canvas != IMAGE_SIZE:
+        canvas = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), style.resample)
+    image = finish(np.asarray(canvas), style, rng)
+    return Drawing(image.transpose(2, 0, 1).copy(), boxes)
 
 
-def make_scene(rng: np.random.Generator, split: str = "train", references: int = 5) -> Scene:
+def make_scene(
+    rng: np.random.Generator, split: str = "train", references: int = 5, style: StyleRanges = TRAINING_STYLE
+) -> Scene:
     """One scene: layout, image and `references` captions drawn from the grammar's variants."""
     count = int(rng.integers(1, 4))
     layout = SceneLayout(
         str(rng.choice(AXES)) if count > 1 else "horizontal", _sample_objects(rng, count, split)
     )
-    image = render(layout, rng)
+    drawing = render(layout, rng, style)
     everything, canonical = caption_variants(layout)
     picks = rng.choice(len(everything), size=min(references, len(everything)), replace=False)
-    return Scene(layout, image, tuple(everything[i] for i in sorted(picks)), tuple(canonical))
+    return Scene(
+        layout, drawing.image, tuple(everything[i] for i in sorted(picks)), tuple(canonical), drawing.boxes
+    )
 
 
 @dataclass(frozen=True)
@@ -244,6 +350,17 @@ class SceneSplit:
     layouts: tuple[SceneLayout, ...]
     captions: tuple[tuple[str, ...], ...]  # references per image
     canonical: tuple[tuple[str, ...], ...]  # reading-order captions per image (training targets)
+    boxes: tuple[np.ndarray, ...]  # per image: (objects, 4) float32 x0, y0, x1, y1, in layout order
+
+    def head(self, count: int) -> SceneSplit:
+        """The first `count` scenes."""
+        return SceneSplit(
+            self.images[:count],
+            self.layouts[:count],
+            self.captions[:count],
+            self.canonical[:count],
+            self.boxes[:count],
+        )
 
 
 def generate_split(split: str, count: int, seed: int = 0) -> SceneSplit:
@@ -251,7 +368,7 @@ def generate_split(split: str, count: int, seed: int = 0) -> SceneSplit:
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(_SPLIT_STREAMS)}")
     rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
-    scenes = [make_scene(rng, split) for _ in range(count)]
+    scenes = [make_scene(rng, split, style=split_style(split)) for _ in range(count)]
     images = np.stack([s.image for s in scenes])
     images.setflags(write=False)
     return SceneSplit(
@@ -259,6 +376,7 @@ def generate_split(split: str, count: int, seed: int = 0) -> SceneSplit:
         layouts=tuple(s.layout for s in scenes),
         captions=tuple(s.captions for s in scenes),
         canonical=tuple(s.canonical for s in scenes),
+        boxes=tuple(s.boxes for s in scenes),
     )
 
 
@@ -272,10 +390,12 @@ def load_scene_split(split: str, seed: int = 0, count: int | None = None) -> Sce
 
 #: scenes-resnet's classes: the colour and shape of the scene's one large object.
 CLASS_LABELS = tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES)
-CLASSIFICATION_SIZES = {"train": 12000, "validation": 1000, "test": 2000}
+CLASSIFICATION_SIZES = {"train": 12000, "validation": 1000, "test": 2000, "style-shift": 2000}
 
 
-def make_classification_scene(rng: np.random.Generator) -> tuple[np.ndarray, int]:
+def make_classification_scene(
+    rng: np.random.Generator, style: StyleRanges = TRAINING_STYLE
+) -> tuple[np.ndarray, int]:
     """A scene with exactly one large object among one to three; label: that object's colour and shape."""
     count = int(rng.integers(1, 4))
     large = int(rng.integers(count))  # one large and two small always fit
@@ -289,7 +409,7 @@ def make_classification_scene(rng: np.random.Generator) -> tuple[np.ndarray, int
     )
     layout = SceneLayout(str(rng.choice(AXES)), objects)
     label = CLASS_LABELS.index(f"{objects[large].colour} {objects[large].shape}")
-    return render(layout, rng), label
+    return render(layout, rng, style).image, label
 
 
 @lru_cache(maxsize=4)
@@ -301,7 +421,7 @@ def load_classification_split(
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(CLASSIFICATION_SIZES)}")
     rng = np.random.default_rng([seed, 100 + list(CLASSIFICATION_SIZES).index(split)])
     n = CLASSIFICATION_SIZES[split] if count is None else count
-    pairs = [make_classification_scene(rng) for _ in range(n)]
+    pairs = [make_classification_scene(rng, split_style(split)) for _ in range(n)]
     images = np.stack([p[0] for p in pairs])
     labels = np.array([p[1] for p in pairs], dtype=np.int64)
     images.setflags(write=False)

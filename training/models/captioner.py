@@ -8,7 +8,10 @@ image and the step once per word, batching the steps of many captions together.
 
 Two things the paper does not have, both because spatial relations ("left of") need to know
 where an object is: the encoder sees two coordinate channels next to RGB (CoordConv), and the
-grid gets a learned position embedding.
+grid gets a learned position embedding. And, in training only, an auxiliary head (`objects`)
+asks each grid cell whether an object's centre falls in it and, if so, its colour, shape and size
+(the scene generator knows them): with scenes drawn in many styles, the caption loss alone taught
+the encoder shapes too slowly. The head is not part of the exported graphs.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class CaptionerConfig:
     attention_dim: int = 128
     dropout: float = 0.3
     max_length: int = 24  # words, not counting <start> and <end>
+    max_repeats: int | None = None  # the most times a caption may say one word; None: any number
+    objects_head: bool = False  # the auxiliary per-cell object head (training only)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
 
@@ -52,6 +57,30 @@ class CaptionerConfig:
     def feature_dim(self) -> int:
         return self.widths[-1]
 
+    @property
+    def positions(self) -> int:
+        """L: the grid cells the decoder attends over."""
+        return self.grid_size**2
+
+    @property
+    def state_dim(self) -> int:
+        return self.hidden_dim
+
+
+def coordconv_stem(width: int) -> nn.Sequential:
+    """The first layer of an encoder that sees RGB and the x, y coordinate channels: stride 2."""
+    return nn.Sequential(
+        nn.Conv2d(3 + 2, width, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(inplace=True),
+    )
+
+
+def coordinates(size: int) -> torch.Tensor:
+    """(1, 2, size, size): x then y, each -1 at the first pixel and 1 at the last (CoordConv)."""
+    axis = torch.linspace(-1.0, 1.0, size)
+    return torch.stack([axis.view(1, -1).expand(size, -1), axis.view(-1, 1).expand(-1, size)]).unsqueeze(0)
+
 
 class Encoder(nn.Module):
     """uint8 (N, 3, H, W) -> features (N, L, D), L = grid cells (8x8 for 64x64 images), D = last width."""
@@ -60,11 +89,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.stem = nn.Sequential(
-            nn.Conv2d(3 + 2, c.widths[0], 3, stride=2, padding=1, bias=False),  # RGB + x, y
-            nn.BatchNorm2d(c.widths[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.stem = coordconv_stem(c.widths[0])
         blocks, previous = [], c.widths[0]
         for width in c.widths[1:]:
             blocks.append(BasicBlock(previous, width, stride=2))
@@ -72,11 +97,7 @@ class Encoder(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.position = nn.Parameter(torch.zeros(1, c.grid_size**2, c.feature_dim))
         nn.init.normal_(self.position, std=0.02)
-        axis = torch.linspace(-1.0, 1.0, c.image_size)
-        coords = torch.stack(
-            [axis.view(1, -1).expand(c.image_size, -1), axis.view(-1, 1).expand(-1, c.image_size)]
-        )
-        self.register_buffer("coords", coords.unsqueeze(0), persistent=False)  # (1, 2, H, W): x, y
+        self.register_buffer("coords", coordinates(c.image_size), persistent=False)  # (1, 2, H, W): x, y
         self.register_buffer("mean", torch.tensor(c.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(c.std).view(1, -1, 1, 1), persistent=False)
 
@@ -138,6 +159,11 @@ class Decoder(nn.Module):
         return self.out_words(self.dropout(deep)), DecoderState(h, c), alpha
 
 
+#: What the auxiliary head says about each grid cell: object centre here (1 logit), colour (4),
+#: shape (3), size (2).
+OBJECT_OUTPUTS = 1 + 4 + 3 + 2
+
+
 class Captioner(nn.Module):
     """Encoder + decoder, with the teacher-forced forward pass used in training."""
 
@@ -146,13 +172,17 @@ class Captioner(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.objects = nn.Linear(config.feature_dim, OBJECT_OUTPUTS) if config.objects_head else None
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher forcing: tokens (N, T) from <start> -> logits (N, T-1, V) and alphas (N, T-1, L).
 
         Step t reads tokens[:, t] and predicts tokens[:, t + 1].
         """
-        features = self.encoder(images)  # (N, L, D)
+        return self.tell(self.encoder(images), tokens)
+
+    def tell(self, features: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing from the encoder's features (N, L, D); see forward."""
         projected, state = self.decoder.prepare(features)
         logits, alphas = [], []
         for t in range(tokens.shape[1] - 1):

@@ -10,9 +10,11 @@ compared.
 
 `BeamSearch` is the algorithm of `training.caption_decoding.beam_search` in numpy, step for step:
 every live hypothesis is extended by every word, the best `beam_size` of all extensions are
-kept, those ending in <end> are set aside; at `max_length` words only <end> may follow; the
-search stops when the beam is empty or the best live hypothesis cannot beat the worst of
-`beam_size` finished ones; hypotheses rank by total log-probability (float32 sums, as in torch).
+kept, those ending in <end> are set aside; at `max_length` words only <end> may follow; a word
+that a hypothesis already says `max_repeats` times (the most the model's grammar ever repeats
+one word) cannot extend it; the search stops when the beam is empty or the best live hypothesis
+cannot beat the worst of `beam_size` finished ones; hypotheses rank by total log-probability
+(float32 sums, as in torch).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +51,13 @@ class Hypothesis:
     tokens: tuple[int, ...]  # words only: no <start>, no <end>
     log_prob: float  # total, including the final <end>
     attention: tuple[np.ndarray, ...] = ()  # one (L,) weight vector per word, when asked for
+    regions: np.ndarray | None = None  # (L, 4) boxes the attention weights refer to, for region models
+
+    @property
+    def mean_log_prob(self) -> float:
+        """Log-probability per token (the words and the final <end>): a confidence that does not
+        fall with the caption's length."""
+        return self.log_prob / (len(self.tokens) + 1)
 
 
 class BeamSearch:
@@ -66,8 +75,11 @@ class BeamSearch:
         start_token: int,
         end_token: int,
         keep_attention: bool = False,
+        max_repeats: int | None = None,
+        regions: np.ndarray | None = None,  # (L, 4), handed on with the captions
     ) -> None:
         self.features, self.projected = features, projected
+        self.max_repeats, self.regions = max_repeats, regions
         self.h, self.c = h, c
         self.beam_size, self.max_length = beam_size, max_length
         self.end_token = end_token
@@ -87,6 +99,11 @@ class BeamSearch:
     def advance(self, log_probs: np.ndarray, h: np.ndarray, c: np.ndarray, alpha: np.ndarray) -> bool:
         """One step: (rows, V) log-probabilities and the next states; True when the search is done."""
         scores = log_probs + self.scores[:, np.newaxis]  # float32, as torch adds them
+        if self.max_repeats is not None and self.length >= self.max_repeats:
+            for row, (tokens, _) in enumerate(self.live):
+                for word, count in Counter(tokens).items():
+                    if count >= self.max_repeats:
+                        scores[row, word] = -np.inf
         end = self.end_token
         if self.length == self.max_length:  # out of room: only <end> may follow
             values = scores[:, end]
@@ -109,7 +126,7 @@ class BeamSearch:
         for row, word, score in picks:
             tokens, attention = self.live[row]
             if word == end:
-                self.finished.append(Hypothesis(tokens, score, attention))
+                self.finished.append(Hypothesis(tokens, score, attention, self.regions))
                 continue
             if self.keep_attention:
                 attention = (*attention, alpha[row].copy())

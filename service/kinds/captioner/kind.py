@@ -28,6 +28,7 @@ from service.domain import (
     ImageInput,
     InferRequest,
     InferResult,
+    Region,
 )
 from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.errors import InvalidArgument
@@ -182,18 +183,29 @@ class CaptionJob:
         )
 
     def finish(self) -> CaptionResult:
-        return CaptionResult(results=[[self._caption(h) for h in found] for found in self._results])
+        return CaptionResult(
+            results=[[self._caption(h) for h in found] for found in self._results],
+            regions=[_regions(found) for found in self._results],
+        )
 
     def _caption(self, hypothesis: Hypothesis) -> Caption:
         pipeline = self._pipeline
-        rows, columns = pipeline.spec.grid
+        rows, columns = pipeline.spec.grid or (pipeline.cells, 1)
         return Caption(
             text=pipeline.text(hypothesis),
             words=pipeline.words(hypothesis),
             tokens=list(hypothesis.tokens),
             log_prob=hypothesis.log_prob,
+            mean_log_prob=hypothesis.mean_log_prob,
             attention=[AttentionMap(rows, columns, a.tolist()) for a in hypothesis.attention],
         )
+
+
+def _regions(hypotheses: list[Hypothesis]) -> list[Region]:
+    """The boxes a region captioner attended over (the same for every caption of an image)."""
+    if not hypotheses or hypotheses[0].regions is None:
+        return []
+    return [Region(*box) for box in hypotheses[0].regions.tolist()]
 
 
 class KServeCaptionJob(CaptionJob):

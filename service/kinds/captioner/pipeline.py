@@ -20,6 +20,7 @@ from service.contract.tensor_names import (
     DECODER_OUTPUTS,
     ENCODER_OUTPUTS,
     PER_HYPOTHESIS_DECODER_INPUTS,
+    REGION_BOXES,
 )
 from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession, TensorSpec
@@ -55,11 +56,15 @@ class CaptionerPipeline:
             if not 0 <= token < words:
                 raise ModelLoadError(f"{what} {token} is outside the vocabulary of {words} words")
         self._encoder_outputs = [encoder.output_names.index(name) for name in ENCODER_OUTPUTS]
+        self._boxes: int | None = None
+        if self.spec.regions is not None:
+            _require(encoder, [self.input.name], [REGION_BOXES], self.spec.encoder_file)
+            self._boxes = encoder.output_names.index(REGION_BOXES)
 
     @property
     def cells(self) -> int:
-        rows, columns = self.spec.grid
-        return rows * columns
+        """The positions attended over: grid cells or regions."""
+        return self.spec.positions
 
     def prepare(self, image: np.ndarray) -> np.ndarray:
         """One decoded image -> (3, H, W) uint8 at the encoder's input size."""
@@ -80,6 +85,7 @@ class CaptionerPipeline:
     ) -> list[BeamSearch]:
         """One beam search per image from the encoder's outputs (in the graph's output order)."""
         features, projected, h, c = (encoded[i] for i in self._encoder_outputs)
+        boxes = None if self._boxes is None else encoded[self._boxes]
         return [
             BeamSearch(
                 features[i : i + 1],
@@ -91,6 +97,8 @@ class CaptionerPipeline:
                 start_token=self.spec.start_token,
                 end_token=self.spec.end_token,
                 keep_attention=keep_attention,
+                max_repeats=self.spec.max_repeats,
+                regions=None if boxes is None else boxes[i],
             )
             for i in range(len(features))
         ]
@@ -125,10 +133,9 @@ class CaptionerPipeline:
                 f"{len(self.vocabulary)}"
             )
         if alpha.shape[1] != self.cells:
-            raise ModelLoadError(
-                f"the decoder attends over {alpha.shape[1]} cells, the manifest's grid "
-                f"{self.spec.grid[0]}x{self.spec.grid[1]} has {self.cells}"
-            )
+            grid = self.spec.grid
+            layout = f"{self.cells} regions" if grid is None else f"grid {grid[0]}x{grid[1]} has {self.cells}"
+            raise ModelLoadError(f"the decoder attends over {alpha.shape[1]} cells, the manifest's {layout}")
 
     async def close(self) -> None:
         if self.loop is not None:

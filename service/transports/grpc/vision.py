@@ -106,15 +106,19 @@ class VisionServicer(pb_grpc.VisionServicer):
                             words=c.words,
                             tokens=c.tokens,
                             log_prob=c.log_prob,
+                            mean_log_prob=c.mean_log_prob,
                             attention=[
                                 pb.AttentionMap(rows=a.rows, columns=a.columns, weights=a.weights)
                                 for a in c.attention
                             ],
                         )
                         for c in captions
-                    ]
+                    ],
+                    regions=[
+                        pb.Region(left=r.left, top=r.top, right=r.right, bottom=r.bottom) for r in regions
+                    ],
                 )
-                for captions in found.results
+                for captions, regions in zip(found.results, found.regions, strict=True)
             ],
         )
 

@@ -331,13 +331,21 @@ class Routes:
         )
         captions = []
         for c in found.results[0]:
-            entry: dict[str, Any] = {"text": c.text, "words": c.words, "log_prob": c.log_prob}
+            entry: dict[str, Any] = {
+                "text": c.text,
+                "words": c.words,
+                "log_prob": c.log_prob,
+                "mean_log_prob": c.mean_log_prob,
+            }
             if c.attention:
                 entry["attention"] = [
                     {"rows": a.rows, "columns": a.columns, "weights": a.weights} for a in c.attention
                 ]
             captions.append(entry)
-        return _json({"model": found.model, "version": found.version, "captions": captions})
+        answer: dict[str, Any] = {"model": found.model, "version": found.version, "captions": captions}
+        if found.regions and found.regions[0]:
+            answer["regions"] = [[r.left, r.top, r.right, r.bottom] for r in found.regions[0]]
+        return _json(answer)
 
     async def list_models(self, request: web.Request) -> web.Response:
         """Every model: kind, versions with state and execution provider, input spec, labels."""

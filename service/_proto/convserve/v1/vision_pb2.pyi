@@ -146,25 +146,41 @@ class AttentionMap(_message.Message):
     weights: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, rows: _Optional[int] = ..., columns: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
+class Region(_message.Message):
+    __slots__ = ("left", "top", "right", "bottom")
+    LEFT_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    RIGHT_FIELD_NUMBER: _ClassVar[int]
+    BOTTOM_FIELD_NUMBER: _ClassVar[int]
+    left: float
+    top: float
+    right: float
+    bottom: float
+    def __init__(self, left: _Optional[float] = ..., top: _Optional[float] = ..., right: _Optional[float] = ..., bottom: _Optional[float] = ...) -> None: ...
+
 class GeneratedCaption(_message.Message):
-    __slots__ = ("text", "words", "tokens", "log_prob", "attention")
+    __slots__ = ("text", "words", "tokens", "log_prob", "attention", "mean_log_prob")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    MEAN_LOG_PROB_FIELD_NUMBER: _ClassVar[int]
     text: str
     words: _containers.RepeatedScalarFieldContainer[str]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     log_prob: float
     attention: _containers.RepeatedCompositeFieldContainer[AttentionMap]
-    def __init__(self, text: _Optional[str] = ..., words: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[int]] = ..., log_prob: _Optional[float] = ..., attention: _Optional[_Iterable[_Union[AttentionMap, _Mapping]]] = ...) -> None: ...
+    mean_log_prob: float
+    def __init__(self, text: _Optional[str] = ..., words: _Optional[_Iterable[str]] = ..., tokens: _Optional[_Iterable[int]] = ..., log_prob: _Optional[float] = ..., attention: _Optional[_Iterable[_Union[AttentionMap, _Mapping]]] = ..., mean_log_prob: _Optional[float] = ...) -> None: ...
 
 class Captions(_message.Message):
-    __slots__ = ("captions",)
+    __slots__ = ("captions", "regions")
     CAPTIONS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     captions: _containers.RepeatedCompositeFieldContainer[GeneratedCaption]
-    def __init__(self, captions: _Optional[_Iterable[_Union[GeneratedCaption, _Mapping]]] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, captions: _Optional[_Iterable[_Union[GeneratedCaption, _Mapping]]] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
 
 class CaptionResponse(_message.Message):
     __slots__ = ("model", "version", "results")
