@@ -190,8 +190,16 @@ def test_a_dropped_scene_gets_a_class_and_a_caption_whose_words_show_their_atten
     screenshot(page, "scenes")
     page.mouse.move(5, 5)
     expect(overlay).to_be_hidden()
-    page.click('[data-example="scene-red-circle.png"]')  # an example scene, picked
-    expect(page.locator("#scenes-class")).to_contain_text("red circle")
+    example = (CONSOLE_FILES / "scene-red-circle.png").read_bytes()
+    with page.expect_response(lambda r: "/v1/classify" in r.url) as classified:
+        page.click('[data-example="scene-red-circle.png"]')  # an example scene, picked
+    answer = classified.value
+    assert answer.status == 200
+    url = f"{console_server.http_url}/v1/classify?model=scenes-resnet&top_k=3"
+    status, _, body = http(url, example, method="POST")  # the same scene, sent by the test itself
+    assert status == 200 and answer.json() == json.loads(body), "the page sent that example scene"
+    best = answer.json()["predictions"][0]  # the page shows the answer (the quick test model's, right or not)
+    expect(page.locator("#scenes-class")).to_have_text(f"{best['label']} ({best['score'] * 100:.1f} %)")
 
 
 def test_a_model_unloaded_through_the_api_shows_unloaded_within_five_seconds(
