@@ -77,6 +77,8 @@ GOAL_OWN_MODEL = "lenet5"
 GOAL_ACCESS_LOG_COST = 0.02
 GOAL_CORES = 1.1
 STRETCH_FRACTION_OF_LIMIT = 0.90
+#: perf_analyzer's shortest measurement window: shorter ones may hold too few requests to report.
+PERF_ANALYZER_MIN_SECONDS = 1.0
 GOAL_COLD_START_SECONDS = 3.0
 GOAL_RSS_MB = 500.0
 #: Settings of the caller that the suite's servers keep (all other CONVSERVE_* are dropped).
@@ -410,7 +412,7 @@ def run_suite(options: SuiteOptions, progress: Progress | None = None) -> SuiteR
                 servers["convserve"].target,
                 options.models,
                 options.concurrencies,
-                options.duration,
+                max(options.duration, PERF_ANALYZER_MIN_SECONDS),
                 _pin(cores.client),
             )
     finally:

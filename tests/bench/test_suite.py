@@ -67,9 +67,10 @@ def test_cli_suite_tiny(trained_lenet, tmp_path, capsys) -> None:
             assert r["fraction_of_naive"]["median"] == pytest.approx(ratio)
         else:
             assert r["fraction_of_naive"] is None
-        assert 0 < r["server_cores"] < 2
+        assert 0 <= r["server_cores"] < 2  # from /proc's clock ticks: a short, idle window may read 0
     # The server's CPU per request, and convserve's onnxruntime runs during each of its points.
-    assert all(p["server_cpu_us_per_request"] > 0 for p in report["points"])
+    assert all(p["server_cpu_us_per_request"] >= 0 for p in report["points"])
+    assert all(p["server_cpu_us_per_request"] > 0 for p in report["points"] if p["target"] == "kserve")
     for point in report["points"]:
         runs = point["onnxruntime"]
         if point["target"] in ("noop", "naive", "noop-http", "naive-http"):
