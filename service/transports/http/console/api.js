@@ -55,7 +55,7 @@ export async function call(path, { method = "GET", query = {}, body, json } = {}
   if (json !== undefined) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(json);
-  } else if (body instanceof Blob && body.type) {
+  } else if (body && typeof body.type === "string" && body.type) {  // a file or blob: its own type
     headers["Content-Type"] = body.type;
   }
   let response;
@@ -93,7 +93,8 @@ async function errorMessage(response) {
 
 /** Show an error (or clear it with an empty message) in a view's alert paragraph. */
 export function showError(element, error) {
-  const message = error ? (error instanceof ApiError && error.status ? `${error.status}: ${error.message}` : error.message) : "";
+  // the server's refusals (ApiError) carry their HTTP status; network failures do not
+  const message = error ? (error.status ? `${error.status}: ${error.message}` : error.message) : "";
   element.textContent = message;
   element.hidden = !message;
 }
