@@ -54,6 +54,17 @@ def trained_captioner(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_butd(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A quick captioner-butd (one detector epoch, two decoder epochs, small splits), trained once for
+    the whole run: its run folder under `run`, its repository under `models`, and the run's metrics."""
+    from training.train_butd import run
+
+    root = tmp_path_factory.mktemp("butd")
+    metrics = run(quick=True, run_dir=root / "run", repository=root / "models", progress=False)
+    return root, metrics
+
+
+@pytest.fixture(scope="session")
 def trained_scenes_resnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repository with a quick scenes-resnet (a few epochs), trained once for the whole run."""
     from training.train_scenes_resnet import run

@@ -28,13 +28,12 @@ MODEL = "captioner-butd"
 
 
 @pytest.fixture(scope="module")
-def butd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningServer, Path]]:
-    """A quick captioner-butd (one detector epoch, two decoder epochs, small splits) and its server."""
-    from training.train_butd import run
-
-    root = tmp_path_factory.mktemp("butd")
-    run(quick=True, run_dir=root / "run", repository=root / "models", progress=False)
-    server = start_server(root / "models", root / "server.log")
+def butd(
+    trained_butd: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[RunningServer, Path]]:
+    """A server on the session's quick captioner-butd."""
+    root, _ = trained_butd
+    server = start_server(root / "models", tmp_path_factory.mktemp("butd-server") / "server.log")
     yield server, root
     server.stop()
 

@@ -12,7 +12,7 @@ from service.contract.manifest import load_manifest
 from training.data.scenes import generate_split
 from training.models.butd import ATTRIBUTE_DIM, ATTRIBUTES, BottomUpTopDown, BottomUpTopDownConfig
 from training.models.captioner import START
-from training.train_butd import detection_targets, run
+from training.train_butd import detection_targets
 from training.train_captioner import build_vocabulary
 
 
@@ -98,19 +98,17 @@ def test_the_trunk_learns_shapes_from_shuffled_colours_the_colour_branch_from_th
     assert ATTRIBUTE_DIM == 9
 
 
-def test_quick_run_publishes_two_graphs_with_regions(tmp_path: Path) -> None:
-    metrics = run(
-        quick=True, epochs=1, run_dir=tmp_path / "run", repository=tmp_path / "models", progress=False
-    )
+def test_quick_run_publishes_two_graphs_with_regions(trained_butd: tuple[Path, dict]) -> None:
+    root, metrics = trained_butd
     table = metrics["evaluation"]
     assert set(table) == {"test", "compositional", "style-shift"} and set(table["test"]) == {
         "greedy",
         "beam3",
     }
     assert set(metrics["detector"]["test"]) == {"recall", "precision", "attributes_right"}
-    version = tmp_path / "models" / "captioner-butd" / "1"
+    version = root / "models" / "captioner-butd" / "1"
     assert sorted(p.name for p in version.iterdir()) == ["decoder.onnx", "encoder.onnx"]
-    manifest = load_manifest(tmp_path / "models" / "captioner-butd")
+    manifest = load_manifest(root / "models" / "captioner-butd")
     assert (
         manifest.kind == "captioner" and manifest.captioner.regions == 4 and manifest.captioner.grid is None
     )
