@@ -81,7 +81,7 @@ models: install
 	$(BIN)/convserve-train all --jobs $(TRAIN_JOBS) --repository $(MODELS)
 
 test: install system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25  # the slowest 25, to keep the run short
 
 # What the tests run besides the dev extra's tools: Debian's prometheus package (prometheus and
 # promtool, for tests/deploy), libb64 (for perf_analyzer) and chromium (the web console's browser
