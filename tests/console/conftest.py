@@ -22,14 +22,16 @@ def console_server(
     trained_lenet: Path,
     trained_captioner: Path,
     trained_scenes_resnet: Path,
+    trained_butd: tuple[Path, dict],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[RunningServer]:
-    """lenet5, scenes-resnet and captioner (quick-trained), a toy generator named dcgan, and a model
-    that fails to load (`broken`); repository control on, for the unload tests."""
+    """lenet5, scenes-resnet, captioner and captioner-butd (quick-trained), a toy generator named
+    dcgan, and a model that fails to load (`broken`); repository control on, for the unload tests."""
     repository = tmp_path_factory.mktemp("console") / "models"
     shutil.copytree(trained_lenet, repository)
     shutil.copytree(trained_captioner / "models" / "captioner", repository / "captioner")
     shutil.copytree(trained_scenes_resnet / "scenes-resnet", repository / "scenes-resnet")
+    shutil.copytree(trained_butd[0] / "models" / "captioner-butd", repository / "captioner-butd")
     toy_generator(repository / "dcgan" / "1" / "model.onnx", latent=LATENT)
     write_config(
         repository / "dcgan",

@@ -202,6 +202,42 @@ def test_a_dropped_scene_gets_a_class_and_a_caption_whose_words_show_their_atten
     expect(page.locator("#scenes-class")).to_have_text(f"{best['label']} ({best['score'] * 100:.1f} %)")
 
 
+def test_a_captioner_over_regions_shows_each_words_attention_as_weighted_boxes(
+    page: Page, console_server: RunningServer
+) -> None:
+    _open(page, console_server, "scenes")
+    expect(page.locator('#scenes-captioner option[value="captioner-butd"]')).to_have_count(1)
+    page.select_option("#scenes-captioner", "captioner-butd")
+    with page.expect_response(lambda r: "/v1/caption" in r.url and "captioner-butd" in r.url) as captioned:
+        scene = (CONSOLE_FILES / "scene-red-circle.png").read_bytes()
+        _drop(page, "#scenes-drop", "scene.png", scene, "image/png")
+    regions = captioned.value.json()["regions"]
+    assert len(regions) == 4
+    words = page.locator("#scenes-caption .word")
+    expect(words.first).to_be_visible()
+    words.first.hover()
+    overlay = page.locator("#scenes-overlay")
+    expect(overlay).to_have_attribute("data-regions", "4")
+    outline = page.evaluate(
+        """() => {
+            const canvas = document.getElementById("scenes-overlay");
+            const pixels = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+            let outlined = 0;  // the boxes' amber outline: red and green high, blue low
+            for (let i = 0; i < pixels.length; i += 4) {
+                const [red, green, blue, alpha] = pixels.slice(i, i + 4);
+                if (alpha > 0 && red > 200 && green > 120 && blue < 60) outlined++;
+            }
+            return outlined;
+        }"""
+    )
+    assert outline > 20, "no box outlines drawn over the scene"
+    page.select_option("#scenes-captioner", "captioner")  # a grid captioner: a map again, no boxes
+    expect(page.locator("#scenes-caption .word").first).to_be_visible()
+    page.mouse.move(5, 5)
+    page.locator("#scenes-caption .word").first.hover()
+    expect(overlay).to_have_attribute("data-regions", "0")
+
+
 def test_a_model_unloaded_through_the_api_shows_unloaded_within_five_seconds(
     page: Page, console_server: RunningServer
 ) -> None:

@@ -1,6 +1,8 @@
 // The scenes view: an image (dropped, chosen, or one of the examples shipped with the page) goes to
 // POST /v1/classify (the scene classifier) and POST /v1/caption?attention=1 (the captioner); each
-// word of the caption shows, while pointed at or focused, where the captioner attended saying it.
+// word of the caption shows, while pointed at or focused, where the captioner attended saying it:
+// a smooth map over the image for a captioner that attends over a grid (captioner), boxes weighted by
+// attention for one that attends over object regions (captioner-butd).
 
 import { call, showError } from "./api.js";
 import { enableDrop } from "./digits.js";
@@ -24,6 +26,7 @@ export function startScenesView() {
   let image = null; // the Blob shown
   let box = { x: 0, y: 0, width: canvas.width, height: canvas.height }; // where it is drawn
   let attention = [];
+  let regions = []; // [left, top, right, bottom] fractions of the image, for a captioner over regions
 
   async function show(blob) {
     image = blob;
@@ -72,12 +75,14 @@ export function startScenesView() {
       classOut.textContent = "–";
     }
     if (captioned.status === "fulfilled") {
-      showCaption((await captioned.value.json()).captions[0]);
+      const answer = await captioned.value.json();
+      showCaption(answer.captions[0], answer.regions || []);
     }
   }
 
-  function showCaption(caption) {
+  function showCaption(caption, boxes) {
     attention = caption.attention || [];
+    regions = boxes;
     const words = caption.words.map((word, index) => {
       const button = document.createElement("button");
       button.type = "button";
@@ -93,10 +98,22 @@ export function startScenesView() {
     captionOut.replaceChildren(...spaced);
   }
 
-  /** Darken the scene where word `index` paid little attention (the map, smoothly scaled up). */
+  /** Darken the scene where word `index` paid little attention: a grid map smoothly scaled up, or
+   * the regions' boxes, each as bright and as outlined as the share of attention it got. */
   function showAttention(index) {
     const map = attention[index];
     if (!map) return;
+    const context = overlay.getContext("2d");
+    context.clearRect(0, 0, overlay.width, overlay.height);
+    const overRegions = regions.length > 0 && map.columns === 1 && map.rows === regions.length;
+    if (overRegions) drawRegions(context, map.weights);
+    else drawGrid(context, map);
+    overlay.dataset.word = String(index);
+    overlay.dataset.regions = overRegions ? String(regions.length) : "0";
+    overlay.hidden = false;
+  }
+
+  function drawGrid(context, map) {
     const peak = Math.max(...map.weights) || 1;
     const small = new OffscreenCanvas(map.columns, map.rows);
     const pixels = new ImageData(map.columns, map.rows);
@@ -104,17 +121,35 @@ export function startScenesView() {
       pixels.data[4 * i + 3] = Math.round(255 * VEIL * (1 - weight / peak)); // black, by how little attended
     });
     small.getContext("2d").putImageData(pixels, 0, 0);
-    const context = overlay.getContext("2d");
-    context.clearRect(0, 0, overlay.width, overlay.height);
     context.imageSmoothingEnabled = true;
     context.drawImage(small, box.x, box.y, box.width, box.height);
-    overlay.dataset.word = String(index);
-    overlay.hidden = false;
+  }
+
+  function drawRegions(context, weights) {
+    const peak = Math.max(...weights) || 1;
+    context.fillStyle = `rgba(0, 0, 0, ${VEIL})`;
+    context.fillRect(box.x, box.y, box.width, box.height);
+    // the least attended first, so that the most attended box is drawn whole, on top
+    const order = weights.map((weight, i) => [weight / peak, i]).sort((a, b) => a[0] - b[0]);
+    for (const [share, i] of order) {
+      const [left, top, right, bottom] = regions[i];
+      const x = box.x + left * box.width;
+      const y = box.y + top * box.height;
+      const width = Math.max((right - left) * box.width, 1);
+      const height = Math.max((bottom - top) * box.height, 1);
+      context.clearRect(x, y, width, height);
+      context.fillStyle = `rgba(0, 0, 0, ${VEIL * (1 - share)})`;
+      context.fillRect(x, y, width, height);
+      context.strokeStyle = `rgba(255, 196, 0, ${0.25 + 0.75 * share})`;
+      context.lineWidth = 1 + 2 * share;
+      context.strokeRect(x, y, width, height);
+    }
   }
 
   function hideAttention() {
     overlay.hidden = true;
     delete overlay.dataset.word;
+    delete overlay.dataset.regions;
   }
 
   for (const button of document.querySelectorAll("[data-example]")) {
