@@ -162,9 +162,10 @@ def _infer_json(server, body: dict) -> tuple[int, dict]:
 
 def test_integer_inputs_take_whole_json_numbers_only(server) -> None:
     image = {"name": "image", "datatype": "UINT8", "shape": [1, 1, 32, 32]}
-    status, answer = _infer_json(server, {"inputs": [{**image, "data": [0.5] * 1024}]})
-    assert status == 400
-    assert answer["error"] == "input 'image': UINT8 data must be whole numbers, got float64 values"
+    for floats in ([0.5] * 1024, [7.0] * 1024):  # 7.0 is whole, but a JSON float: refused too
+        status, answer = _infer_json(server, {"inputs": [{**image, "data": floats}]})
+        assert status == 400, floats[0]
+        assert answer["error"] == "input 'image': UINT8 data must be whole numbers, got float64 values"
     status, answer = _infer_json(server, {"inputs": [{**image, "data": [300] * 1024}]})
     assert status == 400
     assert _infer_json(server, {"inputs": [{**image, "data": [7] * 1024}]})[0] == 200
