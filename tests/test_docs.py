@@ -213,3 +213,93 @@ def test_the_working_folder_is_the_repository_with_models(workdir: Path) -> None
     ]
     assert shutil.which("convserve", path=str(workdir / ".venv" / "bin"))
     assert os.access(workdir / ".venv" / "bin" / "python", os.X_OK)
+
+
+# --- docs/api.md's table of every route and RPC -----------------------------------------------------
+
+ROUTE_TABLE = "### Every route and RPC, and how each differs from Triton"
+#: The service of the table's bare RPC names (its first column's heading).
+DEFAULT_SERVICE = "inference.GRPCInferenceService"
+METHOD_PATH = re.compile(r"^(?P<method>GET|POST|PUT|DELETE|HEAD) (?P<path>/\S*)$")
+
+
+def _optional(path: str) -> list[str]:
+    """Every path `[...]` spells, without and with each optional part: `/a[/b[/c]]` is /a, /a/b, /a/b/c."""
+    start = path.find("[")
+    if start < 0:
+        return [path]
+    depth = 0
+    for end in range(start, len(path)):
+        depth += {"[": 1, "]": -1}.get(path[end], 0)
+        if depth == 0:
+            break
+    head, inner, tail = path[:start], path[start + 1 : end], path[end + 1 :]
+    return _optional(head + tail) + _optional(head + inner + tail)
+
+
+def _route(method: str, path: str) -> tuple[str, str]:
+    return method, re.sub(r"\{[^}]*\}", "{}", path)  # {v} and {version} are one route
+
+
+def documented_routes_and_rpcs() -> tuple[set[tuple[str, str]], set[tuple[str, str]], set[str]]:
+    """The table's HTTP routes on the HTTP port, those on the metrics port, and its gRPC methods."""
+    text = (REPO / "docs" / "api.md").read_text()
+    assert ROUTE_TABLE in text, f"docs/api.md lost its heading {ROUTE_TABLE!r}"
+    rows = []
+    for line in text.split(ROUTE_TABLE, 1)[1].splitlines()[1:]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split(" | ")])
+        elif rows:
+            break
+    http, metrics, rpcs = set(), set(), set()
+    for grpc_cell, http_cell, _ in rows[2:]:  # past the heading and the |---| line
+        service = DEFAULT_SERVICE
+        for name in re.findall(r"`([^`]+)`", grpc_cell):
+            if "/" in name and not name.startswith("/"):
+                service, name = name.rsplit("/", 1)
+            rpcs.add(f"{service}/{name.lstrip('/')}")
+        routes = metrics if "metrics port" in http_cell else http
+        method = ""
+        for item in re.findall(r"`([^`]+)`", http_cell):
+            found = METHOD_PATH.match(item)
+            assert found or (method and item.startswith("/")), f"not `METHOD /path` nor `/path`: {item!r}"
+            method, path = (found["method"], found["path"]) if found else (method, item)
+            routes.update(_route(method, each) for each in _optional(path))
+    return http, metrics, rpcs
+
+
+def _registered(app) -> set[tuple[str, str]]:
+    return {_route(r.method, r.resource.canonical) for r in app.router.routes() if r.method != "HEAD"}
+
+
+def test_the_route_table_lists_every_http_route_and_rpc_the_server_has() -> None:
+    """docs/api.md's table against what the server registers: every route of the HTTP app (console
+    on) and of the metrics port, every RPC of protos/, health and reflection; nothing more."""
+    from grpc_health.v1 import health_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from service.server import metrics_app
+    from service.transports.http.routes import build_app
+
+    http, metrics, rpcs = documented_routes_and_rpcs()
+    assert http == _registered(build_app(None, max_body_bytes=1024, console=True))  # type: ignore[arg-type]
+    assert metrics == _registered(metrics_app(None))
+    served = set()
+    for proto in sorted((REPO / "protos").rglob("*.proto")):
+        source = proto.read_text()
+        package = re.search(r"^package ([\w.]+);", source, re.MULTILINE)[1]
+        for service, body in re.findall(r"^service (\w+) \{(.*?)^\}", source, re.MULTILINE | re.DOTALL):
+            served.update(f"{package}.{service}/{rpc}" for rpc in re.findall(r"\brpc (\w+)\s*\(", body))
+    assert "inference.GRPCInferenceService/ModelInfer" in served  # the parser reads the protos
+    for descriptor, name in ((health_pb2, "Health"), (reflection_pb2, "ServerReflection")):
+        service = descriptor.DESCRIPTOR.services_by_name[name]
+        served.update(f"{service.full_name}/{method.name}" for method in service.methods)
+    assert rpcs == served
+
+
+def test_optional_parts_of_a_documented_path_are_spelled_out() -> None:
+    assert _optional("/v2/models[/{name}[/versions/{v}]]/stats") == [
+        "/v2/models/stats",
+        "/v2/models/{name}/stats",
+        "/v2/models/{name}/versions/{v}/stats",
+    ]

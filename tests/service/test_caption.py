@@ -429,6 +429,66 @@ def test_http_caption_and_kserve_captioner(cap_server: RunningServer, scenes: np
     assert answer["outputs"][0]["data"] == [expected[0].text]
 
 
+PARTS = ("captioner.encoder", "captioner.decoder")
+
+
+def _http_ready(server: RunningServer, name: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/v2/models/{name}/ready", timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_unloading_the_captioner_unloads_its_parts(
+    trained_captioner: Path, tmp_path: Path, transport: str
+) -> None:
+    """Repository control, as tritonclient calls it: unload with unload_dependents true or false takes
+    the encoder and decoder with the captioner (they are parts of its version, not models of their
+    own); load brings all three back."""
+    repository = tmp_path / "models"
+    shutil.copytree(trained_captioner / "models", repository)
+    server = start_server(repository, tmp_path / "server.log", {"CONVSERVE_REPOSITORY_CONTROL": "enabled"})
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+
+            def grpc_ready() -> dict[str, bool]:
+                return {
+                    n: stub.ModelReady(kserve_pb.ModelReadyRequest(name=n)).ready
+                    for n in ("captioner", *PARTS)
+                }
+
+            def control(action: str, dependents: bool | None = None) -> None:
+                if transport == "grpc":
+                    if action == "load":
+                        stub.RepositoryModelLoad(kserve_pb.RepositoryModelLoadRequest(model_name="captioner"))
+                        return
+                    unload = kserve_pb.RepositoryModelUnloadRequest(model_name="captioner")
+                    unload.parameters["unload_dependents"].bool_param = bool(dependents)
+                    stub.RepositoryModelUnload(unload)
+                    return
+                body = {} if action == "load" else {"parameters": {"unload_dependents": dependents}}
+                url = f"{server.http_url}/v2/repository/models/captioner/{action}"
+                json_type = {"Content-Type": "application/json"}  # control refuses a form post (403)
+                post = urllib.request.Request(url, json.dumps(body).encode(), json_type, method="POST")
+                with urllib.request.urlopen(post, timeout=60) as answer:
+                    assert answer.status == 200
+
+            assert grpc_ready() == {"captioner": True, **dict.fromkeys(PARTS, True)}
+            for dependents in (True, False):
+                control("unload", dependents)
+                assert grpc_ready() == {"captioner": False, **dict.fromkeys(PARTS, False)}, dependents
+                # known but not ready: 503, as for any model that is not ready (an unknown one is 404)
+                assert [_http_ready(server, n) for n in ("captioner", *PARTS)] == [503, 503, 503]
+                control("load")
+                assert grpc_ready() == {"captioner": True, **dict.fromkeys(PARTS, True)}, dependents
+                assert [_http_ready(server, n) for n in ("captioner", *PARTS)] == [200, 200, 200]
+    finally:
+        server.stop()
+
+
 def test_cli_caption_json_and_attention_picture(
     cap_server: RunningServer, scenes: np.ndarray, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -12,7 +13,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import yaml
 from drawing import draw_digit, png_bytes
+from prometheus_client.parser import text_string_to_metric_families
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -20,6 +23,7 @@ from service.client import VisionClient
 from training.data.digits import load_digit_splits
 
 HERE = Path(__file__).parent
+REPO = HERE.parents[1]
 
 
 def _call(
@@ -162,9 +166,10 @@ def _infer_json(server, body: dict) -> tuple[int, dict]:
 
 def test_integer_inputs_take_whole_json_numbers_only(server) -> None:
     image = {"name": "image", "datatype": "UINT8", "shape": [1, 1, 32, 32]}
-    status, answer = _infer_json(server, {"inputs": [{**image, "data": [0.5] * 1024}]})
-    assert status == 400
-    assert answer["error"] == "input 'image': UINT8 data must be whole numbers, got float64 values"
+    for floats in ([0.5] * 1024, [7.0] * 1024):  # 7.0 is whole, but a JSON float: refused too
+        status, answer = _infer_json(server, {"inputs": [{**image, "data": floats}]})
+        assert status == 400, floats[0]
+        assert answer["error"] == "input 'image': UINT8 data must be whole numbers, got float64 values"
     status, answer = _infer_json(server, {"inputs": [{**image, "data": [300] * 1024}]})
     assert status == 400
     assert _infer_json(server, {"inputs": [{**image, "data": [7] * 1024}]})[0] == 200
@@ -223,10 +228,33 @@ def test_classification_extension_over_http_and_grpc(server) -> None:
     assert _infer_json(server, bad)[0] == 400
 
 
+def _answered(server, method: str, transport: str) -> dict[tuple[str, str], float]:
+    """convserve_requests_total ("code", code) and convserve_request_failures_total ("reason", reason)
+    of one method and transport, summed over models and versions, as the metrics port shows them."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    seen: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "convserve_requests_total" and (labels["method"], labels["transport"]) == (
+                method,
+                transport,
+            ):
+                key = ("code", labels["code"])
+            elif sample.name == "convserve_request_failures_total":
+                key = ("reason", labels["reason"])
+            else:
+                continue
+            seen[key] = seen.get(key, 0.0) + sample.value
+    return seen
+
+
 def test_a_client_that_hangs_up_mid_body_is_cancelled_not_an_error(server) -> None:
+    """Logged at INFO, counted as CANCELLED (never INTERNAL), and outside the error-rate alert."""
     import socket
     import time
 
+    before = _answered(server, "ModelInfer", "http")
     host, port = server.http_url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as connection:
         connection.sendall(
@@ -244,6 +272,19 @@ def test_a_client_that_hangs_up_mid_body_is_cancelled_not_an_error(server) -> No
         "the client closed the connection",
     )
     assert "Traceback" not in server.log()
+    after = _answered(server, "ModelInfer", "http")  # the log line is written after the metrics
+    grown = {key: after[key] - before.get(key, 0.0) for key in after if after[key] != before.get(key, 0.0)}
+    # requests_total by code (what the alert reads) and the failures by reason (docs/operations.md)
+    assert grown == {("code", "CANCELLED"): 1.0, ("reason", "cancelled"): 1.0}, grown
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yml").read_text())
+    (errors,) = [
+        rule["expr"]
+        for group in rules["groups"]
+        for rule in group["rules"]
+        if rule.get("record") == "model:convserve_request_errors:rate5m"
+    ]
+    alerting = re.search(r'code=~"([^"]+)"', errors)[1]  # PromQL's =~ is anchored at both ends
+    assert re.fullmatch(alerting, "INTERNAL") and not re.fullmatch(alerting, "CANCELLED"), errors
 
 
 def test_classify_route_and_metrics_by_transport(server) -> None:
