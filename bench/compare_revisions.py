@@ -3,9 +3,9 @@
 Each revision is checked out in a temporary worktree and served from it with this checkout's
 virtual environment (so only the server's code differs), every server pinned to the same core with
 one onnxruntime thread, the load generator (`convserve-bench`) on another core, and the revisions
-measured interleaved (A B C A B C ...) so that a busy machine slows them all alike. It prints, per
-API and concurrency, the median requests/s of each revision with its spread and the ratio to the
-first revision.
+measured interleaved point by point (A B C A B C ...) so that a busy machine slows them all alike.
+It prints, per API and concurrency, the median requests/s of each revision with its spread and the
+ratio to the first revision.
 
     python -m bench.compare_revisions --model-repository models --model lenet5 86bf123 HEAD
 """
@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers.values():
             wait_until_serving(server)
         targets = {revision: server.target for revision, server in servers.items()}
-        for repeat in range(args.repeats):
-            for revision, target in targets.items():
-                for api in args.apis.split(","):
-                    out = folder / f"{api}-{repeat}.json"
-                    for row in _measure(target, api, args.model, args.concurrency, args.client_core, out):
-                        key = (api, row["concurrency"], revision)
+        for repeat in range(args.repeats):  # every point, each revision in turn: A B C, A B C, ...
+            for api in args.apis.split(","):
+                for concurrency in args.concurrency.split(","):
+                    for revision, target in targets.items():
+                        out = folder / "point.json"
+                        (row,) = _measure(target, api, args.model, concurrency, args.client_core, out)
+                        key = (api, int(concurrency), revision)
                         rates.setdefault(key, []).append(row["requests_per_second"])
             print(f"repeat {repeat + 1} of {args.repeats} done", file=sys.stderr)
 
