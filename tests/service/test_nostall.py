@@ -57,7 +57,7 @@ from service.errors import (
 )
 from service.observability import metrics
 from service.security.auth import check_model_name
-from service.transports.http.json_tensors import decode_header, whole_number
+from service.transports.http.json_tensors import decode_header, decode_latents, parse_json, whole_number
 
 #: What the issue asks of every error message and log line for an oversized input.
 ONE_KB = 1024
@@ -104,6 +104,10 @@ def test_names_and_request_ids_are_matched_whole() -> None:
         {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[[[1]]], [[[2]]]]}]},  # deeper
         {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[1], 2]}]},  # ragged
         {"inputs": [{"name": "x", "shape": [10**9], "datatype": "FP32", "data": [1]}]},  # claims too much
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, None]}]},  # not NaN
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ["1.5"]}]},
+        {"inputs": [], "outputs": {}},
+        {"inputs": [], "outputs": 0},
     ],
 )
 def test_malformed_json_bodies_are_invalid(body: dict) -> None:
@@ -111,6 +115,33 @@ def test_malformed_json_bodies_are_invalid(body: dict) -> None:
     with pytest.raises(InvalidArgument) as caught:
         decode_header(raw, len(raw), "m", "")
     assert len(str(caught.value)) < ONE_KB
+
+
+#: A JSON integer longer than Python converts to an int (4300 digits since 3.11).
+LONG_INTEGER = b"9" * 5000
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        lambda raw: decode_header(raw, len(raw), "m", ""),
+        decode_latents,
+        parse_json,
+    ],
+    ids=["header", "latents", "parse"],
+)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [' + LONG_INTEGER + b"]}]}",
+        b'{"latents": [[' + LONG_INTEGER + b"]]}",
+        LONG_INTEGER,
+    ],
+    ids=["in-data", "in-latents", "alone"],
+)
+def test_json_integers_too_long_to_convert_are_invalid(decode: Callable[[bytes], object], raw: bytes) -> None:
+    with pytest.raises(InvalidArgument, match="more than 4300 digits"):
+        decode(raw)
 
 
 def test_deeply_nested_json_is_invalid() -> None:
@@ -341,6 +372,21 @@ def test_http_malformed_input_is_4xx(attacked: RunningServer) -> None:
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=30)
         assert 400 <= caught.value.code < 500, (path, caught.value.code, caught.value.read()[:200])
+    infer = b'{"inputs": [{"name": "%s", "shape": [1], "datatype": "INT64", "data": [%s]}]}'
+    refused = [  # each: 400 with what was wrong, on the event loop and in the decode process
+        ("/v2/models/lenet5/infer", infer % (name.encode(), LONG_INTEGER), "more than 4300 digits"),
+        ("/v2/models/lenet5/infer", infer % (name.encode(), LONG_INTEGER) + b" " * 20_000, "4300 digits"),
+        ("/v2/repository/index", b'{"ready": ' + LONG_INTEGER + b"}", "more than 4300 digits"),
+        ("/v1/generate?model=toygen", b'{"latents": [[' + LONG_INTEGER + b"]]}", "more than 4300 digits"),
+        ("/v2/models/lenet5/infer", infer % (name.encode(), b"null"), "not null or text"),
+        ("/v2/models/lenet5/infer", b'{"inputs": [], "outputs": {}}', '"outputs" must be a list'),
+    ]
+    for path, body, message in refused:
+        request = urllib.request.Request(attacked.http_url + path, data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        answer = caught.value.read().decode()
+        assert caught.value.code == 400 and message in json.loads(answer)["error"], (path, answer[:200])
 
 
 #: The second client, in a process of its own so that the test's own threads (the attacks) do not
