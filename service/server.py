@@ -236,7 +236,12 @@ class ConvserveServer:
         )
         await self._start_health_port()
         app = build_app(
-            plane, settings.max_message_bytes, policy, settings.max_json_bytes, console=settings.console
+            plane,
+            settings.max_message_bytes,
+            policy,
+            settings.max_json_bytes,
+            console=settings.console,
+            body_timeout=settings.http_body_timeout_seconds,
         )
         await self._start_http(app, ssl_context)
         await self.repository.refresh()

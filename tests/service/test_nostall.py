@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -58,6 +59,7 @@ from service.errors import (
 from service.observability import metrics
 from service.security.auth import check_model_name
 from service.transports.http.json_tensors import decode_header, decode_latents, parse_json, whole_number
+from service.transports.http.routes import build_app
 
 #: What the issue asks of every error message and log line for an oversized input.
 ONE_KB = 1024
@@ -261,6 +263,87 @@ def test_stop_says_cancelled() -> None:
     stop.cancelled.set()
     with pytest.raises(Cancelled):
         stop.check()
+
+
+def _against_the_routes(check: Callable[[int], None], **options: Any) -> None:
+    """`check(port)`, in a thread, against the HTTP routes without a data plane (what is refused
+    before a request reaches one), served on loopback by aiohttp with its defaults."""
+    from aiohttp.test_utils import TestServer
+
+    async def main() -> None:
+        server = TestServer(build_app(None, 1 << 20, **options))  # type: ignore[arg-type]  # no plane
+        await server.start_server()
+        try:
+            await asyncio.to_thread(check, server.port)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+#: How long aiohttp still reads (and drops) a refused request's body before it closes the
+#: connection, so that its client can read the answer (its `lingering_time`).
+LINGERING_SECONDS = 10.0
+
+
+def test_a_slow_body_is_answered_408_and_its_connection_closed() -> None:
+    """A header, then one byte of the body every half second: 408 once the body timeout passed,
+    and the connection closed after aiohttp's lingering time, not held as long as the client likes."""
+    timeout = 1.0
+    seen: dict[str, object] = {}
+
+    def check(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            started, answer = time.monotonic(), b""
+            s.settimeout(0.5)
+            while time.monotonic() - started < timeout + LINGERING_SECONDS + 10:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"x")
+                try:
+                    chunk = s.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    seen["closed"] = time.monotonic() - started
+                    break
+                seen.setdefault("answered", time.monotonic() - started)
+                answer += chunk
+            seen["answer"] = answer
+
+    _against_the_routes(check, body_timeout=timeout)
+    head, _, body = bytes(seen["answer"]).partition(b"\r\n\r\n")  # type: ignore[arg-type]
+    assert head.startswith(b"HTTP/1.1 408") and b"Connection: close" in head, head
+    assert "http_body_timeout_seconds" in json.loads(body)["error"]
+    assert timeout <= seen["answered"] < timeout + 2, seen  # type: ignore[operator]
+    assert seen["closed"] < timeout + LINGERING_SECONDS + 3, seen  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 5000\r\n",
+        b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 9000\r\n"
+        b"Inference-Header-Content-Length: 2000\r\n",
+        b"POST /v1/generate HTTP/1.1\r\nContent-Length: 5000\r\n",
+        b"POST /v2/repository/index HTTP/1.1\r\nContent-Length: 100000\r\n",  # over 64 KiB
+    ],
+    ids=["infer", "infer-header", "generate", "repository"],
+)
+def test_json_declared_over_its_limit_is_refused_before_the_body_is_read(head: bytes) -> None:
+    answers: list[bytes] = []
+
+    def check(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(head + b"Host: x\r\n\r\n")  # and no body: the answer must not wait for one
+            answers.append(s.recv(4096))
+
+    _against_the_routes(check, max_json_bytes=1000)
+    head_answer, _, body = answers[0].partition(b"\r\n\r\n")
+    assert head_answer.startswith(b"HTTP/1.1 413"), answers[0][:200]
+    assert "over the limit" in json.loads(body)["error"]
 
 
 # Against a server ------------------------------------------------------------------------------
