@@ -734,3 +734,118 @@ def test_http_clients_that_hang_up_cancel_their_decoding(decoding: RunningServer
     assert len(codes) == 6 and set(codes) <= {"OK", "CANCELLED"}, codes
     assert codes.count("CANCELLED") >= 4, "queued decodes must not run once their clients are gone"
     assert after < 0.6, "the queued decodes ran for nobody"
+
+
+# The ports themselves ---------------------------------------------------------------------------
+
+#: The HTTP connection limit of the bare server below.
+MAX_CONNECTIONS = 4
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server without models (quick to start), taking at most MAX_CONNECTIONS HTTP connections."""
+    root = tmp_path_factory.mktemp("bare")
+    (root / "models").mkdir()
+    env = {"CONVSERVE_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS), "CONVSERVE_DECODE_PROCESSES": "0"}
+    server = start_server(root / "models", root / "server.log", env)
+    yield server
+    server.stop()
+
+
+def _ports(server: RunningServer) -> tuple[int, int]:
+    """The server's HTTP and metrics ports."""
+    return int(server.http_url.rsplit(":", 1)[1]), int(server.metrics_url.split(":")[2].split("/")[0])
+
+
+def _answer(port: int, request: bytes) -> bytes:
+    """Everything the server writes back to `request` until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_http_connections_beyond_the_limit_are_refused(bare: RunningServer) -> None:
+    port, _ = _ports(bare)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        refused = _answer(port, b"")
+        assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused, refused[:200]
+        held.pop().close()  # room for one again, once the server has seen it go
+        live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for _ in range(50):
+            answer = _answer(port, live)
+            if answer.startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_no_answer_names_python_or_aiohttp(bare: RunningServer) -> None:
+    """Neither port's answers (the routes', aiohttp's own 400 for a request it cannot parse, the
+    metrics) carry aiohttp's default Server header with the Python and aiohttp versions."""
+    requests = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    for port in _ports(bare):
+        for request in requests:
+            head = _answer(port, request).partition(b"\r\n\r\n")[0]
+            servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+            assert servers == [b"Server: convserve"], (port, request, head)
+
+
+def test_metrics_host_binds_the_metrics_port_alone(tmp_path: Path) -> None:
+    """metrics_host=127.0.0.1 with host=0.0.0.0: the metrics port on loopback only, the others not."""
+    from service.server import ConvserveServer
+    from service.settings import Settings
+
+    settings = Settings(
+        model_repository=tmp_path,
+        host="0.0.0.0",
+        metrics_host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        decode_processes=0,
+        repository_poll_seconds=0,
+    )
+
+    async def main() -> None:
+        server = ConvserveServer(settings)
+        await server.start()
+        try:
+            assert server._metrics is not None and server._http is not None
+            assert server._metrics.addresses == [("127.0.0.1", server.metrics_port)]
+            assert server._http.addresses == [("0.0.0.0", server.http_port)]
+            answer = await asyncio.to_thread(
+                _answer, server.metrics_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200")
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_metrics_auth_without_tokens_refuses_to_start(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONVSERVE_")}
+    env["CONVSERVE_METRICS_AUTH"] = "true"
+    command = [
+        sys.executable, "-m", "service", "serve",
+        "--model-repository", str(tmp_path),
+        "--host", "127.0.0.1",
+        "--grpc-port", "0",
+        "--http-port", "0",
+        "--metrics-port", "0",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert "metrics_auth needs tokens to check" in done.stdout + done.stderr

@@ -46,6 +46,7 @@ from service.transports.http.json_tensors import (
     parse_json,
     whole_number,
 )
+from service.transports.http.site import SERVER
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The console's static files (served without a token, outside the call observation).
@@ -134,7 +135,7 @@ async def _standard_headers(request: web.Request, response: web.StreamResponse) 
     """On every answer: `Server: convserve` (not aiohttp's default naming the Python and aiohttp
     versions), and the content security policy and no MIME sniffing that the console relies on."""
     headers = response.headers
-    headers["Server"] = "convserve"
+    headers["Server"] = SERVER
     headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     headers["X-Content-Type-Options"] = "nosniff"
     headers["Referrer-Policy"] = "no-referrer"
