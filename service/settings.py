@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     decode_queue: int = Field(
         default=64,
         gt=0,
-        description="Requests that may wait for a decode thread; beyond them RESOURCE_EXHAUSTED (HTTP 429).",
+        description="Requests that may wait for a decode thread; beyond them RESOURCE_EXHAUSTED (HTTP 503).",
     )
     default_timeout_seconds: float = Field(
         default=30.0,

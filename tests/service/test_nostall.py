@@ -346,6 +346,26 @@ def test_json_declared_over_its_limit_is_refused_before_the_body_is_read(head: b
     assert "over the limit" in json.loads(body)["error"]
 
 
+class _FullPlane:
+    """A data plane whose decode pool is always full."""
+
+    async def offload(self, work: Work, job: Callable[[], object]) -> object:
+        raise QueueFull("the decode pool and its queue are full; retry with backoff")
+
+
+def test_a_full_queue_is_503_with_retry_after_over_http() -> None:
+    """RESOURCE_EXHAUSTED goes out as Triton answers overload over HTTP: 503, with when to retry."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(_FullPlane(), 1 << 20))) as client:  # type: ignore[arg-type]
+            answer = await client.post("/v2/models/m/infer", data=b'{"inputs": []}')
+            assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+            assert "full" in (await answer.json())["error"]
+
+    asyncio.run(main())
+
+
 # Against a server ------------------------------------------------------------------------------
 
 

@@ -72,6 +72,8 @@ PATH_CHARS = 128
 SMALL_JSON_BYTES = 64 * 1024
 #: Seconds a request's body may take to arrive, by default (Settings.http_body_timeout_seconds).
 DEFAULT_BODY_TIMEOUT = 30.0
+#: Seconds a client refused for a full queue should wait before it retries (`Retry-After`).
+RETRY_AFTER_SECONDS = 1
 
 
 def build_app(
@@ -188,9 +190,12 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 
 def _error(failure: Failure) -> web.Response:
+    """An error's JSON answer; a full queue's says when to retry, as a 503 for overload should."""
     response = _json({"error": failure.message}, failure.status.http)
     if failure.status.code is grpc.StatusCode.UNAUTHENTICATED:
         response.headers["WWW-Authenticate"] = "Bearer"
+    elif failure.status.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
 
 
