@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -364,6 +365,27 @@ def test_a_full_queue_is_503_with_retry_after_over_http() -> None:
             assert "full" in (await answer.json())["error"]
 
     asyncio.run(main())
+
+
+def test_traceback_log_lines_are_capped_to_their_last_frames() -> None:
+    """A bug's traceback 300 frames deep whose message holds 1 MB: a log line of a few KiB that
+    still says what failed and where, in either format."""
+    from service.observability.logs import MAX_TRACEBACK_CHARS, JsonFormatter, TextFormatter
+
+    source = "".join(f"def f{i}():\n    f{i + 1}()\n" for i in range(300))
+    source += "def f300():\n    raise KeyError('k' * 1_000_000)\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "deep.py", "exec"), namespace)
+    try:
+        namespace["f0"]()
+    except KeyError:
+        failure = sys.exc_info()
+    for formatter in (JsonFormatter(), TextFormatter()):
+        record = logging.LogRecord("convserve", logging.ERROR, __file__, 1, "failed", None, failure)
+        line = formatter.format(record)
+        assert len(line) < MAX_TRACEBACK_CHARS + 1024, len(line)
+        assert "Traceback (most recent call last):" in line and "lines cut" in line
+        assert "in f300" in line and "KeyError: 'kkk" in line and "(1000012 characters)" in line
 
 
 # Against a server ------------------------------------------------------------------------------
