@@ -102,7 +102,7 @@ class BenchError(Exception):
 
 
 class HTTPStatusError(Exception):
-    """An HTTP answer other than 200, so the closed loop counts it by status ("HTTP 429")."""
+    """An HTTP answer other than 200, so the closed loop counts it by status ("HTTP 503")."""
 
     def __init__(self, status: int) -> None:
         super().__init__(f"HTTP {status}")

@@ -64,12 +64,13 @@ class Status:
 OK = Status(grpc.StatusCode.OK, 200)
 INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)
 
-#: The one error table. HTTP statuses as the Open Inference Protocol's REST binding expects them.
+#: The one error table. HTTP statuses as the Open Inference Protocol's REST binding expects them; a
+#: full queue is 503 over HTTP (with Retry-After), as Triton answers it, and RESOURCE_EXHAUSTED on gRPC.
 STATUSES: dict[type[ConvserveError], Status] = {
     InvalidArgument: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
     ModelNotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
     ModelNotReady: Status(grpc.StatusCode.UNAVAILABLE, 503),
-    QueueFull: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    QueueFull: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 503),
     BatchFailed: Status(grpc.StatusCode.UNAVAILABLE, 503),
     DeadlineExceeded: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),

@@ -45,7 +45,7 @@ from service.transports.grpc.registration import register
 from service.transports.grpc.threads import threads_started_at_low_priority
 from service.transports.grpc.vision import VisionServicer
 from service.transports.http.routes import build_app
-from service.transports.http.site import start_site
+from service.transports.http.site import name_the_server, start_site
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def metrics_app(policy: AuthPolicy | None) -> web.Application:
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
+    app.on_response_prepare.append(name_the_server)  # not aiohttp's, naming its and Python's version
     app.router.add_get("/metrics", scrape)
     app.router.add_get("/", scrape)
     return app
@@ -236,7 +237,12 @@ class ConvserveServer:
         )
         await self._start_health_port()
         app = build_app(
-            plane, settings.max_message_bytes, policy, settings.max_json_bytes, console=settings.console
+            plane,
+            settings.max_message_bytes,
+            policy,
+            settings.max_json_bytes,
+            console=settings.console,
+            body_timeout=settings.http_body_timeout_seconds,
         )
         await self._start_http(app, ssl_context)
         await self.repository.refresh()

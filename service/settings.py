@@ -162,7 +162,7 @@ class Settings(BaseSettings):
     decode_queue: int = Field(
         default=64,
         gt=0,
-        description="Requests that may wait for a decode thread; beyond them RESOURCE_EXHAUSTED (HTTP 429).",
+        description="Requests that may wait for a decode thread; beyond them RESOURCE_EXHAUSTED (HTTP 503).",
     )
     default_timeout_seconds: float = Field(
         default=30.0,
@@ -180,6 +180,12 @@ class Settings(BaseSettings):
         gt=0,
         description="HTTP: close a connection that sends no complete request header within this time, "
         "after it opens or after its last answer (slow or idle clients hold no socket for long).",
+    )
+    http_body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="HTTP: the most seconds a request's body may take to arrive once its header has; "
+        "slower is answered 408 (a client trickling bytes holds no connection for long).",
     )
     http_max_connections: int = Field(
         default=1000,

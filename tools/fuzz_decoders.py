@@ -1,11 +1,13 @@
-"""Coverage-guided fuzzing (atheris/libFuzzer) of the request decoders: images and KServe tensors.
+"""Coverage-guided fuzzing (atheris/libFuzzer) of the request decoders: images, KServe tensors, JSON.
 
     .venv/bin/python tools/fuzz_decoders.py -max_total_time=60 [corpus_dir]
 
 The first byte picks the target; the rest is its input:
 - images: codecs.decode_encoded on the bytes, and codecs.decode_raw with a shape taken from them;
-- tensors: the bytes parsed as a ModelInferRequest (protobuf), then tensors.decode_inputs.
-Either must return a well-formed result or raise InvalidArgument; anything else is a crash
+- tensors: the bytes parsed as a ModelInferRequest (protobuf), then tensors.decode_inputs;
+- header: the bytes as a KServe v2 JSON infer body (json_tensors.decode_header);
+- latents: the bytes as a generate body, {"latents": [[...]]} (json_tensors.decode_latents).
+Each must return a well-formed result or raise InvalidArgument; anything else is a crash
 (libFuzzer writes the input to crash-<sha1> and exits non-zero).
 """
 
@@ -22,6 +24,7 @@ with atheris.instrument_imports(include=["service", "PIL"]):
     from service.codecs import images as codecs
     from service.codecs import tensors
     from service.errors import InvalidArgument
+    from service.transports.http import json_tensors
 
 MAX_PIXELS = 1 << 16
 MAX_ELEMENTS = 1 << 16
@@ -60,7 +63,24 @@ def fuzz_tensors(data: bytes) -> None:
         tensors.encode_output(tensor.name, array)  # and back
 
 
-TARGETS = (fuzz_image, fuzz_tensors)
+def fuzz_header(data: bytes) -> None:
+    try:
+        decoded = json_tensors.decode_header(data, len(data), "m", "")
+    except InvalidArgument:
+        return
+    for tensor in decoded.with_binary_data(data).inputs:
+        assert isinstance(tensor.raw, bytes), tensor.name
+
+
+def fuzz_latents(data: bytes) -> None:
+    try:
+        latents = json_tensors.decode_latents(data)
+    except InvalidArgument:
+        return
+    assert latents.dtype == np.float32 and latents.ndim == 2, latents.shape
+
+
+TARGETS = (fuzz_image, fuzz_tensors, fuzz_header, fuzz_latents)
 
 
 def test_one_input(data: bytes) -> None:

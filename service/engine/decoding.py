@@ -2,7 +2,7 @@
 off the event loop (decoding and pre-processing images, encoding PNGs), and a process for the work
 that holds the GIL throughout (parsing large JSON bodies), which a thread would not keep off it.
 
-Work that cannot even queue is refused at once (`QueueFull`: RESOURCE_EXHAUSTED, HTTP 429, counted
+Work that cannot even queue is refused at once (`QueueFull`: RESOURCE_EXHAUSTED, HTTP 503, counted
 in `convserve_decode_pool_refused`), so a burst of expensive requests costs the server a bounded
 number of threads and buffers. Each piece of work runs with a `Stop`: the codecs call `checkpoint()`
 between images, so work whose client's deadline passed, or whose call was cancelled, stops there

@@ -16,6 +16,10 @@ import time
 from typing import Any, TextIO
 
 _STANDARD = {"ts", "level", "logger", "message"}
+#: The most characters of a traceback in one log line: its last frames and the exception fit.
+MAX_TRACEBACK_CHARS = 4096
+#: The most characters of one traceback line (an exception's message may repeat request data).
+MAX_TRACEBACK_LINE_CHARS = 512
 
 
 @functools.lru_cache(maxsize=4)
@@ -24,7 +28,36 @@ def _utc_second(epoch_second: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch_second))
 
 
-class JsonFormatter(logging.Formatter):
+def clip_traceback(text: str, limit: int = MAX_TRACEBACK_CHARS) -> str:
+    """A formatted traceback cut to about `limit` characters, so that no failure makes a log line as
+    long as a request: each line to MAX_TRACEBACK_LINE_CHARS, and from the end, which says what
+    failed and where (the first line and a count stand for what is cut)."""
+    if len(text) <= limit:
+        return text
+    lines = [
+        line
+        if len(line) <= MAX_TRACEBACK_LINE_CHARS
+        else f"{line[:MAX_TRACEBACK_LINE_CHARS]}... ({len(line)} characters)"
+        for line in text.splitlines()
+    ]
+    kept: list[str] = []
+    size = len(lines[0])
+    for line in reversed(lines[1:]):
+        size += len(line) + 1
+        if size > limit:
+            break
+        kept.append(line)
+    cut = len(lines) - 1 - len(kept)
+    head = [*lines[:1], f"  ... ({cut} lines cut)"] if cut else lines[:1]
+    return "\n".join(head + kept[::-1])
+
+
+class _ClippedTracebacks(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return clip_traceback(super().formatException(ei))
+
+
+class JsonFormatter(_ClippedTracebacks):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": f"{_utc_second(int(record.created))}.{int(record.msecs):03d}Z",
@@ -40,7 +73,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_ClippedTracebacks):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 

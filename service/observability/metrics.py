@@ -137,7 +137,7 @@ DECODE_DROPPED = Counter(
 )
 DECODE_POOL_REFUSED = Counter(
     "convserve_decode_pool_refused",
-    "Requests refused (RESOURCE_EXHAUSTED, HTTP 429) because every decode thread was busy and the "
+    "Requests refused (RESOURCE_EXHAUSTED, HTTP 503) because every decode thread was busy and the "
     "decode queue (decode_queue) was full.",
 )
 DECODE_POOL_PENDING = Gauge(

@@ -11,6 +11,7 @@ Runs are derandomized (the same examples every run, so CI is reproducible) and b
 from __future__ import annotations
 
 import io
+import json
 import resource
 import struct
 import zlib
@@ -469,6 +470,9 @@ def test_fuzz_decoders_runs_clean(tmp_path) -> None:
     typed = pb.ModelInferRequest(model_name="m")
     typed.inputs.add(name="s", datatype="BYTES", shape=[2]).contents.bytes_contents.extend([b"a", b""])
     (corpus / "tensor-typed-bytes").write_bytes(b"\x01" + typed.SerializeToString())
+    header = {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[1.5], [2]]}]}
+    (corpus / "json-header").write_bytes(b"\x02" + json.dumps(header).encode())
+    (corpus / "json-latents").write_bytes(b"\x03" + json.dumps({"latents": [[0.5, -1, 2e3]]}).encode())
     done = subprocess.run(
         [
             sys.executable,

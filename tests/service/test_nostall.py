@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -57,7 +59,8 @@ from service.errors import (
 )
 from service.observability import metrics
 from service.security.auth import check_model_name
-from service.transports.http.json_tensors import decode_header, whole_number
+from service.transports.http.json_tensors import decode_header, decode_latents, parse_json, whole_number
+from service.transports.http.routes import build_app
 
 #: What the issue asks of every error message and log line for an oversized input.
 ONE_KB = 1024
@@ -104,6 +107,10 @@ def test_names_and_request_ids_are_matched_whole() -> None:
         {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [[[[1]]], [[[2]]]]}]},  # deeper
         {"inputs": [{"name": "x", "shape": [2, 1], "datatype": "FP32", "data": [[1], 2]}]},  # ragged
         {"inputs": [{"name": "x", "shape": [10**9], "datatype": "FP32", "data": [1]}]},  # claims too much
+        {"inputs": [{"name": "x", "shape": [2], "datatype": "FP32", "data": [1, None]}]},  # not NaN
+        {"inputs": [{"name": "x", "shape": [1], "datatype": "FP32", "data": ["1.5"]}]},
+        {"inputs": [], "outputs": {}},
+        {"inputs": [], "outputs": 0},
     ],
 )
 def test_malformed_json_bodies_are_invalid(body: dict) -> None:
@@ -111,6 +118,33 @@ def test_malformed_json_bodies_are_invalid(body: dict) -> None:
     with pytest.raises(InvalidArgument) as caught:
         decode_header(raw, len(raw), "m", "")
     assert len(str(caught.value)) < ONE_KB
+
+
+#: A JSON integer longer than Python converts to an int (4300 digits since 3.11).
+LONG_INTEGER = b"9" * 5000
+
+
+@pytest.mark.parametrize(
+    "decode",
+    [
+        lambda raw: decode_header(raw, len(raw), "m", ""),
+        decode_latents,
+        parse_json,
+    ],
+    ids=["header", "latents", "parse"],
+)
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"inputs": [{"name": "x", "shape": [1], "datatype": "INT64", "data": [' + LONG_INTEGER + b"]}]}",
+        b'{"latents": [[' + LONG_INTEGER + b"]]}",
+        LONG_INTEGER,
+    ],
+    ids=["in-data", "in-latents", "alone"],
+)
+def test_json_integers_too_long_to_convert_are_invalid(decode: Callable[[bytes], object], raw: bytes) -> None:
+    with pytest.raises(InvalidArgument, match="more than 4300 digits"):
+        decode(raw)
 
 
 def test_deeply_nested_json_is_invalid() -> None:
@@ -232,6 +266,128 @@ def test_stop_says_cancelled() -> None:
         stop.check()
 
 
+def _against_the_routes(check: Callable[[int], None], **options: Any) -> None:
+    """`check(port)`, in a thread, against the HTTP routes without a data plane (what is refused
+    before a request reaches one), served on loopback by aiohttp with its defaults."""
+    from aiohttp.test_utils import TestServer
+
+    async def main() -> None:
+        server = TestServer(build_app(None, 1 << 20, **options))  # type: ignore[arg-type]  # no plane
+        await server.start_server()
+        try:
+            await asyncio.to_thread(check, server.port)
+        finally:
+            await server.close()
+
+    asyncio.run(main())
+
+
+#: How long aiohttp still reads (and drops) a refused request's body before it closes the
+#: connection, so that its client can read the answer (its `lingering_time`).
+LINGERING_SECONDS = 10.0
+
+
+def test_a_slow_body_is_answered_408_and_its_connection_closed() -> None:
+    """A header, then one byte of the body every half second: 408 once the body timeout passed,
+    and the connection closed after aiohttp's lingering time, not held as long as the client likes."""
+    timeout = 1.0
+    seen: dict[str, object] = {}
+
+    def check(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            started, answer = time.monotonic(), b""
+            s.settimeout(0.5)
+            while time.monotonic() - started < timeout + LINGERING_SECONDS + 10:
+                with contextlib.suppress(OSError):
+                    s.sendall(b"x")
+                try:
+                    chunk = s.recv(4096)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    seen["closed"] = time.monotonic() - started
+                    break
+                seen.setdefault("answered", time.monotonic() - started)
+                answer += chunk
+            seen["answer"] = answer
+
+    _against_the_routes(check, body_timeout=timeout)
+    head, _, body = bytes(seen["answer"]).partition(b"\r\n\r\n")  # type: ignore[arg-type]
+    assert head.startswith(b"HTTP/1.1 408") and b"Connection: close" in head, head
+    assert "http_body_timeout_seconds" in json.loads(body)["error"]
+    assert timeout <= seen["answered"] < timeout + 2, seen  # type: ignore[operator]
+    assert seen["closed"] < timeout + LINGERING_SECONDS + 3, seen  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 5000\r\n",
+        b"POST /v2/models/m/infer HTTP/1.1\r\nContent-Length: 9000\r\n"
+        b"Inference-Header-Content-Length: 2000\r\n",
+        b"POST /v1/generate HTTP/1.1\r\nContent-Length: 5000\r\n",
+        b"POST /v2/repository/index HTTP/1.1\r\nContent-Length: 100000\r\n",  # over 64 KiB
+    ],
+    ids=["infer", "infer-header", "generate", "repository"],
+)
+def test_json_declared_over_its_limit_is_refused_before_the_body_is_read(head: bytes) -> None:
+    answers: list[bytes] = []
+
+    def check(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(head + b"Host: x\r\n\r\n")  # and no body: the answer must not wait for one
+            answers.append(s.recv(4096))
+
+    _against_the_routes(check, max_json_bytes=1000)
+    head_answer, _, body = answers[0].partition(b"\r\n\r\n")
+    assert head_answer.startswith(b"HTTP/1.1 413"), answers[0][:200]
+    assert "over the limit" in json.loads(body)["error"]
+
+
+class _FullPlane:
+    """A data plane whose decode pool is always full."""
+
+    async def offload(self, work: Work, job: Callable[[], object]) -> object:
+        raise QueueFull("the decode pool and its queue are full; retry with backoff")
+
+
+def test_a_full_queue_is_503_with_retry_after_over_http() -> None:
+    """RESOURCE_EXHAUSTED goes out as Triton answers overload over HTTP: 503, with when to retry."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    async def main() -> None:
+        async with TestClient(TestServer(build_app(_FullPlane(), 1 << 20))) as client:  # type: ignore[arg-type]
+            answer = await client.post("/v2/models/m/infer", data=b'{"inputs": []}')
+            assert answer.status == 503 and answer.headers["Retry-After"] == "1"
+            assert "full" in (await answer.json())["error"]
+
+    asyncio.run(main())
+
+
+def test_traceback_log_lines_are_capped_to_their_last_frames() -> None:
+    """A bug's traceback 300 frames deep whose message holds 1 MB: a log line of a few KiB that
+    still says what failed and where, in either format."""
+    from service.observability.logs import MAX_TRACEBACK_CHARS, JsonFormatter, TextFormatter
+
+    source = "".join(f"def f{i}():\n    f{i + 1}()\n" for i in range(300))
+    source += "def f300():\n    raise KeyError('k' * 1_000_000)\n"
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "deep.py", "exec"), namespace)
+    try:
+        namespace["f0"]()
+    except KeyError:
+        failure = sys.exc_info()
+    for formatter in (JsonFormatter(), TextFormatter()):
+        record = logging.LogRecord("convserve", logging.ERROR, __file__, 1, "failed", None, failure)
+        line = formatter.format(record)
+        assert len(line) < MAX_TRACEBACK_CHARS + 1024, len(line)
+        assert "Traceback (most recent call last):" in line and "lines cut" in line
+        assert "in f300" in line and "KeyError: 'kkk" in line and "(1000012 characters)" in line
+
+
 # Against a server ------------------------------------------------------------------------------
 
 
@@ -341,6 +497,21 @@ def test_http_malformed_input_is_4xx(attacked: RunningServer) -> None:
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=30)
         assert 400 <= caught.value.code < 500, (path, caught.value.code, caught.value.read()[:200])
+    infer = b'{"inputs": [{"name": "%s", "shape": [1], "datatype": "INT64", "data": [%s]}]}'
+    refused = [  # each: 400 with what was wrong, on the event loop and in the decode process
+        ("/v2/models/lenet5/infer", infer % (name.encode(), LONG_INTEGER), "more than 4300 digits"),
+        ("/v2/models/lenet5/infer", infer % (name.encode(), LONG_INTEGER) + b" " * 20_000, "4300 digits"),
+        ("/v2/repository/index", b'{"ready": ' + LONG_INTEGER + b"}", "more than 4300 digits"),
+        ("/v1/generate?model=toygen", b'{"latents": [[' + LONG_INTEGER + b"]]}", "more than 4300 digits"),
+        ("/v2/models/lenet5/infer", infer % (name.encode(), b"null"), "not null or text"),
+        ("/v2/models/lenet5/infer", b'{"inputs": [], "outputs": {}}', '"outputs" must be a list'),
+    ]
+    for path, body, message in refused:
+        request = urllib.request.Request(attacked.http_url + path, data=body, method="POST")
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        answer = caught.value.read().decode()
+        assert caught.value.code == 400 and message in json.loads(answer)["error"], (path, answer[:200])
 
 
 #: The second client, in a process of its own so that the test's own threads (the attacks) do not
@@ -605,3 +776,118 @@ def test_http_clients_that_hang_up_cancel_their_decoding(decoding: RunningServer
     assert len(codes) == 6 and set(codes) <= {"OK", "CANCELLED"}, codes
     assert codes.count("CANCELLED") >= 4, "queued decodes must not run once their clients are gone"
     assert after < 0.6, "the queued decodes ran for nobody"
+
+
+# The ports themselves ---------------------------------------------------------------------------
+
+#: The HTTP connection limit of the bare server below.
+MAX_CONNECTIONS = 4
+
+
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server without models (quick to start), taking at most MAX_CONNECTIONS HTTP connections."""
+    root = tmp_path_factory.mktemp("bare")
+    (root / "models").mkdir()
+    env = {"CONVSERVE_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS), "CONVSERVE_DECODE_PROCESSES": "0"}
+    server = start_server(root / "models", root / "server.log", env)
+    yield server
+    server.stop()
+
+
+def _ports(server: RunningServer) -> tuple[int, int]:
+    """The server's HTTP and metrics ports."""
+    return int(server.http_url.rsplit(":", 1)[1]), int(server.metrics_url.split(":")[2].split("/")[0])
+
+
+def _answer(port: int, request: bytes) -> bytes:
+    """Everything the server writes back to `request` until it closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_http_connections_beyond_the_limit_are_refused(bare: RunningServer) -> None:
+    port, _ = _ports(bare)
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        refused = _answer(port, b"")
+        assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused, refused[:200]
+        held.pop().close()  # room for one again, once the server has seen it go
+        live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for _ in range(50):
+            answer = _answer(port, live)
+            if answer.startswith(b"HTTP/1.1 200"):
+                break
+            time.sleep(0.05)
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_no_answer_names_python_or_aiohttp(bare: RunningServer) -> None:
+    """Neither port's answers (the routes', aiohttp's own 400 for a request it cannot parse, the
+    metrics) carry aiohttp's default Server header with the Python and aiohttp versions."""
+    requests = [
+        b"GARBAGE\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    ]
+    for port in _ports(bare):
+        for request in requests:
+            head = _answer(port, request).partition(b"\r\n\r\n")[0]
+            servers = [line for line in head.split(b"\r\n") if line.lower().startswith(b"server:")]
+            assert servers == [b"Server: convserve"], (port, request, head)
+
+
+def test_metrics_host_binds_the_metrics_port_alone(tmp_path: Path) -> None:
+    """metrics_host=127.0.0.1 with host=0.0.0.0: the metrics port on loopback only, the others not."""
+    from service.server import ConvserveServer
+    from service.settings import Settings
+
+    settings = Settings(
+        model_repository=tmp_path,
+        host="0.0.0.0",
+        metrics_host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        decode_processes=0,
+        repository_poll_seconds=0,
+    )
+
+    async def main() -> None:
+        server = ConvserveServer(settings)
+        await server.start()
+        try:
+            assert server._metrics is not None and server._http is not None
+            assert server._metrics.addresses == [("127.0.0.1", server.metrics_port)]
+            assert server._http.addresses == [("0.0.0.0", server.http_port)]
+            answer = await asyncio.to_thread(
+                _answer, server.metrics_port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            assert answer.startswith(b"HTTP/1.1 200")
+        finally:
+            await server.stop()
+
+    asyncio.run(main())
+
+
+def test_metrics_auth_without_tokens_refuses_to_start(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CONVSERVE_")}
+    env["CONVSERVE_METRICS_AUTH"] = "true"
+    command = [
+        sys.executable, "-m", "service", "serve",
+        "--model-repository", str(tmp_path),
+        "--host", "127.0.0.1",
+        "--grpc-port", "0",
+        "--http-port", "0",
+        "--metrics-port", "0",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert "metrics_auth needs tokens to check" in done.stdout + done.stderr

@@ -9,6 +9,7 @@ event loop. What comes back is small to unpickle: raw tensor bytes, never the pa
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,12 +36,17 @@ def whole_number(text: str, what: str) -> int:
 
 
 def parse_json(raw: bytes) -> Any:
+    """A request body's JSON; anything json.loads refuses is the client's mistake (InvalidArgument)."""
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidArgument("request body is nested too deeply") from None
+    except ValueError:  # not a JSONDecodeError: an integer longer than Python converts (since 3.11)
+        raise InvalidArgument(
+            f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
 
 
 def parameters(value: Any, where: str) -> dict[str, ParameterValue]:
@@ -108,7 +114,7 @@ def decode_header(header: bytes, body_length: int, name: str, version: str) -> D
             f"{body_length - offset} bytes of binary data follow the inputs that claim none"
         )
     given = parameters(parsed.get("parameters"), "request")
-    requested = parsed.get("outputs") or []
+    requested = parsed.get("outputs", [])  # not `or []`: {} or 0 must be refused, not read as none
     if not isinstance(requested, list) or not all(isinstance(o, dict) for o in requested):
         raise InvalidArgument('"outputs" must be a list of JSON objects, each with a "name"')
     outputs = [
@@ -194,11 +200,14 @@ def _check_nesting(data: Any, dimensions: int, what: str) -> None:
 
 def _numbers(data: Any, dtype: np.dtype, datatype: str, what: str) -> np.ndarray:
     """JSON numbers as a flat array of `dtype`; integer and BOOL tensors take whole numbers within
-    their range only (numpy would wrap 300 into a UINT8 silently)."""
+    their range only (numpy would wrap 300 into a UINT8 silently). Anything but numbers (and
+    booleans) is refused: numpy would turn null into NaN and "1.5" into 1.5 without a word."""
     try:
         given = np.asarray(data)
     except (TypeError, ValueError, OverflowError, RecursionError):
         raise InvalidArgument(f"{what}: data is not a list of {datatype} numbers") from None
+    if given.dtype.kind in "SU" or (given.dtype.kind == "O" and any(v is None for v in given.flat)):
+        raise InvalidArgument(f"{what}: {datatype} data must be numbers, not null or text")
     if dtype.kind in "iub" and given.size:
         if given.dtype.kind not in "iub":
             got = given.dtype.name

@@ -46,6 +46,7 @@ from service.transports.http.json_tensors import (
     parse_json,
     whole_number,
 )
+from service.transports.http.site import SERVER
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 #: The console's static files (served without a token, outside the call observation).
@@ -69,6 +70,10 @@ DEFAULT_MAX_JSON_BYTES = 8 * 1024 * 1024
 PATH_CHARS = 128
 #: The JSON body of a repository route (an index or load request: a few fields).
 SMALL_JSON_BYTES = 64 * 1024
+#: Seconds a request's body may take to arrive, by default (Settings.http_body_timeout_seconds).
+DEFAULT_BODY_TIMEOUT = 30.0
+#: Seconds a client refused for a full queue should wait before it retries (`Retry-After`).
+RETRY_AFTER_SECONDS = 1
 
 
 def build_app(
@@ -77,18 +82,20 @@ def build_app(
     policy: AuthPolicy | None = None,
     max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
     console: bool = True,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> web.Application:
     """The routes; each is named after the gRPC method it shares, for metrics and the access log.
 
     `policy`: bearer-token rules (service/security/auth.py), applied inside the serving middleware so
     refusals (401/403) are logged and counted; none: open. Bodies are limited to `max_body_bytes`,
-    their JSON part to `max_json_bytes` (over either: 413). `console`: serve the web console's
-    static files at / and /console/.
+    their JSON part to `max_json_bytes` (over either: 413), the time they take to arrive to
+    `body_timeout` seconds (over: 408). `console`: serve the web console's static files at / and
+    /console/.
     """
     middlewares = [_serving_middleware, http_middleware(policy or AuthPolicy())]
     app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
     app.on_response_prepare.append(_standard_headers)
-    routes = Routes(plane, max_json_bytes)
+    routes = Routes(plane, max_json_bytes, body_timeout)
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     table: list[tuple[str, str, Handler, str]] = [
@@ -130,7 +137,7 @@ async def _standard_headers(request: web.Request, response: web.StreamResponse) 
     """On every answer: `Server: convserve` (not aiohttp's default naming the Python and aiohttp
     versions), and the content security policy and no MIME sniffing that the console relies on."""
     headers = response.headers
-    headers["Server"] = "convserve"
+    headers["Server"] = SERVER
     headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     headers["X-Content-Type-Options"] = "nosniff"
     headers["Referrer-Policy"] = "no-referrer"
@@ -159,11 +166,13 @@ async def _serving_middleware(request: web.Request, handler: Handler) -> web.Str
         except asyncio.CancelledError:  # it hung up while we worked: aiohttp cancels the handler
             observer.failed(Cancelled("the client closed the connection"))
             raise
-        except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large
-            message = exc.text if exc.status == 413 and exc.text else exc.reason  # 413: which limit
+        except web.HTTPException as exc:  # aiohttp's own: unknown route, body too large or slow
+            message = exc.text if exc.status in (408, 413) and exc.text else exc.reason  # which limit
             wrapped = ModelNotFound(message) if exc.status == 404 else InvalidArgument(message)
             failure = observer.failed(wrapped)
             response = _error(Failure(replace(failure.status, http=exc.status), failure.message))
+            if exc.status == 408:
+                response.force_close()  # no further request on a connection this slow
         except Exception as exc:
             response = _error(observer.failed(exc))
         if observer.ok and response.status >= 400:  # a route's own "not ready" answer
@@ -181,9 +190,12 @@ def _json(body: object, status: int = 200) -> web.Response:
 
 
 def _error(failure: Failure) -> web.Response:
+    """An error's JSON answer; a full queue's says when to retry, as a 503 for overload should."""
     response = _json({"error": failure.message}, failure.status.http)
     if failure.status.code is grpc.StatusCode.UNAUTHENTICATED:
         response.headers["WWW-Authenticate"] = "Bearer"
+    elif failure.status.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     return response
 
 
@@ -201,9 +213,15 @@ def _timeout(request: web.Request) -> float | None:
 class Routes:
     """Translators between HTTP and the data plane; a few lines each."""
 
-    def __init__(self, plane: DataPlane, max_json_bytes: int = DEFAULT_MAX_JSON_BYTES) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    ) -> None:
         self.plane = plane
         self.max_json_bytes = max_json_bytes
+        self.body_timeout = body_timeout
         self.openapi_document = OPENAPI.read_bytes()  # read once, not per request
 
     async def live(self, request: web.Request) -> web.Response:
@@ -266,8 +284,13 @@ class Routes:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _model(request)
-        body = await request.read()
-        json_end = _json_end(body, request.headers.get(HEADER_LENGTH), self.max_json_bytes)
+        header_length = request.headers.get(HEADER_LENGTH)
+        declared = (
+            request.content_length if header_length is None else whole_number(header_length, HEADER_LENGTH)
+        )
+        _check_json_length(declared, self.max_json_bytes)  # before a byte of the body is read
+        body = await self._read_body(request)
+        json_end = _json_end(body, header_length, self.max_json_bytes)
         decoded = await self.plane.offload(  # a large body: in another process, as json_tensors says
             Work(Codec.JSON, json_end), partial(decode_header, body[:json_end], len(body), name, version)
         )
@@ -281,7 +304,7 @@ class Routes:
             ClassifyRequest(
                 model=query.get("model", "lenet5"),
                 version=query.get("version", ""),
-                images=[EncodedImage(await request.read())],
+                images=[EncodedImage(await self._read_body(request))],
                 top_k=whole_number(query["top_k"], "top_k") if "top_k" in query else None,
             ),
             _timeout(request),
@@ -323,7 +346,7 @@ class Routes:
             CaptionRequest(
                 model=query.get("model", "captioner"),
                 version=query.get("version", ""),
-                images=[EncodedImage(await request.read())],
+                images=[EncodedImage(await self._read_body(request))],
                 attention=query.get("attention", "").lower() in ("1", "true", "yes"),
                 **options,
             ),
@@ -393,17 +416,31 @@ class Routes:
         """A generate request's latent vectors, from its JSON body; None without a body."""
         if not request.can_read_body:
             return None
-        raw = await request.read()
+        _check_json_length(request.content_length, self.max_json_bytes)
+        raw = await self._read_body(request)
         if not raw.strip():
             return None
         _json_end(raw, None, self.max_json_bytes)
         return await self.plane.offload(Work(Codec.JSON, len(raw)), partial(decode_latents, raw))
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, which must arrive within `body_timeout` seconds (else 408): a client that
+        trickles bytes would otherwise hold its connection, and what it sent, as long as it likes."""
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await request.read()
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(
+                text=f"the request body did not arrive within {self.body_timeout:g} s "
+                "(http_body_timeout_seconds)"
+            ) from None
+
     async def _json_body(self, request: web.Request) -> dict[str, Any]:
         """The request's JSON object body; {} without a body."""
         if not request.can_read_body:
             return {}
-        raw = await request.read()
+        _check_json_length(request.content_length, SMALL_JSON_BYTES)
+        raw = await self._read_body(request)
         _json_end(raw, None, SMALL_JSON_BYTES)
         if not raw.strip():
             return {}
@@ -453,14 +490,22 @@ def _json_end(body: bytes, header_length: str | None, max_json_bytes: int) -> in
     json_end = len(body) if header_length is None else whole_number(header_length, HEADER_LENGTH)
     if not 0 <= json_end <= len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} is {json_end} but the body has {len(body)} bytes")
-    if json_end > max_json_bytes:
+    _check_json_length(json_end, max_json_bytes)
+    return json_end
+
+
+def _check_json_length(json_length: int | None, max_json_bytes: int) -> None:
+    """413 when a request's JSON part is larger than `max_json_bytes`. Checked on the length a client
+    declares (Content-Length, Inference-Header-Content-Length) before its body is read, so a client
+    learns at once and the server reads nothing it would throw away; and on what was read (a chunked
+    body declares none)."""
+    if json_length is not None and json_length > max_json_bytes:
         raise web.HTTPRequestEntityTooLarge(
             max_size=max_json_bytes,
-            actual_size=json_end,
-            text=f"the JSON part of the request is {json_end} bytes, over the limit of {max_json_bytes} "
-            "(max_json_bytes); send large tensors as binary data",
+            actual_size=json_length,
+            text=f"the JSON part of the request is {json_length} bytes, over the limit of "
+            f"{max_json_bytes} (max_json_bytes); send large tensors as binary data",
         )
-    return json_end
 
 
 def _infer_response(result: InferResult, binary: BinaryOutputs) -> web.Response:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import asyncio
 import ssl
 
-from aiohttp import web
+from aiohttp import web, web_response
 
+#: The Server header of every answer on the HTTP and metrics ports: no Python or aiohttp version
+#: for an attacker to look up.
+SERVER = "convserve"
 _REFUSAL_BODY = b'{"error": "too many connections; retry in a second"}'
 #: What a connection beyond the limit gets before it is closed.
 REFUSAL = (
@@ -58,6 +61,17 @@ class _Counted(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._open[0] -= 1
         self._inner.connection_lost(exc)
+
+
+async def name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    """An `on_response_prepare` hook: `Server: convserve` on every routed answer."""
+    response.headers["Server"] = SERVER
+
+
+def hide_server_software() -> None:
+    """The 400 aiohttp writes itself for a request it cannot parse reaches no application hook: it
+    takes aiohttp's module default (`Python/3.11 aiohttp/3.x`), replaced here, once per process."""
+    web_response.SERVER_SOFTWARE = SERVER
 
 
 class LimitedSite(web.BaseSite):
@@ -106,6 +120,7 @@ async def start_site(
     ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Serve `app` on `host:port` with those bounds; the runner (to clean up) and the bound port."""
+    hide_server_software()
     runner = web.AppRunner(
         app,
         access_log=None,
