@@ -7,7 +7,6 @@ domain request type if it has a task RPC). Nothing outside this package names a 
 from __future__ import annotations
 
 from service.kinds.base import LoadContext, LoadedModel, ModelKind
-from service.kinds.captioner.beam_search import DecodingOptions
 from service.kinds.captioner.kind import CaptionerKind
 from service.kinds.classifier import ClassifierKind
 from service.kinds.generator import GeneratorKind
@@ -18,4 +17,4 @@ KINDS: dict[str, ModelKind] = {
     kind.name: kind for kind in (ClassifierKind(), GeneratorKind(), CaptionerKind(), TensorKind())
 }
 
-__all__ = ["KINDS", "DecodingOptions", "LoadContext", "LoadedModel", "ModelKind"]
+__all__ = ["KINDS", "LoadContext", "LoadedModel", "ModelKind"]

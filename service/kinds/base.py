@@ -22,7 +22,6 @@ from service.contract.manifest import Manifest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions, TensorSpec, one_line_reason
 from service.errors import InvalidArgument, clip
-from service.kinds.captioner.beam_search import DecodingOptions
 from service.observability.statistics import RequestTimes, VersionStatistics
 from service.settings import Settings
 
@@ -104,8 +103,7 @@ class LoadContext:
     stats: VersionStatistics  # the version's own statistics
     sessions: SessionOptions
     batching: BatchingOptions  # the server's defaults
-    decoding: DecodingOptions
-    settings: Settings
+    settings: Settings  # request limits, and any kind's own server-wide settings
     warmup: bool = True
 
     def session(self, version_dir: Path, file: str) -> ModelSession:

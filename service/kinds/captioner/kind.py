@@ -33,7 +33,7 @@ from service.domain import (
 from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.errors import InvalidArgument
 from service.kinds.base import LoadContext, LoadedModel, Signature, Task
-from service.kinds.captioner.beam_search import DecodeLoop, Hypothesis
+from service.kinds.captioner.beam_search import DecodeLoop, DecodingOptions, Hypothesis
 from service.kinds.captioner.pipeline import (
     KSERVE_INPUT,
     KSERVE_OUTPUT,
@@ -78,7 +78,7 @@ class CaptionerKind:
         pipeline.loop = DecodeLoop(
             decoder.run,
             decoder.output_names,
-            context.decoding,
+            _decoding(context.settings),
             model,
             context.version,
             on_step=decoder_stats.ran,
@@ -199,6 +199,16 @@ class CaptionJob:
             mean_log_prob=hypothesis.mean_log_prob,
             attention=[AttentionMap(rows, columns, a.tolist()) for a in hypothesis.attention],
         )
+
+
+def _decoding(settings: Settings) -> DecodingOptions:
+    """The decode loop's options: the captioner reads its own server settings, so generic loading
+    code carries nothing of it."""
+    return DecodingOptions(
+        max_rows=settings.max_decode_batch,
+        batching=settings.caption_batching,
+        max_queue=settings.max_decode_queue,
+    )
 
 
 def _regions(hypotheses: list[Hypothesis]) -> list[Region]:
