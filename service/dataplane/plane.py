@@ -330,7 +330,8 @@ class DataPlane:
 
     # The repository ------------------------------------------------------------------------------
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+    def repository_index(self, ready_only: bool = False, repository: str = "") -> list[IndexEntry]:
+        _check_repository(repository)
         rows = []
         for entry in self._repository.entries():
             versions = entry.newest_first()
@@ -364,6 +365,11 @@ def _require_model(model: str, example: str) -> None:
 def _check_control(name: str, repository: str) -> None:
     """Load/unload name one plain model of the one repository."""
     check_model_name(name)
+    _check_repository(repository)
+
+
+def _check_repository(repository: str) -> None:
+    """A repository call names no repository (or the one there is: none by name)."""
     if repository:
         raise InvalidArgument("repository_name is not supported: the server has one repository")
 

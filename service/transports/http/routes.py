@@ -35,7 +35,7 @@ from service.domain import (
     LatentRequest,
     ModelInfo,
 )
-from service.errors import Cancelled, InvalidArgument, ModelNotFound, clip, clip_message
+from service.errors import Cancelled, InvalidArgument, ModelNotFound, clip, clip_list, clip_message
 from service.security.auth import STATIC_METHOD, AuthPolicy, http_middleware
 from service.transports.http.console import ConsoleFiles
 from service.transports.http.json_tensors import (
@@ -250,8 +250,15 @@ class Routes:
         return web.Response(body=self.openapi_document, content_type="application/json")
 
     async def repository_index(self, request: web.Request) -> web.Response:
+        """Body {"ready": true|false} (optional); anything else is refused, never read loosely."""
         body = await self._json_body(request)
-        rows = self.plane.repository_index(bool(body.get("ready")))
+        unknown = sorted(set(body) - {"ready"})
+        if unknown:
+            raise InvalidArgument(f"the index request takes only 'ready', not {clip_list(unknown)}")
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument(f"ready must be true or false (a JSON boolean), got {clip(ready)}")
+        rows = self.plane.repository_index(ready)
         return _json([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
