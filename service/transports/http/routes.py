@@ -23,7 +23,7 @@ from aiohttp import ClientConnectionError, ClientPayloadError, web
 
 from service.codecs import tensors
 from service.codecs.cost import Codec, Work
-from service.codecs.kserve import model_config, model_statistics, plain
+from service.codecs.kserve import model_config_json, model_statistics_json
 from service.dataplane import DataPlane
 from service.dataplane.calls import REQUEST_ID_KEY, CallInfo, CallObserver, Failure, new_request_id
 from service.domain import (
@@ -239,12 +239,12 @@ class Routes:
         return _json({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return _json(plain(model_config(self.plane.model_config(*_model(request)))))
+        return _json(model_config_json(self.plane.model_config(*_model(request))))
 
     async def model_statistics(self, request: web.Request) -> web.Response:
         """One model's (version's) statistics, or every model's on /v2/models/stats (no name)."""
         found = self.plane.model_statistics(*_model(request))
-        return _json({"model_stats": [plain(model_statistics(s)) for s in found]})
+        return _json({"model_stats": [model_statistics_json(s) for s in found]})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self.openapi_document, content_type="application/json")
