@@ -1,7 +1,10 @@
-"""Model kinds as plugins: each module loads its kind and answers its tasks; the registry names them.
+"""Model kinds as plugins: each module loads its kind, checks and answers its tasks; the registry
+names them, and the names of their tasks' requests (`TASK_NAMES`) for the data plane's errors.
 
-Adding a kind = one module with a `ModelKind` + one line in `KINDS` (+ its proto messages and a
-domain request type if it has a task RPC). Nothing outside this package names a kind.
+Adding a kind: one module with a `ModelKind`, one line in `KINDS`, and its name (and manifest
+section) in the manifest schema, service/contract/manifest.py, which is a closed list shared with
+the trainer. A kind with a task RPC also needs a domain request type, its proto messages and the
+transports' translator lines. docs/architecture.md, "Adding a model kind", has the steps.
 """
 
 from __future__ import annotations
