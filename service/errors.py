@@ -129,9 +129,3 @@ def status_of(error: BaseException) -> Status:
         if found is not None:
             return found
     return INTERNAL
-
-
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC code and client-facing message for an exception (INTERNAL hides the message)."""
-    status = status_of(error)
-    return status.code, (INTERNAL_MESSAGE if status is INTERNAL else clip_message(str(error)))

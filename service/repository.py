@@ -26,7 +26,7 @@ from service.contract.manifest import CONFIG_FILE, Manifest, load_manifest
 from service.engine.batching import BatchingOptions
 from service.engine.sessions import ModelLoadError, SessionOptions
 from service.errors import ModelNotFound, ModelNotReady, clip
-from service.kinds import KINDS, DecodingOptions, LoadContext, LoadedModel
+from service.kinds import KINDS, LoadContext, LoadedModel
 from service.observability import metrics
 from service.observability.statistics import VersionStatistics
 from service.settings import Settings
@@ -105,7 +105,6 @@ class ModelRepository:
         options: SessionOptions,
         batching: BatchingOptions,
         warmup: bool = True,
-        decoding: DecodingOptions | None = None,
         settings: Settings | None = None,
     ) -> None:
         """`settings`: the request limits a kind checks requests against (images, beams, sizes)."""
@@ -114,7 +113,6 @@ class ModelRepository:
         self.options = options
         self.batching = batching
         self.warmup = warmup
-        self.decoding = decoding or DecodingOptions()
         self._entries: dict[str, ModelEntry] = {}
         self._listeners: list[StateListener] = []
         self._lock = asyncio.Lock()
@@ -273,7 +271,6 @@ class ModelRepository:
             stats=stats,
             sessions=self.options,
             batching=self.batching,
-            decoding=self.decoding,
             settings=self.settings,
             warmup=self.warmup,
         )

@@ -32,8 +32,7 @@ from service._proto.inference import grpc_predict_v2_pb2_grpc as kserve_grpc
 from service.dataplane import DataPlane
 from service.engine.batching import BatchingOptions
 from service.engine.sessions import REQUIRE_GPU_FAILURE, SessionOptions
-from service.errors import Unauthenticated
-from service.kinds import DecodingOptions
+from service.errors import Unauthenticated, status_of
 from service.observability import metrics
 from service.observability.logs import ACCESS_LOG
 from service.repository import ModelRepository, ModelVersion, VersionState
@@ -110,7 +109,9 @@ def metrics_app(policy: AuthPolicy | None) -> web.Application:
             try:
                 policy.check_token(request.headers.get("Authorization"))
             except Unauthenticated as exc:
-                return web.Response(status=401, text=str(exc), headers={"WWW-Authenticate": "Bearer"})
+                return web.Response(
+                    status=status_of(exc).http, text=str(exc), headers={"WWW-Authenticate": "Bearer"}
+                )
         body = await asyncio.to_thread(generate_latest, REGISTRY)  # milliseconds with many series
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -157,11 +158,6 @@ class ConvserveServer:
                 inline=runs_inline(settings.execution),
             ),
             warmup=settings.warmup,
-            decoding=DecodingOptions(
-                max_rows=settings.max_decode_batch,
-                batching=settings.caption_batching,
-                max_queue=settings.max_decode_queue,
-            ),
             settings=settings,
         )
         self.health = health.aio.HealthServicer()

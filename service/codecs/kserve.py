@@ -1,13 +1,10 @@
-"""Triton's model configuration and statistics messages from the data plane's types, and the JSON
-form the HTTP binding answers with (protobuf's field names, enums by name, numbers as numbers)."""
+"""Triton's model configuration and statistics from the data plane's types: the gRPC messages, and
+the JSON the HTTP binding answers with (protobuf's field names, enums by name, numbers as numbers),
+written from the same domain objects without building a message."""
 
 from __future__ import annotations
 
-import base64
 from typing import Any
-
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import model_config_pb2 as config_pb
@@ -16,7 +13,7 @@ from service.domain import Duration, ModelConfig, ModelStatistics, TensorMetadat
 
 
 def model_config(found: ModelConfig) -> config_pb.ModelConfig:
-    """Triton's ModelConfig message (also the JSON the HTTP route answers)."""
+    """Triton's ModelConfig message, for gRPC."""
 
     def dtype(spec: TensorMetadata) -> int:
         return tensors.config_datatype(spec.datatype)
@@ -62,25 +59,57 @@ def model_statistics(found: ModelStatistics) -> pb.ModelStatistics:
     )
 
 
-def plain(message: Message) -> dict[str, Any]:
-    """A message as the REST binding writes it: numbers as numbers (protobuf's JSON quotes int64)."""
-    out: dict[str, Any] = {}
-    for field, value in message.ListFields():
-        if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            value_field = field.message_type.fields_by_name["value"]
-            out[field.name] = {key: _scalar(value_field, item) for key, item in value.items()}
-        elif field.is_repeated:
-            out[field.name] = [_scalar(field, item) for item in value]
-        else:
-            out[field.name] = _scalar(field, value)
-    return out
+def model_config_json(found: ModelConfig) -> dict[str, Any]:
+    """The ModelConfig message's JSON as the REST binding writes it, straight from the domain
+    object: protobuf's field names in field-number order, enums by name, numbers as numbers, and
+    fields at their default (0, "", empty) left out, as protobuf's own serialisation does. A test
+    holds it equal to `model_config`'s message, so the two transports cannot drift."""
+    kind = "KIND_GPU" if found.on_gpu else "KIND_CPU"
+    config = _set(
+        name=found.name,
+        platform=found.platform,
+        max_batch_size=found.max_batch_size,
+        input=[_tensor_json(s) for s in found.inputs],
+        output=[_tensor_json(s) for s in found.outputs],
+        instance_group=[_set(count=found.instances, kind=kind)],
+        default_model_filename=found.default_model_filename,
+    )
+    if found.max_batch_size > 0:  # a touched sub-message is present, even with default fields
+        config["dynamic_batching"] = _set(max_queue_delay_microseconds=found.max_queue_delay_microseconds)
+        config["dynamic_batching"]["default_queue_policy"] = _set(max_queue_size=found.max_queue_size)
+    return config | _set(backend=found.backend)  # field 17: last
 
 
-def _scalar(field: FieldDescriptor, value: Any) -> Any:
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return plain(value)
-    if field.type == FieldDescriptor.TYPE_ENUM:
-        return field.enum_type.values_by_number[value].name
-    if field.type == FieldDescriptor.TYPE_BYTES:
-        return base64.b64encode(value).decode()
-    return value
+def model_statistics_json(found: ModelStatistics) -> dict[str, Any]:
+    """One version's statistics message as the REST binding writes it (see model_config_json)."""
+    stats = _set(
+        name=found.name,
+        version=found.version,
+        last_inference=found.last_inference,
+        inference_count=found.inference_count,
+        execution_count=found.execution_count,
+    )
+    stats["inference_stats"] = {
+        "success": _duration_json(found.success),
+        "fail": _duration_json(found.fail),
+        "queue": _duration_json(found.queue),
+        "compute_input": _duration_json(found.compute_input),
+        "compute_infer": _duration_json(found.compute_infer),
+        "compute_output": _duration_json(found.compute_output),
+    }
+    batches = [_set(batch_size=size) | {"compute_infer": _duration_json(d)} for size, d in found.batches]
+    return stats | _set(batch_stats=batches)
+
+
+def _tensor_json(spec: TensorMetadata) -> dict[str, Any]:
+    value = tensors.config_datatype(spec.datatype)  # 0 (TYPE_INVALID) is a default: left out
+    return _set(name=spec.name, data_type=value and config_pb.DataType.Name(value), dims=spec.shape)
+
+
+def _duration_json(d: Duration) -> dict[str, int]:
+    return _set(count=d.count, ns=d.ns)
+
+
+def _set(**fields: Any) -> dict[str, Any]:
+    """The fields not at their default, in the order given (protobuf leaves defaults out)."""
+    return {key: value for key, value in fields.items() if value not in (0, "", [], False)}

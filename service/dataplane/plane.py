@@ -50,7 +50,8 @@ from service.domain import (
 from service.engine.decoding import DecodePool
 from service.engine.sessions import CUDA, TensorSpec
 from service.errors import ConvserveError, InvalidArgument, ModelNotFound, clip
-from service.kinds.base import not_offered
+from service.kinds import TASK_NAMES
+from service.kinds.base import Task, not_offered
 from service.observability.metrics import UNKNOWN_MODEL
 from service.observability.statistics import Duration as StatsDuration
 from service.observability.statistics import RequestTimes, VersionStatistics
@@ -68,14 +69,6 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "statistics",
 ]
-#: What a model must be to answer each task request, for the error when it is not.
-TASK_NOUNS: dict[type, str] = {
-    ClassifyRequest: "classifier",
-    GenerateRequest: "generator",
-    LatentRequest: "generator",
-    CaptionRequest: "captioner",
-    InferRequest: "KServe v2 model",
-}
 _INDEX_STATES = {
     VersionState.LOADING: "LOADING",
     VersionState.READY: "READY",
@@ -129,45 +122,25 @@ class DataPlane:
 
     # Inference -----------------------------------------------------------------------------------
 
+    # The kind that answers checks the request's fields (its task builds the job); here only what
+    # every request has: a model name where the task needs one, and the deadline.
+
     async def classify(self, request: ClassifyRequest, timeout: float | None = None) -> ClassifyResult:
-        if request.top_k is not None and request.top_k <= 0:
-            raise InvalidArgument(f"top_k must be > 0, got {request.top_k}")
-        _require_model(request.model, "lenet5")
-        self._check_image_count(len(request.images))
         return await self._answer(request, timeout)
 
     async def generate(self, request: GenerateRequest, timeout: float | None = None) -> GenerateResult:
-        count = request.image_count
-        if request.count is not None and request.count != count:
-            raise InvalidArgument(f"count is {request.count} but {count} latent vectors were given")
-        self._check_generator_request(request.model, count, request.seed)
         return await self._answer(request, timeout)
 
     def latents(self, request: LatentRequest) -> LatentResult:
         """The latent vectors Generate would draw for a seed; no model runs, so the call is not
         counted in the model's statistics."""
-        self._check_generator_request(request.model, request.count, request.seed)
+        _require_model(request)
         served = self._resolve(request.model, request.version, inference=False)
-        task = served.model.tasks.get(LatentRequest)
-        if task is None:
-            kind = served.version.manifest.kind if served.version.manifest is not None else "model"
-            raise not_offered(served.name, kind, TASK_NOUNS[LatentRequest])
-        result: LatentResult = task(request).finish()
+        result: LatentResult = _task(served, request)(request).finish()
         result.model, result.version = served.name, served.version.version
         return result
 
-    def _check_generator_request(self, model: str, count: int | None, seed: int | None) -> None:
-        count = 1 if count is None else count
-        limit = self._settings.max_generate_count
-        if not 1 <= count <= limit:
-            raise InvalidArgument(f"count must be 1..{limit}, got {count}")
-        if seed is not None and not 0 <= seed < 2**64:
-            raise InvalidArgument(f"seed must be 0..2**64-1, got {seed}")
-        _require_model(model, "dcgan")
-
     async def caption(self, request: CaptionRequest, timeout: float | None = None) -> CaptionResult:
-        _require_model(request.model, "captioner")
-        self._check_image_count(len(request.images))
         return await self._answer(request, timeout)
 
     async def infer(self, request: InferRequest, timeout: float | None = None) -> InferResult:
@@ -179,12 +152,10 @@ class DataPlane:
 
     async def _answer(self, request: Any, timeout: float | None) -> Any:
         """The request path, once for every task and transport."""
+        _require_model(request)
         deadline = self._deadline(timeout)
         served = self._resolve(request.model, request.version)
-        task = served.model.tasks.get(type(request))
-        if task is None:
-            kind = served.version.manifest.kind if served.version.manifest is not None else "model"
-            raise not_offered(served.name, kind, TASK_NOUNS.get(type(request), type(request).__name__))
+        task = _task(served, request)
         call = current_call()
         stats, times = served.model.stats, call.times or RequestTimes()
         with served.version.in_use():
@@ -235,13 +206,6 @@ class DataPlane:
         if not 0 <= timeout < math.inf:
             raise InvalidArgument(f"timeout must be a number of seconds >= 0, got {timeout}")
         return asyncio.get_running_loop().time() + timeout
-
-    def _check_image_count(self, count: int) -> None:
-        if count == 0:
-            raise InvalidArgument("no images in the request")
-        limit = self._settings.max_images_per_request
-        if count > limit:
-            raise InvalidArgument(f"{count} images in one request; at most {limit} (max_images_per_request)")
 
     # Model metadata, configuration and statistics ------------------------------------------------
 
@@ -330,7 +294,8 @@ class DataPlane:
 
     # The repository ------------------------------------------------------------------------------
 
-    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+    def repository_index(self, ready_only: bool = False, repository: str = "") -> list[IndexEntry]:
+        _check_repository(repository)
         rows = []
         for entry in self._repository.entries():
             versions = entry.newest_first()
@@ -356,14 +321,31 @@ class DataPlane:
         return [_model_info(entry) for entry in self._repository.entries()]
 
 
-def _require_model(model: str, example: str) -> None:
-    if not model:
-        raise InvalidArgument(f"model is required, e.g. {example!r}")
+def _require_model(request: Any) -> None:
+    """A task request names its model (the kind that answers its type suggests one)."""
+    named = TASK_NAMES.get(type(request))
+    if not request.model and named is not None and named.example:
+        raise InvalidArgument(f"model is required, e.g. {named.example!r}")
+
+
+def _task(served: Served, request: Any) -> Task:
+    """The model's task for the request's type; a model of another kind is refused by name."""
+    task = served.model.tasks.get(type(request))
+    if task is None:
+        kind = served.version.manifest.kind if served.version.manifest is not None else "model"
+        named = TASK_NAMES.get(type(request))
+        raise not_offered(served.name, kind, named.noun if named else type(request).__name__)
+    return task
 
 
 def _check_control(name: str, repository: str) -> None:
     """Load/unload name one plain model of the one repository."""
     check_model_name(name)
+    _check_repository(repository)
+
+
+def _check_repository(repository: str) -> None:
+    """A repository call names no repository (or the one there is: none by name)."""
     if repository:
         raise InvalidArgument("repository_name is not supported: the server has one repository")
 

@@ -159,7 +159,7 @@ class DynamicBatcher:
         self._pool.shutdown(wait=False)
 
     def admit(self, rows: int) -> None:
-        """Refuse at once what cannot be queued now; servicers call it before decoding, submit again."""
+        """Refuse at once what cannot be queued now; the data plane calls it before decoding, submit again."""
         if self._closed:
             raise ModelNotReady("the model version was unloaded")
         limit = self.options.max_queue_size

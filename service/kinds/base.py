@@ -15,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from service.codecs.cost import Work
 from service.contract.manifest import Manifest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession, SessionOptions, TensorSpec, one_line_reason
 from service.errors import InvalidArgument, clip
-from service.kinds.captioner.beam_search import DecodingOptions
 from service.observability.statistics import RequestTimes, VersionStatistics
 from service.settings import Settings
 
@@ -86,10 +85,19 @@ class LoadedModel(Protocol):
         """Stop its batchers and loops; queued requests fail as unloaded."""
 
 
+@dataclass(frozen=True)
+class TaskName:
+    """How errors speak of a kind's own task, so the data plane need not know the kind."""
+
+    noun: str  # what a model must be to answer it: "model 'dcgan' is a generator, not a classifier"
+    example: str = ""  # a model to suggest when a request names none ("": the model is not required here)
+
+
 class ModelKind(Protocol):
     """A kind of model: loads a version from its folder and its manifest section."""
 
     name: str  # the manifest's `kind`
+    answers: ClassVar[Mapping[type, TaskName]]  # the request types of its own tasks
 
     def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> LoadedModel:
         """Blocking (sessions, warm-up): the repository calls it in a thread."""
@@ -104,8 +112,7 @@ class LoadContext:
     stats: VersionStatistics  # the version's own statistics
     sessions: SessionOptions
     batching: BatchingOptions  # the server's defaults
-    decoding: DecodingOptions
-    settings: Settings
+    settings: Settings  # request limits, and any kind's own server-wide settings
     warmup: bool = True
 
     def session(self, version_dir: Path, file: str) -> ModelSession:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from service.errors import InvalidArgument, clip
+from service.settings import Settings
 
 
 def require_finite(array: np.ndarray, name: str) -> None:
@@ -35,6 +36,15 @@ def require_within(array: np.ndarray, name: str, low: int, high: int, allowed: s
         f"input {clip(name)}: {array[position]} at index {list(position)} "
         f"is outside {low}..{high} ({allowed})"
     )
+
+
+def require_image_count(count: int, settings: Settings) -> None:
+    """A task request brings 1..max_images_per_request images."""
+    if count == 0:
+        raise InvalidArgument("no images in the request")
+    limit = settings.max_images_per_request
+    if count > limit:
+        raise InvalidArgument(f"{count} images in one request; at most {limit} (max_images_per_request)")
 
 
 def _first(mask: np.ndarray) -> tuple[int, ...]:

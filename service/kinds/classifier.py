@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -13,7 +15,9 @@ from service.contract.manifest import DigitAdaptation, Manifest
 from service.domain import ClassifyRequest, ClassifyResult, Prediction
 from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession
-from service.kinds.base import MODEL_FILE, LoadContext
+from service.errors import InvalidArgument
+from service.kinds.base import MODEL_FILE, LoadContext, TaskName
+from service.kinds.checks import require_image_count
 from service.kinds.tensor import TensorModel, tensor_model
 from service.observability.statistics import RequestTimes
 from service.settings import Settings
@@ -81,6 +85,7 @@ class ClassifierKind:
     """Kind `classifier`: images in, ranked labels out (Classify), and its graph over KServe v2."""
 
     name = "classifier"
+    answers: ClassVar[Mapping[type, TaskName]] = {ClassifyRequest: TaskName("classifier", "lenet5")}
 
     def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> TensorModel:
         session = context.session(version_dir, MODEL_FILE)
@@ -109,6 +114,9 @@ class ClassifyJob:
         batcher: DynamicBatcher,
         settings: Settings,
     ) -> None:
+        if request.top_k is not None and request.top_k <= 0:
+            raise InvalidArgument(f"top_k must be > 0, got {request.top_k}")
+        require_image_count(len(request.images), settings)
         self._images = request.images
         self._top_k = settings.default_top_k if request.top_k is None else request.top_k
         self._pipeline = pipeline

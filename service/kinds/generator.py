@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import math
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -17,7 +19,7 @@ from service.domain import GeneratedImage, GenerateRequest, GenerateResult, Late
 from service.engine.batching import DynamicBatcher
 from service.engine.sessions import ModelLoadError, ModelSession
 from service.errors import InvalidArgument
-from service.kinds.base import MODEL_FILE, LoadContext
+from service.kinds.base import MODEL_FILE, LoadContext, TaskName
 from service.kinds.checks import require_finite, require_within
 from service.kinds.tensor import TensorModel, tensor_model
 from service.observability.statistics import RequestTimes
@@ -135,6 +137,10 @@ class GeneratorKind:
     """Kind `generator`: (count, labels, seed) in, images out (Generate), and its graph over KServe v2."""
 
     name = "generator"
+    answers: ClassVar[Mapping[type, TaskName]] = {
+        GenerateRequest: TaskName("generator", "dcgan"),
+        LatentRequest: TaskName("generator", "dcgan"),
+    }
 
     def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> TensorModel:
         session = context.session(version_dir, MODEL_FILE)
@@ -143,8 +149,9 @@ class GeneratorKind:
         model = tensor_model(
             context.model, manifest, session, context, context.stats, check=pipeline.check_feeds
         )
-        model.tasks[GenerateRequest] = lambda request: GenerateJob(request, pipeline, model.batcher)
-        model.tasks[LatentRequest] = lambda request: LatentJob(request, pipeline, model.batcher)
+        limit = context.settings.max_generate_count
+        model.tasks[GenerateRequest] = lambda request: GenerateJob(request, pipeline, model.batcher, limit)
+        model.tasks[LatentRequest] = lambda request: LatentJob(request, pipeline, model.batcher, limit)
         return model
 
 
@@ -154,9 +161,12 @@ class GenerateJob:
     prepare_work = INLINE
 
     def __init__(
-        self, request: GenerateRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher
+        self, request: GenerateRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher, limit: int
     ) -> None:
         count = request.image_count
+        if request.count is not None and request.count != count:
+            raise InvalidArgument(f"count is {request.count} but {count} latent vectors were given")
+        _check_count_and_seed(count, request.seed, limit)
         self._pipeline = pipeline
         self._grid = request.grid
         self._plan = pipeline.plan(count, list(request.labels), _seed(request), request.latents)
@@ -194,9 +204,12 @@ class LatentJob:
     prepare_work = INLINE
     finish_work = INLINE
 
-    def __init__(self, request: LatentRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher) -> None:
+    def __init__(
+        self, request: LatentRequest, pipeline: GeneratorPipeline, batcher: DynamicBatcher, limit: int
+    ) -> None:
         self._pipeline = pipeline
         self._count = 1 if request.count is None else request.count
+        _check_count_and_seed(self._count, request.seed, limit)
         self._seed = _seed(request)
         self.batcher = batcher
 
@@ -208,6 +221,14 @@ class LatentJob:
 
     def finish(self) -> LatentResult:
         return LatentResult(seed=self._seed, latents=self._pipeline.latents(self._count, self._seed))
+
+
+def _check_count_and_seed(count: int, seed: int | None, limit: int) -> None:
+    """1..max_generate_count images, and a seed PCG64 takes (unsigned, 64 bits)."""
+    if not 1 <= count <= limit:
+        raise InvalidArgument(f"count must be 1..{limit}, got {count}")
+    if seed is not None and not 0 <= seed < 2**64:
+        raise InvalidArgument(f"seed must be 0..2**64-1, got {seed}")
 
 
 def _seed(request: GenerateRequest | LatentRequest) -> int:

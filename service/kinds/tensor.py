@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from service.domain import InferRequest, InferResult, InputTensor, OutputRequest
 from service.engine.batching import BatchingOptions, CheckFunction, DynamicBatcher
 from service.engine.sessions import ModelSession, TensorSpec
 from service.errors import ECHO_CHARS, InvalidArgument, clip, clip_list, clip_message
-from service.kinds.base import MODEL_FILE, LoadContext, LoadedModel, Signature, Task
+from service.kinds.base import MODEL_FILE, LoadContext, LoadedModel, Signature, Task, TaskName
 from service.observability.statistics import RequestTimes, VersionStatistics
 
 
@@ -128,6 +129,8 @@ class TensorKind:
     """Kind `tensor`: one model.onnx, no task API."""
 
     name = "tensor"
+    # Every kind's models answer InferRequest; a model that does not is "not a KServe v2 model".
+    answers: ClassVar[Mapping[type, TaskName]] = {InferRequest: TaskName("KServe v2 model")}
 
     def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> TensorModel:
         session = context.session(version_dir, MODEL_FILE)

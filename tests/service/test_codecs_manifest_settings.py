@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from service.codecs import images as codecs
 from service.contract.manifest import CaptionerSpec, InputSpec, Manifest, load_manifest, write_manifest
-from service.errors import INTERNAL_MESSAGE, InvalidArgument, ModelNotFound, ModelNotReady, status_for
+from service.errors import INTERNAL, InvalidArgument, ModelNotFound, ModelNotReady, status_of
 from service.settings import Settings
 
 
@@ -50,10 +50,10 @@ def test_raw_is_wrapped_without_copy() -> None:
 
 
 def test_error_table() -> None:
-    assert status_for(InvalidArgument("x")) == (grpc.StatusCode.INVALID_ARGUMENT, "x")
-    assert status_for(ModelNotFound("y")) == (grpc.StatusCode.NOT_FOUND, "y")
-    assert status_for(ModelNotReady("z")) == (grpc.StatusCode.UNAVAILABLE, "z")
-    assert status_for(KeyError("secret path /etc")) == (grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
+    assert status_of(InvalidArgument("x")).code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_of(ModelNotFound("y")).code == grpc.StatusCode.NOT_FOUND
+    assert status_of(ModelNotReady("z")).code == grpc.StatusCode.UNAVAILABLE
+    assert status_of(KeyError("secret path /etc")) is INTERNAL
 
 
 def test_manifest_round_trip_and_validation(tmp_path) -> None:

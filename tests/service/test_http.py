@@ -150,6 +150,28 @@ def test_health_and_metadata_routes(server) -> None:
     assert [s["name"] for s in json.loads(raw)["model_stats"]] == ["lenet5"]
 
 
+def test_repository_index_reads_its_request_strictly_on_both_transports(server) -> None:
+    """`ready` is a JSON boolean ("false" would be true if read loosely); other fields, and a
+    repository by name over gRPC, are refused, not ignored."""
+    index = server.http_url + "/v2/repository/index"
+    assert _call(index, b'{"ready": true}')[0] == 200
+    for body, message in (
+        (b'{"ready": "false"}', "ready must be true or false (a JSON boolean), got 'false'"),
+        (
+            b'{"ready": false, "repository_name": "m"}',
+            "the index request takes only 'ready', not ['repository_name']",
+        ),
+    ):
+        status, _, raw = _call(index, body)
+        assert (status, json.loads(raw)["error"]) == (400, message)
+    with grpc.insecure_channel(server.target) as channel:
+        other = pb.RepositoryIndexRequest(repository_name="elsewhere")
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(other, timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "repository_name is not supported: the server has one repository"
+
+
 def test_errors_are_plain_application_json(server) -> None:
     """Exactly `application/json` (no charset): the KServe SDK reads the server's text only then."""
     for url, body in ((server.http_url + "/v2/models/nope", None), (server.http_url + "/v1/classify", b"x")):

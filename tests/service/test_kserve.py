@@ -14,11 +14,15 @@ import onnx
 import pytest
 from conftest import start_server
 from drawing import draw_digit, png_bytes
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
 from onnx import TensorProto, helper
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.client import VisionClient
+from service.codecs.kserve import model_config, model_config_json, model_statistics, model_statistics_json
+from service.domain import Duration, ModelConfig, ModelStatistics, TensorMetadata
 from training.data.digits import load_digit_splits
 
 HERE = Path(__file__).parent
@@ -142,6 +146,50 @@ def test_stream_answers_in_order_and_reports_errors_in_band(stub) -> None:
     assert "model 'nope' not found" in responses["second"].error_message
     assert responses["first"].error_message == ""
     assert responses["third"].infer_response.outputs[0].shape == [2, 10]
+
+
+def _message_json(message: Message) -> dict:
+    """A message as the REST binding writes it, read field by field from protobuf (what the HTTP
+    routes answered before they wrote the JSON themselves): set fields in field-number order,
+    enums by name, numbers as numbers."""
+
+    def value(field: FieldDescriptor, item: object) -> object:
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            return _message_json(item)  # type: ignore[arg-type]
+        if field.type == FieldDescriptor.TYPE_ENUM:
+            return field.enum_type.values_by_number[item].name
+        return item
+
+    return {
+        field.name: [value(field, i) for i in item] if field.is_repeated else value(field, item)
+        for field, item in message.ListFields()
+    }
+
+
+_TENSORS = [TensorMetadata("image", "UINT8", [1, 32, 32]), TensorMetadata("text", "BYTES", [])]
+_CONFIGS = [
+    ModelConfig("lenet5", "onnxruntime_onnx", "onnxruntime", 64, _TENSORS, _TENSORS[:1], 2, False,
+                "model.onnx", 500, 256),
+    ModelConfig("adder", "onnxruntime_onnx", "onnxruntime", 0, [], [], 1, True, "", 0, 0),
+    ModelConfig("c", "convserve_captioner", "", 8, _TENSORS, [], 0, False, "", 0, 0),
+]  # fmt: skip
+_ZERO = Duration(0, 0)
+_STATISTICS = [
+    ModelStatistics("lenet5", "1", 1700000000000, 12, 3, Duration(3, 10**12), _ZERO, Duration(3, 7),
+                    Duration(2, 0), Duration(3, 9), Duration(0, 5), [(1, Duration(1, 2)), (64, _ZERO)]),
+    ModelStatistics("", "", 0, 0, 0, _ZERO, _ZERO, _ZERO, _ZERO, _ZERO, _ZERO, []),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("found", _CONFIGS, ids=lambda c: c.name)
+def test_http_config_json_is_the_grpc_message(found: ModelConfig) -> None:
+    """Same fields, values and order (the bytes on the wire), whichever transport answers."""
+    assert json.dumps(model_config_json(found)) == json.dumps(_message_json(model_config(found)))
+
+
+@pytest.mark.parametrize("found", _STATISTICS, ids=lambda s: s.name or "empty")
+def test_http_statistics_json_is_the_grpc_message(found: ModelStatistics) -> None:
+    assert json.dumps(model_statistics_json(found)) == json.dumps(_message_json(model_statistics(found)))
 
 
 def _adder_onnx(path: Path, batch_axis: bool) -> None:

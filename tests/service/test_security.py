@@ -271,10 +271,26 @@ def test_kserve_calls_need_a_valid_token(token_server: RunningServer) -> None:
         assert _code(lambda: kserve.ModelInfer(infer, timeout=TIMEOUT)) is grpc.StatusCode.UNAUTHENTICATED
         stream = kserve.ModelStreamInfer(iter([infer]), timeout=TIMEOUT)
         assert _code(lambda: list(stream)) is grpc.StatusCode.UNAUTHENTICATED
+        _wait_for_access_line(
+            token_server, "/inference.GRPCInferenceService/ModelStreamInfer", "UNAUTHENTICATED"
+        )
         # with a token the request gets through to validation (an input-less request is invalid)
         assert _code(lambda: kserve.ModelInfer(infer, metadata=_metadata(USER_TOKEN), timeout=TIMEOUT)) is (
             grpc.StatusCode.INVALID_ARGUMENT
         )
+
+
+def _wait_for_access_line(server: RunningServer, method: str, code: str) -> None:
+    """An access log line of a call to `method` that ended with `code` (lines come in blocks)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        if any(
+            e.get("message") == "rpc" and e.get("method") == method and e.get("code") == code for e in lines
+        ):
+            return
+        assert time.monotonic() < deadline, f"no access line for {method} {code}"
+        time.sleep(0.05)
 
 
 def test_repository_control_needs_the_admin_token(token_server: RunningServer) -> None:

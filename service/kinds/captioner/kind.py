@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -32,8 +33,8 @@ from service.domain import (
 )
 from service.engine.batching import BatchingOptions, DynamicBatcher
 from service.errors import InvalidArgument
-from service.kinds.base import LoadContext, LoadedModel, Signature, Task
-from service.kinds.captioner.beam_search import DecodeLoop, Hypothesis
+from service.kinds.base import LoadContext, LoadedModel, Signature, Task, TaskName
+from service.kinds.captioner.beam_search import DecodeLoop, DecodingOptions, Hypothesis
 from service.kinds.captioner.pipeline import (
     KSERVE_INPUT,
     KSERVE_OUTPUT,
@@ -42,6 +43,7 @@ from service.kinds.captioner.pipeline import (
     caption,
     caption_options,
 )
+from service.kinds.checks import require_image_count
 from service.kinds.tensor import TensorModel, check_headers, requested_outputs, tensor_model
 from service.observability.statistics import RequestTimes, VersionStatistics
 from service.settings import Settings
@@ -53,6 +55,7 @@ CAPTIONER_BACKEND = "convserve"
 
 class CaptionerKind:
     name = "captioner"
+    answers: ClassVar[Mapping[type, TaskName]] = {CaptionRequest: TaskName("captioner", "captioner")}
 
     def load(self, manifest: Manifest, version_dir: Path, context: LoadContext) -> CaptionerModel:
         assert manifest.captioner is not None, "the manifest validator requires it"
@@ -78,7 +81,7 @@ class CaptionerKind:
         pipeline.loop = DecodeLoop(
             decoder.run,
             decoder.output_names,
-            context.decoding,
+            _decoding(context.settings),
             model,
             context.version,
             on_step=decoder_stats.ran,
@@ -113,6 +116,7 @@ class CaptionerModel:
         return self.batcher.options
 
     def caption(self, request: CaptionRequest) -> CaptionJob:
+        require_image_count(len(request.images), self._settings)
         options = self._options(request.beam_size, request.max_length, request.count, request.attention)
         return CaptionJob(self.pipeline, self.batcher, request.images, options, self._settings)
 
@@ -199,6 +203,16 @@ class CaptionJob:
             mean_log_prob=hypothesis.mean_log_prob,
             attention=[AttentionMap(rows, columns, a.tolist()) for a in hypothesis.attention],
         )
+
+
+def _decoding(settings: Settings) -> DecodingOptions:
+    """The decode loop's options: the captioner reads its own server settings, so generic loading
+    code carries nothing of it."""
+    return DecodingOptions(
+        max_rows=settings.max_decode_batch,
+        batching=settings.caption_batching,
+        max_queue=settings.max_decode_queue,
+    )
 
 
 def _regions(hypotheses: list[Hypothesis]) -> list[Region]:

@@ -15,9 +15,9 @@ from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.codecs import tensors
 from service.codecs.kserve import model_config, model_statistics
 from service.dataplane import DataPlane
-from service.dataplane.calls import CallInfo, CallObserver, new_request_id
+from service.dataplane.calls import CallInfo, CallObserver, Failure, new_request_id
 from service.domain import InferRequest, InferResult, OutputRequest, TensorMetadata
-from service.transports.grpc.registration import timeout_of
+from service.transports.grpc.registration import observe, timeout_of
 
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 #: Messages of one stream in flight at once.
@@ -79,23 +79,19 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         slots = asyncio.Semaphore(STREAM_CONCURRENCY)
         running: set[asyncio.Task[None]] = set()
 
+        async def reply(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            result = await self._plane.infer(infer_request(request), timeout_of(context))
+            return pb.ModelStreamInferResponse(infer_response=infer_response(result))
+
         async def answer(request: pb.ModelInferRequest) -> None:
             call = CallInfo(request_id=new_request_id(request.id), method="ModelStreamInfer")
             try:
                 with CallObserver(call, STREAM_METHOD) as observer:
-                    try:
-                        result = await self._plane.infer(infer_request(request), timeout_of(context))
-                        reply = pb.ModelStreamInferResponse(infer_response=infer_response(result))
-                    except asyncio.CancelledError:
-                        observer.ended(grpc.StatusCode.CANCELLED, "stream closed")
-                        raise
-                    except Exception as exc:
-                        failure = observer.failed(exc)
-                        echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                        reply = pb.ModelStreamInferResponse(
-                            error_message=failure.message, infer_response=echo
-                        )
-                await answers.put(reply)
+                    outcome = await observe(observer, reply(request), context)
+                if isinstance(outcome, Failure):
+                    echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                    outcome = pb.ModelStreamInferResponse(error_message=outcome.message, infer_response=echo)
+                await answers.put(outcome)
             finally:
                 slots.release()
 
@@ -132,7 +128,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
-        rows = self._plane.repository_index(request.ready)
+        rows = self._plane.repository_index(request.ready, request.repository_name)
         return pb.RepositoryIndexResponse(
             models=[
                 pb.RepositoryIndexResponse.ModelIndex(

@@ -1,22 +1,22 @@
 """What every RPC goes through, wrapped around each servicer method once at registration.
 
 Unary calls get a request id, access control and the call observation (the error table, the
-access log, metrics); streaming calls get access control (their messages are observed one by
-one by the servicer).
+access log, metrics); streaming calls get access control, a refusal observed like a unary call's
+(their messages are observed one by one by the servicer, through the same `observe`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.dataplane.calls import REQUEST_ID_KEY, CallInfo, CallObserver, new_request_id
-from service.errors import ConvserveError, InvalidArgument, status_of
+from service.dataplane.calls import REQUEST_ID_KEY, CallInfo, CallObserver, Failure, new_request_id
+from service.errors import ConvserveError, InvalidArgument
 from service.security.auth import AuthPolicy, MethodAccess, metadata_value
 
 #: A client's deadline cancels its call slightly before the server's copy of it expires (the
@@ -25,6 +25,8 @@ from service.security.auth import AuthPolicy, MethodAccess, metadata_value
 CLIENT_DEADLINE_SLACK_SECONDS = 0.05
 # Probes and tooling: no access log line at INFO and no request metrics.
 _QUIET_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+T = TypeVar("T")
 
 
 def register(
@@ -88,35 +90,67 @@ def wrap_handler(
         "response_serializer": handler.response_serializer,
     }
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(_guard(handler.unary_stream, access), **serializers)
+        behavior = _guard(handler.unary_stream, full_method, access)
+        return grpc.unary_stream_rpc_method_handler(behavior, **serializers)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(_guard(handler.stream_unary, access), **serializers)
-    return grpc.stream_stream_rpc_method_handler(_guard(handler.stream_stream, access), **serializers)
+        behavior = _guard(handler.stream_unary, full_method, access)
+        return grpc.stream_unary_rpc_method_handler(behavior, **serializers)
+    behavior = _guard(handler.stream_stream, full_method, access)
+    return grpc.stream_stream_rpc_method_handler(behavior, **serializers)
 
 
-def _guard(behavior: Callable[..., Any], access: MethodAccess) -> Callable[..., Any]:
+async def observe(
+    observer: CallObserver, work: Awaitable[T], context: grpc.aio.ServicerContext
+) -> T | Failure:
+    """Await a call's work under its observation: its value, or how it failed (the error table's
+    status and message), for the caller to answer with. Unary calls and each message of a stream
+    go through it, so both record cancellations, deadlines and errors alike."""
+    try:
+        return await work
+    except asyncio.CancelledError:  # grpc cancels the handler at the client's deadline too
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= CLIENT_DEADLINE_SLACK_SECONDS:
+            observer.ended(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        else:
+            observer.ended(grpc.StatusCode.CANCELLED, "cancelled by the client")
+        raise
+    except grpc.aio.AbortError:  # a servicer we do not own (health) answered itself
+        observer.ended(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
+        raise
+    except Exception as exc:
+        return observer.failed(exc)
+
+
+def _guard(behavior: Callable[..., Any], full_method: str, access: MethodAccess) -> Callable[..., Any]:
     """A streaming method behind the access check; it keeps its kind (async generator or coroutine)."""
     if inspect.isasyncgenfunction(behavior):
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await _check_access(access, context)
+            await _check_access(access, full_method, context)
             async for item in behavior(request, context):
                 yield item
 
         return generator
 
     async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await _check_access(access, context)
+        await _check_access(access, full_method, context)
         return await behavior(request, context)
 
     return coroutine
 
 
-async def _check_access(access: MethodAccess, context: grpc.aio.ServicerContext) -> None:
+async def _check_access(access: MethodAccess, full_method: str, context: grpc.aio.ServicerContext) -> None:
+    """A stream's access check; a refusal is observed (logged, counted) as a unary call's is."""
+    metadata = context.invocation_metadata()
     try:
-        access.check(context.invocation_metadata())
+        access.check(metadata)
     except ConvserveError as exc:
-        await context.abort(status_of(exc).code, str(exc))
+        request_id = new_request_id(metadata_value(metadata, REQUEST_ID_KEY))
+        call = CallInfo(request_id=request_id, method=full_method.rsplit("/", 1)[-1])
+        with CallObserver(call, full_method) as observer:
+            failure = observer.failed(exc)
+        trailing = ((REQUEST_ID_KEY, request_id),)
+        await context.abort(failure.status.code, failure.message, trailing_metadata=trailing)
 
 
 def _wrap_unary(
@@ -141,23 +175,16 @@ def _wrap_unary(
         request_id = new_request_id(metadata_value(metadata, REQUEST_ID_KEY))
         trailing = ((REQUEST_ID_KEY, request_id),)
         context.set_trailing_metadata(trailing)
+
+        async def work() -> Any:
+            access.check(metadata)
+            return await behavior(parsed(request), context)
+
         with CallObserver(CallInfo(request_id=request_id, method=method), full_method, quiet) as observer:
-            try:
-                access.check(metadata)
-                return await behavior(parsed(request), context)
-            except asyncio.CancelledError:  # grpc cancels the handler at the client's deadline too
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= CLIENT_DEADLINE_SLACK_SECONDS:
-                    observer.ended(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
-                else:
-                    observer.ended(grpc.StatusCode.CANCELLED, "cancelled by the client")
-                raise
-            except grpc.aio.AbortError:  # a servicer we do not own (health) answered itself
-                observer.ended(context.code() or grpc.StatusCode.UNKNOWN, context.details() or "")
-                raise
-            except Exception as exc:
-                failure = observer.failed(exc)
-                await context.abort(failure.status.code, failure.message, trailing_metadata=trailing)
+            outcome = await observe(observer, work(), context)
+            if isinstance(outcome, Failure):
+                await context.abort(outcome.status.code, outcome.message, trailing_metadata=trailing)
+            return outcome
 
     return wrapped
 

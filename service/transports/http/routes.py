@@ -23,7 +23,7 @@ from aiohttp import ClientConnectionError, ClientPayloadError, web
 
 from service.codecs import tensors
 from service.codecs.cost import Codec, Work
-from service.codecs.kserve import model_config, model_statistics, plain
+from service.codecs.kserve import model_config_json, model_statistics_json
 from service.dataplane import DataPlane
 from service.dataplane.calls import REQUEST_ID_KEY, CallInfo, CallObserver, Failure, new_request_id
 from service.domain import (
@@ -35,7 +35,7 @@ from service.domain import (
     LatentRequest,
     ModelInfo,
 )
-from service.errors import Cancelled, InvalidArgument, ModelNotFound, clip, clip_message
+from service.errors import Cancelled, InvalidArgument, ModelNotFound, clip, clip_list, clip_message
 from service.security.auth import STATIC_METHOD, AuthPolicy, http_middleware
 from service.transports.http.console import ConsoleFiles
 from service.transports.http.json_tensors import (
@@ -257,19 +257,26 @@ class Routes:
         return _json({"name": name, "ready": ready}, status=200 if ready else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        return _json(plain(model_config(self.plane.model_config(*_model(request)))))
+        return _json(model_config_json(self.plane.model_config(*_model(request))))
 
     async def model_statistics(self, request: web.Request) -> web.Response:
         """One model's (version's) statistics, or every model's on /v2/models/stats (no name)."""
         found = self.plane.model_statistics(*_model(request))
-        return _json({"model_stats": [plain(model_statistics(s)) for s in found]})
+        return _json({"model_stats": [model_statistics_json(s) for s in found]})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.Response(body=self.openapi_document, content_type="application/json")
 
     async def repository_index(self, request: web.Request) -> web.Response:
+        """Body {"ready": true|false} (optional); anything else is refused, never read loosely."""
         body = await self._json_body(request)
-        rows = self.plane.repository_index(bool(body.get("ready")))
+        unknown = sorted(set(body) - {"ready"})
+        if unknown:
+            raise InvalidArgument(f"the index request takes only 'ready', not {clip_list(unknown)}")
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument(f"ready must be true or false (a JSON boolean), got {clip(ready)}")
+        rows = self.plane.repository_index(ready)
         return _json([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
