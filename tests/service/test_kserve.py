@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -274,5 +276,15 @@ def test_repository_unload_and_load(model_repository, tmp_path) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 kserve.RepositoryModelLoad(override)
             assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        for action in ("load", "unload"):  # over HTTP, their bodies hold parameters and nothing else
+            request = urllib.request.Request(
+                f"{server.http_url}/v2/repository/models/lenet5/{action}",
+                data=b'{"parameters": {}, "unload_dependents": true}',
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            expected = f"the {action} request takes only 'parameters', not ['unload_dependents']"
+            assert (refused.value.code, json.loads(refused.value.read())["error"]) == (400, expected)
     finally:
         server.stop()

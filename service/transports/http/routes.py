@@ -70,6 +70,7 @@ DEFAULT_MAX_JSON_BYTES = 8 * 1024 * 1024
 PATH_CHARS = 128
 #: The JSON body of a repository route (an index or load request: a few fields).
 SMALL_JSON_BYTES = 64 * 1024
+SMALL_JSON_LIMIT = "a repository request's limit"
 #: Seconds a request's body may take to arrive, by default (Settings.http_body_timeout_seconds).
 DEFAULT_BODY_TIMEOUT = 30.0
 #: Seconds a client refused for a full queue should wait before it retries (`Retry-After`).
@@ -269,10 +270,7 @@ class Routes:
 
     async def repository_index(self, request: web.Request) -> web.Response:
         """Body {"ready": true|false} (optional); anything else is refused, never read loosely."""
-        body = await self._json_body(request)
-        unknown = sorted(set(body) - {"ready"})
-        if unknown:
-            raise InvalidArgument(f"the index request takes only 'ready', not {clip_list(unknown)}")
+        body = await self._json_body(request, "index", {"ready"})
         ready = body.get("ready", False)
         if not isinstance(ready, bool):
             raise InvalidArgument(f"ready must be true or false (a JSON boolean), got {clip(ready)}")
@@ -280,12 +278,12 @@ class Routes:
         return _json([_index_row(r.name, r.version, r.state, r.reason) for r in rows])
 
     async def load(self, request: web.Request) -> web.Response:
-        body = await self._json_body(request)
+        body = await self._json_body(request, "load", {"parameters"})
         await self.plane.load(request.match_info["name"], parameters(body.get("parameters"), "load"))
         return _json({})
 
     async def unload(self, request: web.Request) -> web.Response:
-        body = await self._json_body(request)
+        body = await self._json_body(request, "unload", {"parameters"})
         await self.plane.unload(request.match_info["name"], parameters(body.get("parameters"), "unload"))
         return _json({})
 
@@ -442,18 +440,23 @@ class Routes:
                 "(http_body_timeout_seconds)"
             ) from None
 
-    async def _json_body(self, request: web.Request) -> dict[str, Any]:
-        """The request's JSON object body; {} without a body."""
+    async def _json_body(self, request: web.Request, what: str, fields: set[str]) -> dict[str, Any]:
+        """A repository request's JSON object body ({} without a body), holding only `fields`: a field
+        the server would not act on is refused, never ignored."""
         if not request.can_read_body:
             return {}
-        _check_json_length(request.content_length, SMALL_JSON_BYTES)
+        _check_json_length(request.content_length, SMALL_JSON_BYTES, SMALL_JSON_LIMIT)
         raw = await self._read_body(request)
-        _json_end(raw, None, SMALL_JSON_BYTES)
+        _check_json_length(len(raw), SMALL_JSON_BYTES, SMALL_JSON_LIMIT)
         if not raw.strip():
             return {}
         body = parse_json(raw)  # small: on the event loop
         if not isinstance(body, dict):
             raise InvalidArgument("request body must be a JSON object")
+        unknown = sorted(set(body) - fields)
+        if unknown:
+            allowed = " and ".join(repr(f) for f in sorted(fields))
+            raise InvalidArgument(f"the {what} request takes only {allowed}, not {clip_list(unknown)}")
         return body
 
 
@@ -501,7 +504,7 @@ def _json_end(body: bytes, header_length: str | None, max_json_bytes: int) -> in
     return json_end
 
 
-def _check_json_length(json_length: int | None, max_json_bytes: int) -> None:
+def _check_json_length(json_length: int | None, max_json_bytes: int, limit: str = "") -> None:
     """413 when a request's JSON part is larger than `max_json_bytes`. Checked on the length a client
     declares (Content-Length, Inference-Header-Content-Length) before its body is read, so a client
     learns at once and the server reads nothing it would throw away; and on what was read (a chunked
@@ -511,7 +514,7 @@ def _check_json_length(json_length: int | None, max_json_bytes: int) -> None:
             max_size=max_json_bytes,
             actual_size=json_length,
             text=f"the JSON part of the request is {json_length} bytes, over the limit of "
-            f"{max_json_bytes} (max_json_bytes); send large tensors as binary data",
+            f"{max_json_bytes} ({limit or 'max_json_bytes; send large tensors as binary data'})",
         )
 
 
