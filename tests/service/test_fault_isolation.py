@@ -149,8 +149,10 @@ def test_one_out_of_range_label_among_70_good_requests_fails_alone(
         requests += [call(where, seed, label) for seed, label in good[35:]]
         return await asyncio.gather(*requests)
 
+    sample = good[::7]  # each alone waits the queue delay out: ten of them, not all seventy
+
     async def alone() -> list[tuple[str, bytes | str]]:
-        return [await call(where, seed, label) for seed, label in good]
+        return [await call(where, seed, label) for seed, label in sample]
 
     results = asyncio.run(together())
     failures = [result for result in results if result[0] != "ok"]
@@ -160,7 +162,7 @@ def test_one_out_of_range_label_among_70_good_requests_fails_alone(
     assert "label" in message and "0..9" in message and "10" in message, message
     assert results[35] == failures[0], "the bad request is the one that failed"
     answers = [answer for status, answer in results if status == "ok"]
-    assert answers == [answer for _, answer in asyncio.run(alone())]
+    assert answers[::7] == [answer for _, answer in asyncio.run(alone())]
 
 
 def _metric(server: RunningServer, name: str, model: str, cause: str = "") -> float:
