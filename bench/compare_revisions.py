@@ -68,6 +68,15 @@ def _measure(target: str, api: str, model: str, concurrency: str, core: int, out
     return json.loads(out.read_text())["results"]
 
 
+def _labels(revisions: list[str]) -> list[str]:
+    """The revisions as named, a repeated one numbered (HEAD, HEAD (2)): each server its own column."""
+    labels = []
+    for i, revision in enumerate(revisions):
+        seen = revisions[:i].count(revision)
+        labels.append(f"{revision} ({seen + 1})" if seen else revision)
+    return labels
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,14 +91,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--client-core", type=int, default=1)
     args = parser.parse_args(argv)
 
+    labels = _labels(args.revisions)
     rates: dict[tuple[str, int, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="convserve-compare-") as scratch, ExitStack() as stack:
         folder = Path(scratch)
         servers = {}
-        for i, revision in enumerate(args.revisions):
+        for i, (revision, label) in enumerate(zip(args.revisions, labels, strict=True)):
             checkout = _worktree(stack, revision, folder / f"checkout-{i}")
             log = folder / f"server-{i}.log"
-            servers[revision] = _serve(stack, checkout, args.model_repository, args.server_core, log)
+            servers[label] = _serve(stack, checkout, args.model_repository, args.server_core, log)
         for server in servers.values():
             wait_until_serving(server)
         targets = {revision: server.target for revision, server in servers.items()}
@@ -103,17 +113,15 @@ def main(argv: list[str] | None = None) -> int:
                         rates.setdefault(key, []).append(row["requests_per_second"])
             print(f"repeat {repeat + 1} of {args.repeats} done", file=sys.stderr)
 
-    first = args.revisions[0]
-    print(f"| API | concurrency | {' | '.join(args.revisions)} | ratios to {first} |")
-    print("|---|---|" + "---|" * len(args.revisions) + "---|")
+    first = labels[0]
+    print(f"| API | concurrency | {' | '.join(labels)} | ratios to {first} |")
+    print("|---|---|" + "---|" * len(labels) + "---|")
     for api in args.apis.split(","):
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            got = {r: rates[(api, concurrency, r)] for r in args.revisions}
+            got = {r: rates[(api, concurrency, r)] for r in labels}
             medians = {r: statistics.median(v) for r, v in got.items()}
-            cells = " | ".join(
-                f"{medians[r]:.0f} ({min(got[r]):.0f}-{max(got[r]):.0f})" for r in args.revisions
-            )
-            ratios = ", ".join(f"{medians[r] / medians[first]:.2f}" for r in args.revisions[1:])
+            cells = " | ".join(f"{medians[r]:.0f} ({min(got[r]):.0f}-{max(got[r]):.0f})" for r in labels)
+            ratios = ", ".join(f"{medians[r] / medians[first]:.2f}" for r in labels[1:])
             print(f"| {api} | {concurrency} | {cells} | {ratios} |")
     return 0
 
