@@ -110,6 +110,13 @@ system-deps:
 		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			chromium >/dev/null; \
 	fi
+	@if ! command -v npm >/dev/null 2>&1; then \
+		echo "installing Debian's npm for tests/console (it fetches the pinned axe-core)"; \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		$$sudo apt-get update -qq \
+		&& $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			npm >/dev/null; \
+	fi
 	@command -v kubectl >/dev/null 2>&1 || { \
 		echo "kubectl is missing: tests/deploy renders deploy/k8s with kubectl kustomize" >&2; exit 1; }
 
@@ -159,4 +166,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .venv-clients runs .pytest_cache .ruff_cache .import_linter_cache
+	rm -rf $(VENV) .venv-clients .axe-core runs .pytest_cache .ruff_cache .import_linter_cache

@@ -2,16 +2,20 @@
 Playwright for Python, screenshots as artefacts, and axe-core's accessibility check.
 
 Screenshots of each view go to build/console-screenshots/ (CONVSERVE_SCREENSHOTS overrides it).
-axe-core is vendored from its npm package (tests/console/axe.min.js, its version in the first
-line) and injected as an init script, before the page's own, so no network is needed and the
-page's content security policy (script-src 'self') stays on while it runs.
+axe-core comes from its npm package, pinned and checked against the registry's sha512 integrity,
+fetched once with `npm pack` into .axe-core/ (git-ignored), and injected as an init script, before
+the page's own, so the page's content security policy (script-src 'self') stays on while it runs.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import tarfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,7 +25,12 @@ from playwright.sync_api import Browser, BrowserContext, Page
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
-AXE = HERE / "axe.min.js"
+AXE_VERSION = "4.14.1"
+#: The npm registry's dist.integrity of axe-core 4.14.1's package.
+AXE_INTEGRITY = (
+    "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ=="
+)
+AXE_CACHE = REPO / ".axe-core"
 #: Debian's chromium: /usr/bin/chromium is a shell wrapper; Playwright starts the binary itself.
 CHROMIUM = Path("/usr/lib/chromium/chromium")
 SCREENSHOTS = Path(os.environ.get("CONVSERVE_SCREENSHOTS", REPO / "build" / "console-screenshots"))
@@ -41,10 +50,38 @@ def chromium_path() -> str:
     return found
 
 
+def axe_script() -> Path:
+    """axe.min.js of the pinned axe-core, fetched once from the npm registry; fails with why."""
+    script = AXE_CACHE / AXE_VERSION / "axe.min.js"
+    if script.is_file():
+        return script
+    folder = script.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("npm") is None:
+        pytest.fail("npm is missing (`make system-deps` installs it): it fetches axe-core for the tests")
+    packed = subprocess.run(
+        ["npm", "pack", f"axe-core@{AXE_VERSION}", "--pack-destination", str(folder)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    if packed.returncode != 0:
+        pytest.fail(f"npm could not fetch axe-core {AXE_VERSION}:\n{packed.stderr[-2000:]}")
+    tarball = folder / f"axe-core-{AXE_VERSION}.tgz"
+    digest = "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+    if digest != AXE_INTEGRITY:
+        pytest.fail(f"axe-core {AXE_VERSION} from npm is not the package pinned: {digest}")
+    with tarfile.open(tarball) as archive:
+        member = archive.extractfile("package/axe.min.js")
+        assert member is not None
+        partial = script.with_suffix(".partial")
+        partial.write_bytes(member.read())
+    partial.replace(script)
+    return script
+
+
 def new_context(browser: Browser, **options: object) -> BrowserContext:
     """A fresh profile (no storage) with axe-core injected into every page."""
     context = browser.new_context(viewport={"width": 1200, "height": 860}, **options)
-    context.add_init_script(path=str(AXE))
+    context.add_init_script(path=str(axe_script()))
     return context
 
 
