@@ -2,11 +2,16 @@
 
 Label values stay bounded: `model` and `version` are names of models the server has (or
 "unknown" for requests naming none it has), never a string a client made up.
+
+The request path's metrics are written on the event loop only and are `Loop*` metrics (no lock
+per update, see loop_metrics.py); those written from other threads are prometheus_client's.
 """
 
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
+
+from service.observability.loop_metrics import LoopCounter, LoopGauge, LoopHistogram
 
 #: Buckets from 0.1 ms to 10 s: covers a LeNet on a CPU and a captioner's beam search.
 LATENCY_BUCKETS = (
@@ -17,75 +22,75 @@ LOAD_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 UNKNOWN_MODEL = "unknown"
 
-REQUESTS = Counter(
+REQUESTS = LoopCounter(
     "convserve_requests",
     "Requests answered, by model, version, method, status (gRPC code names, HTTP too) and transport.",
     ["model", "version", "method", "code", "transport"],
 )
-FAILURES = Counter(
+FAILURES = LoopCounter(
     "convserve_request_failures",
     "RPCs that failed, by reason (the lower-case gRPC status: queue full is resource_exhausted).",
     ["model", "version", "reason"],
 )
-REQUEST_DURATION = Histogram(
+REQUEST_DURATION = LoopHistogram(
     "convserve_request_duration_seconds",
     "Time from receiving a request to sending its answer, by transport (grpc, http).",
     ["model", "version", "method", "transport"],
     buckets=LATENCY_BUCKETS,
 )
-QUEUE_DURATION = Histogram(
+QUEUE_DURATION = LoopHistogram(
     "convserve_queue_duration_seconds",
     "Time a request waited in the batcher's queue before its first rows ran.",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
-COMPUTE_INPUT_DURATION = Histogram(
+COMPUTE_INPUT_DURATION = LoopHistogram(
     "convserve_compute_input_duration_seconds",
     "Time to turn a request into input arrays (decode, pre-process, tensor checks).",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
-COMPUTE_INFER_DURATION = Histogram(
+COMPUTE_INFER_DURATION = LoopHistogram(
     "convserve_compute_infer_duration_seconds",
     "Time onnxruntime spent on one run (one batch).",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
-COMPUTE_OUTPUT_DURATION = Histogram(
+COMPUTE_OUTPUT_DURATION = LoopHistogram(
     "convserve_compute_output_duration_seconds",
     "Time to turn output arrays into a response (softmax, top-k, encoding).",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )
-BATCH_SIZE = Histogram(
+BATCH_SIZE = LoopHistogram(
     "convserve_batch_size",
     "Rows (images) per onnxruntime run.",
     ["model", "version"],
     buckets=BATCH_BUCKETS,
 )
-INFERENCES = Counter(
+INFERENCES = LoopCounter(
     "convserve_inferences",
     "Rows (images) inferred; divided by executions it gives the mean batch size.",
     ["model", "version"],
 )
-EXECUTIONS = Counter(
+EXECUTIONS = LoopCounter(
     "convserve_executions",
     "onnxruntime runs.",
     ["model", "version"],
 )
-BATCH_RETRIES = Counter(
+BATCH_RETRIES = LoopCounter(
     "convserve_batch_retries",
     "onnxruntime runs made again after a run of several requests failed, to find the requests that "
     "cannot run (the others still get their answers).",
     ["model", "version"],
 )
-ISOLATED_FAILURES = Counter(
+ISOLATED_FAILURES = LoopCounter(
     "convserve_isolated_failures",
     "Requests that failed in runs retried after their batch failed, by cause: `input` (the request "
     "failed alone: it cannot run), `batch` (both halves of its batch failed: it failed with them).",
     ["model", "version", "cause"],
 )
-PENDING = Gauge(
+PENDING = LoopGauge(
     "convserve_pending_requests",
     "Requests waiting in the queue or running.",
     ["model", "version"],

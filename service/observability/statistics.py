@@ -13,9 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import Histogram
-
 from service.observability import metrics
+from service.observability.loop_metrics import HistogramChild
 from service.observability.recent import RecentWindow
 
 
@@ -85,7 +84,10 @@ class VersionStatistics:
         self.execution_count += 1
         self.inference_count += rows
         self.last_inference_ms = int(time.time() * 1000)
-        self.batches.setdefault(rows, BatchDurations()).compute_infer.add(seconds)
+        batch = self.batches.get(rows)
+        if batch is None:
+            batch = self.batches[rows] = BatchDurations()
+        batch.compute_infer.add(seconds)
         self._infer.observe(seconds)
         self._batch_size.observe(rows)
         self._inferences.inc(rows)
@@ -132,7 +134,7 @@ class _Stage:
 
     __slots__ = ("_histogram", "_output", "_started", "_times")
 
-    def __init__(self, times: RequestTimes, output: bool, histogram: Histogram) -> None:
+    def __init__(self, times: RequestTimes, output: bool, histogram: HistogramChild) -> None:
         self._times = times
         self._output = output
         self._histogram = histogram
