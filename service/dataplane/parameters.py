@@ -43,9 +43,11 @@ def check_infer_parameters(request: InferRequest) -> int | None:
     """Refuse parameters the server does not honour; returns the request's `timeout` (µs) if set."""
     _refuse_unknown(request.parameters, REQUEST, "request")
     for tensor in request.inputs:
-        _refuse_unknown(tensor.parameters, INPUT, f"input {tensor.name[:64]!r}")
+        if tensor.parameters:
+            _refuse_unknown(tensor.parameters, INPUT, f"input {tensor.name[:64]!r}")
     for output in request.outputs:
-        _refuse_unknown(output.parameters, OUTPUT, f"output {output.name[:64]!r}")
+        if output.parameters:
+            _refuse_unknown(output.parameters, OUTPUT, f"output {output.name[:64]!r}")
         classes = output.parameters.get("classification")
         if classes is not None and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
             raise InvalidArgument(f"output {output.name[:64]!r}: classification must be a whole number >= 1")
@@ -72,6 +74,8 @@ def check_unload_parameters(parameters: Parameters) -> None:
 
 
 def _refuse_unknown(parameters: Parameters, honoured: Iterable[str], where: str) -> None:
+    if not parameters:  # the common case
+        return
     unknown = sorted(str(name)[:64] for name in parameters if name not in honoured)
     if not unknown:
         return

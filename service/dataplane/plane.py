@@ -164,8 +164,11 @@ class DataPlane:
                 job.batcher.admit(job.rows)  # refuse before decoding what cannot be queued
                 call.images = job.rows
                 await self.offload(job.prepare_work, job.prepare, deadline)
-            with stats.pending.track_inprogress():
+            stats.pending.inc()
+            try:
                 await job.run(deadline, times)
+            finally:
+                stats.pending.dec()
             with stats.output_stage(times):
                 result = await self.offload(job.finish_work, job.finish, deadline)
         result.model, result.version = served.name, served.version.version

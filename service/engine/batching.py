@@ -23,8 +23,8 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -52,8 +52,7 @@ class BatchingOptions:
     inline: bool = False  # run on the event loop, not in a thread: for a process with one core
 
 
-@dataclass(frozen=True)
-class RunReport:
+class RunReport(NamedTuple):
     """What one run did, for metrics: rows, requests in it, seconds in the run."""
 
     rows: int
@@ -71,32 +70,46 @@ class IsolationReport:
     with_batch: int
 
 
-@dataclass(frozen=True)
-class QueueReport:
+class QueueReport(NamedTuple):
     """One request's rows left the queue after `seconds` of waiting."""
 
     seconds: float
 
 
-@dataclass(eq=False)
 class _Request:
-    feeds: Feeds
-    rows: int
-    signature: tuple[tuple[str, str, tuple[int, ...]], ...]  # only equal signatures share a run
-    deadline: float | None  # loop.time() based
-    enqueued: float
-    future: asyncio.Future[list[np.ndarray]]
-    timing: Timing | None = None
-    taken: int = 0  # rows handed to runs so far
-    parts: dict[int, list[np.ndarray]] = field(default_factory=dict)  # start row -> outputs
-    done_rows: int = 0
+    """One submitted request in the queue (a plain class with slots: one is made per request)."""
+
+    __slots__ = (
+        "deadline", "done_rows", "enqueued", "feeds", "future", "parts",
+        "rows", "signature", "taken", "timing",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        feeds: Feeds,
+        rows: int,
+        signature: object,  # only equal signatures share a run
+        deadline: float | None,  # loop.time() based
+        enqueued: float,
+        future: asyncio.Future[list[np.ndarray]],
+        timing: Timing | None = None,
+    ) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.signature = signature
+        self.deadline = deadline
+        self.enqueued = enqueued
+        self.future = future
+        self.timing = timing
+        self.taken = 0  # rows handed to runs so far
+        self.parts: dict[int, list[np.ndarray]] = {}  # start row -> outputs
+        self.done_rows = 0
 
     def finished(self) -> bool:
         return self.future.done()
 
 
-@dataclass(frozen=True)
-class _Slice:
+class _Slice(NamedTuple):
     request: _Request
     start: int
     stop: int
@@ -125,6 +138,7 @@ class DynamicBatcher:
         self._arrived = asyncio.Event()
         self._pool = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix="onnxruntime")
         self._workers: list[asyncio.Task[None]] = []
+        self._workers_missing = True  # set again when a worker task ends
         # requests with rows in a run right now, and in how many (with instances > 1, a request's
         # rows can be in two runs at once)
         self._running: Counter[_Request] = Counter()
@@ -139,7 +153,14 @@ class DynamicBatcher:
         """Start (or restart) the workers; idempotent."""
         self._workers = [w for w in self._workers if not w.done()]
         missing = self.options.instances - len(self._workers)
-        self._workers += [asyncio.create_task(self._work()) for _ in range(missing)]
+        for _ in range(missing):
+            worker = asyncio.create_task(self._work())
+            worker.add_done_callback(self._worker_ended)
+            self._workers.append(worker)
+        self._workers_missing = False
+
+    def _worker_ended(self, _: asyncio.Task[None]) -> None:
+        self._workers_missing = True
 
     async def close(self) -> None:
         """Stop the workers; requests queued or running fail as if the model were unloaded."""
@@ -184,12 +205,13 @@ class DynamicBatcher:
         if self._check is not None:
             self._check(feeds)
         loop = asyncio.get_running_loop()
-        signature = tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
-        request = _Request(feeds, rows, signature, deadline, loop.time(), loop.create_future(), timing)
+        future = loop.create_future()
+        request = _Request(feeds, rows, _signature(feeds), deadline, loop.time(), future, timing)
         self._queue.append(request)
         self._pending_rows += rows
         self._arrived.set()
-        self.start()
+        if self._workers_missing:
+            self.start()
         try:
             return await request.future
         finally:
@@ -217,7 +239,8 @@ class DynamicBatcher:
                 self._arrived.clear()
                 await self._arrived.wait()
             try:
-                await self._wait_for_fill(loop)
+                if self.options.max_queue_delay > 0:
+                    await self._wait_for_fill(loop)
                 slices = self._take(loop)
                 if slices:
                     await self._execute(loop, slices)
@@ -268,7 +291,9 @@ class DynamicBatcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> None:
         requests = [piece.request for piece in slices]
-        self._running.update(requests)
+        running = self._running
+        for request in requests:
+            running[request] += 1
         try:
             error = await self._attempt(loop, slices)
             if error is not None:
@@ -278,31 +303,37 @@ class DynamicBatcher:
                 self._fail(piece, exc)
             raise
         finally:
-            self._running.subtract(requests)
             for request in requests:
-                if self._running[request] <= 0:
-                    del self._running[request]
+                left = running[request] - 1
+                if left > 0:
+                    running[request] = left
+                else:
+                    del running[request]
 
     async def _attempt(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice]) -> Exception | None:
         """One run of these slices: their requests get their rows' outputs, or the run's error is returned."""
+        whole = _is_whole(slices)
+        feeds = slices[0].request.feeds if whole else _merge(slices)
         started = time.perf_counter()
         try:
             if self.options.inline:  # one usable core: a thread would only add a hand-off
-                outputs = self._run(_merge(slices))
+                outputs = self._run(feeds)
             else:
-                outputs = await loop.run_in_executor(self._pool, self._run, _merge(slices))
+                outputs = await loop.run_in_executor(self._pool, self._run, feeds)
         except Exception as exc:
             return exc
         seconds = time.perf_counter() - started
-        rows = sum(p.stop - p.start for p in slices)
-        if not _is_whole(slices):
+        if whole:
+            rows = slices[0].stop
+        else:
+            rows = sum(p.stop - p.start for p in slices)
             shapes = [o.shape for o in outputs if o.ndim == 0 or o.shape[0] != rows]
             if shapes:  # rows cannot be handed back: a run error, so isolation finds who can run
                 return RuntimeError(
                     f"the model answered outputs of shapes {shapes} for a batch of {rows} rows"
                 )
         self._on_run(RunReport(rows, len(slices), seconds))
-        _deliver(slices, outputs, seconds)
+        _deliver(slices, outputs, seconds, whole)
         return None
 
     async def _isolate(self, loop: asyncio.AbstractEventLoop, slices: list[_Slice], error: Exception) -> None:
@@ -386,12 +417,12 @@ class DynamicBatcher:
         return 1
 
 
-def _deliver(slices: list[_Slice], outputs: Sequence[np.ndarray], seconds: float) -> None:
+def _deliver(slices: list[_Slice], outputs: Sequence[np.ndarray], seconds: float, whole: bool) -> None:
     """Hand each slice its rows of a run's outputs; a request answers once all its rows are back."""
     for piece in slices:
         if piece.request.timing is not None:
             piece.request.timing.infer += seconds
-    if _is_whole(slices):
+    if whole:
         if not slices[0].request.finished():
             slices[0].request.future.set_result(list(outputs))
         return
@@ -407,7 +438,19 @@ def _deliver(slices: list[_Slice], outputs: Sequence[np.ndarray], seconds: float
         offset += count
 
 
+def _signature(feeds: Feeds) -> object:
+    """What must be equal for requests to share a run: each input's name, dtype and row shape."""
+    if len(feeds) == 1:  # the common case, without sorting
+        ((name, array),) = feeds.items()
+        return (name, array.dtype.str, array.shape[1:])
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
+
+
 def _rows(feeds: Feeds) -> int:
+    if len(feeds) == 1:
+        (array,) = feeds.values()
+        if array.ndim:
+            return int(array.shape[0])
     counts = {array.shape[0] if array.ndim else -1 for array in feeds.values()}
     if len(counts) != 1 or -1 in counts:
         shapes = [a.shape for a in feeds.values()]
@@ -423,10 +466,8 @@ def _is_whole(slices: list[_Slice]) -> bool:
 
 
 def _merge(slices: list[_Slice]) -> Feeds:
-    """One run's inputs; a single whole request goes through without a copy."""
+    """One run's inputs, the slices' rows concatenated."""
     first = slices[0]
-    if _is_whole(slices):
-        return first.request.feeds
     names = first.request.feeds.keys()
     return {
         name: np.concatenate([piece.request.feeds[name][piece.start : piece.stop] for piece in slices])

@@ -149,12 +149,9 @@ class ModelSession:
         self.outputs = [_tensor_spec(o) for o in self._session.get_outputs()]
         self.input_names = [t.name for t in self.inputs]
         self.output_names = [t.name for t in self.outputs]
-
-    @property
-    def batchable(self) -> bool:
-        """True when every input and output has a free leading dimension, the same one for every input."""
         free = all(t.shape and t.shape[0] == -1 for t in self.inputs + self.outputs)
-        return free and len(self._input_batch_names) <= 1
+        #: Every input and output has a free leading dimension, the same one for every input.
+        self.batchable = free and len(self._input_batch_names) <= 1
 
     def warmup(self) -> None:
         """One run on zeros (free dimensions set to 1), so the first request pays no lazy set-up."""

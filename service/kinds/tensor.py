@@ -80,7 +80,7 @@ class TensorJob:
         self._classes = {
             o.name: o.parameters["classification"]
             for o in request.outputs
-            if "classification" in o.parameters
+            if o.parameters and "classification" in o.parameters
         }
         for name in self._classes:
             spec = session.outputs[self._names.index(name)]
@@ -103,6 +103,9 @@ class TensorJob:
         self._outputs = await self.batcher.submit(self._feeds, deadline, times)
 
     def finish(self) -> InferResult:
+        if self._wanted is self._names and not self._classes:  # every output, as it came: no lookup
+            outputs = list(zip(self._names, self._outputs, strict=True))
+            return InferResult(outputs=outputs, id=self._request.id)
         by_name = dict(zip(self._names, self._outputs, strict=True))
         for name, count in self._classes.items():
             by_name[name] = top_classes(by_name[name], int(count), self._labels.get(name), self._batched)
@@ -160,6 +163,8 @@ def tensor_model(
 
 def check_headers(inputs: Sequence[InputTensor], specs: Sequence[TensorSpec], batchable: bool) -> int:
     """Names, datatypes and shapes against the graph, before any data is read; returns the rows."""
+    if len(inputs) == 1 == len(specs):  # the common case, checked without building sets
+        return _check_one(inputs[0], specs[0], batchable)
     expected = {spec.name: spec for spec in specs}
     given = [tensor.name for tensor in inputs]
     unknown = sorted(set(given) - set(expected))
@@ -169,19 +174,7 @@ def check_headers(inputs: Sequence[InputTensor], specs: Sequence[TensorSpec], ba
     if missing:
         raise InvalidArgument(f"missing input(s) {clip_list(missing)}; the model takes {sorted(expected)}")
     for tensor in inputs:
-        spec = expected[tensor.name]
-        want = tensors.datatype_from_onnx(spec.onnx_type)
-        if tensor.datatype != want:
-            given = clip_message(tensor.datatype, ECHO_CHARS)
-            raise InvalidArgument(f"input {clip(tensor.name)}: expected datatype {want}, got {given}")
-        shape = list(tensor.shape)
-        if len(shape) != len(spec.shape) or any(
-            w not in (-1, g) for w, g in zip(spec.shape, shape, strict=True)
-        ):
-            raise InvalidArgument(
-                f"input {clip(tensor.name)}: expected shape {list(spec.shape)} (-1: any), "
-                f"got {clip_list(shape)}"
-            )
+        _check_type_and_shape(tensor, expected[tensor.name])
     if not batchable:
         return 1
     first = {tensor.shape[0] for tensor in inputs}
@@ -190,9 +183,32 @@ def check_headers(inputs: Sequence[InputTensor], specs: Sequence[TensorSpec], ba
     return first.pop()
 
 
-def requested_outputs(outputs: Sequence[OutputRequest], names: Sequence[str]) -> list[str]:
+def _check_one(tensor: InputTensor, spec: TensorSpec, batchable: bool) -> int:
+    """check_headers for a graph of one input, and its messages."""
+    if tensor.name != spec.name:
+        raise InvalidArgument(f"unknown input(s) {clip_list([tensor.name])}; the model takes {[spec.name]}")
+    _check_type_and_shape(tensor, spec)
+    return tensor.shape[0] if batchable else 1
+
+
+def _check_type_and_shape(tensor: InputTensor, spec: TensorSpec) -> None:
+    want = tensors.datatype_from_onnx(spec.onnx_type)
+    if tensor.datatype != want:
+        given = clip_message(tensor.datatype, ECHO_CHARS)
+        raise InvalidArgument(f"input {clip(tensor.name)}: expected datatype {want}, got {given}")
+    shape, wanted = tensor.shape, spec.shape
+    if len(shape) != len(wanted) or any(w != -1 and w != g for w, g in zip(wanted, shape, strict=True)):
+        raise InvalidArgument(
+            f"input {clip(tensor.name)}: expected shape {list(wanted)} (-1: any), "
+            f"got {clip_list(list(shape))}"
+        )
+
+
+def requested_outputs(outputs: Sequence[OutputRequest], names: Sequence[str]) -> Sequence[str]:
     """The outputs a request asks for, by name (all of them when it names none)."""
-    wanted = [o.name for o in outputs] or list(names)
+    if not outputs:
+        return names  # all of them, in the graph's order
+    wanted = [o.name for o in outputs]
     unknown = sorted(set(wanted) - set(names))
     if unknown:
         raise InvalidArgument(f"unknown output(s) {clip_list(unknown)}; the model answers {list(names)}")
