@@ -176,17 +176,28 @@ class AccessLog:
         millis = int((now - second) * 1000)
         name = logging.getLevelName(level)
         if self._json:
-            entry = {
-                "ts": f"{_utc_second(second)}.{millis:03d}Z",
-                "level": name,
-                "logger": ACCESS_LOGGER,
-                "message": message,
-                **fields,
-            }
-            return json.dumps(entry, default=str) + "\n"
+            stamp = f"{_utc_second(second)}.{millis:03d}Z"
+            parts = [f'{{"ts": "{stamp}", "level": "{name}", "logger": "{ACCESS_LOGGER}"']
+            parts.append(f'"message": {_json_value(message)}')
+            # keys are the server's own names: plain text
+            parts += [f'"{key}": {_json_value(value)}' for key, value in fields.items()]
+            return ", ".join(parts) + "}\n"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
         pairs = " ".join(f"{k}={v}" for k, v in fields.items())
         return f"{stamp},{millis:03d} {name} {ACCESS_LOGGER}: {message} {pairs}\n"
+
+
+def _json_value(value: Any) -> str:
+    """`json.dumps(value, default=str)` for one value, without its machinery for the values an
+    access line holds: plain text (printable ASCII without quotes or backslashes) goes in as it is."""
+    if isinstance(value, str):
+        if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+            return f'"{value}"'
+    elif type(value) is int:
+        return str(value)
+    elif type(value) is float and value - value == 0:  # finite
+        return repr(value)
+    return json.dumps(value, default=str)
 
 
 ACCESS_LOG = AccessLog()

@@ -100,3 +100,38 @@ def test_lines_left_by_a_finished_event_loop_are_written_by_the_next_one() -> No
     asyncio.run(one_call(1))  # its loop ends before the timer fires
     asyncio.run(one_call(2))
     assert [json.loads(line)["request_id"] for line in stream.getvalue().splitlines()] == ["id1", "id2"]
+
+
+TRICKY_VALUES = [
+    "plain",
+    'a "quoted" word',
+    "back\\slash",
+    "new\nline and tab\t",
+    "\x00\x1f\x7f control",
+    "non-ASCII: é, 猫, 🙂",
+    "",
+    0,
+    -7,
+    10**30,
+    1.5,
+    1e-7,
+    float("nan"),
+    float("inf"),
+    True,
+    False,
+    None,
+    [1, "two"],
+    b"bytes",
+]
+
+
+@pytest.mark.parametrize("value", TRICKY_VALUES, ids=repr)
+def test_a_json_line_is_what_json_dumps_would_write(value: object) -> None:
+    """The line is built without json.dumps for plain values; it must not differ from it."""
+    access, stream = configured()
+    access.write(logging.INFO, "rpc", {"request_id": "x", "value": value})
+    access.flush()
+    line = stream.getvalue()
+    _, _, tail = line.partition('"message": "rpc", ')
+    assert tail == json.dumps({"request_id": "x", "value": value}, default=str)[1:] + "\n"
+    assert json.loads(line)["logger"] == ACCESS_LOGGER
