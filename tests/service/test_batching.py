@@ -512,3 +512,32 @@ def test_inline_runs_keep_the_queues_checks_and_reports() -> None:
     assert [len(run) for run in model.runs] == [2, 1, 4, 2]
     assert [(r.rows, r.requests) for r in runs] == [(2, 1), (4, 1), (2, 1)]  # the failed run is not reported
     assert len(waits) == 3 and all(w < 0.01 for w in waits)  # the expired request never left the queue
+
+
+def test_an_inline_batcher_runs_a_lone_request_in_its_caller_and_still_batches_the_rest() -> None:
+    """With nothing queued and nothing else ready on the loop, a request runs at once in the task
+    that submitted it (no hand-over to the worker); requests that arrive together still share runs,
+    and a request that waits for nothing but something else is ready on the loop is queued."""
+    model = Model()
+    running_in: list[asyncio.Task[object] | None] = []
+
+    def recording(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        running_in.append(asyncio.current_task())
+        return model(feeds)
+
+    async def main() -> None:
+        batcher = DynamicBatcher(recording, BatchingOptions(max_batch_size=8, inline=True))
+        me = asyncio.current_task()
+        alone, _ = await batcher.submit(rows(1))
+        np.testing.assert_array_equal(alone, [[2, 2]])
+        assert running_in == [me]
+        together = await asyncio.gather(*(batcher.submit(rows(v)) for v in range(5)))
+        assert [r[0].tolist() for r in together] == [[[2 * v, 2 * v]] for v in range(5)]
+        assert len(running_in) == 2 and running_in[1] is not me  # the worker ran them, together
+        asyncio.get_running_loop().call_soon(lambda: None)  # something else is ready: queue
+        await batcher.submit(rows(9))
+        assert len(running_in) == 3 and running_in[2] is not me
+        await batcher.close()
+
+    asyncio.run(main())
+    assert [len(run) for run in model.runs] == [1, 5, 1]
