@@ -166,10 +166,11 @@ def infer_request(request: pb.ModelInferRequest) -> InferRequest:
 
 def infer_response(result: InferResult) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
+    outputs, contents = response.outputs, response.raw_output_contents
     for name, array in result.outputs:
-        tensor, raw = tensors.encode_output(name, array)
-        response.outputs.append(tensor)
-        response.raw_output_contents.append(raw)
+        datatype, raw = tensors.encode_raw(array)
+        outputs.add(name=name, datatype=datatype, shape=array.shape)  # built in place, not copied in
+        contents.append(raw)
     return response
 
 
