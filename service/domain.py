@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,8 +59,9 @@ class ClassifyRequest:
     top_k: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
+class Prediction(NamedTuple):
+    """One class of a ranked answer (a named tuple: a Classify request makes top_k of them)."""
+
     label: str
     index: int
     score: float

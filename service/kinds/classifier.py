@@ -58,15 +58,15 @@ class ClassifierPipeline:
 
     def rank(self, logits: np.ndarray, top_k: int) -> list[list[Prediction]]:
         """Softmax and the top_k classes per row, best first."""
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(shifted)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         labels = self.labels
+        # plain Python numbers in one go (tolist), not a numpy scalar per value
         return [
-            [Prediction(labels[i], int(i), float(row[i])) for i in idx]
-            for row, idx in zip(probs, order, strict=True)
+            [Prediction(labels[i], i, row[i]) for i in indices]
+            for row, indices in zip(probs.tolist(), order.tolist(), strict=True)
         ]
 
     def warmup(self) -> None:
@@ -129,9 +129,11 @@ class ClassifyJob:
 
     def prepare(self) -> None:
         pipeline = self._pipeline
-        self._batch = np.stack(
-            [pipeline.prepare(image) for image in decode_images(self._images, *self._limits)]
-        )
+        prepared = [pipeline.prepare(image) for image in decode_images(self._images, *self._limits)]
+        if len(prepared) == 1:  # np.stack's generic machinery costs more than the copy it makes
+            self._batch = np.ascontiguousarray(prepared[0])[np.newaxis]
+        else:
+            self._batch = np.stack(prepared)
 
     async def run(self, deadline: float | None, times: RequestTimes) -> None:
         self._outputs = await self.batcher.submit(self._pipeline.feeds(self._batch), deadline, times)
