@@ -139,7 +139,6 @@ class DynamicBatcher:
         self._pool = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix="onnxruntime")
         self._workers: list[asyncio.Task[None]] = []
         self._workers_missing = True  # set again when a worker task ends
-        self._leading = False  # a caller is running the queue (see `_lead`)
         # requests with rows in a run right now, and in how many (with instances > 1, a request's
         # rows can be in two runs at once)
         self._running: Counter[_Request] = Counter()
@@ -212,56 +211,15 @@ class DynamicBatcher:
         request = _Request(feeds, rows, _signature(feeds), deadline, loop.time(), future, timing)
         self._queue.append(request)
         self._pending_rows += rows
-        leads = self._may_lead()
-        if not leads and not self._leading:
-            self._wake_worker()
+        self._arrived.set()
+        if self._workers_missing:
+            self.start()
         try:
-            if leads:
-                await self._lead(loop)
             return await request.future
         finally:
             if not request.future.done():  # we were cancelled: leave the queue, run nothing more
                 request.future.cancel()
             self._forget(request)
-
-    def _wake_worker(self) -> None:
-        self._arrived.set()
-        if self._workers_missing:
-            self.start()
-
-    def _may_lead(self) -> bool:
-        """Whether the caller runs the queue itself (see `_lead`): an inline batcher with no delay,
-        no run under way or led, and its request the only one queued."""
-        options = self.options
-        return (
-            options.inline
-            and options.max_queue_delay <= 0
-            and not self._leading
-            and not self._running
-            and len(self._queue) == 1
-        )
-
-    async def _lead(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Run the queue in the caller, one loop iteration after its request queued.
-
-        Requests that arrive in that iteration (handlers already scheduled) queue behind it and
-        share its run, as they would the worker's, without the worker's wake-up and hand-back (a
-        task switch and a loop iteration more). Used on one core (inline), where runs block the
-        loop anyway. Should the caller be cancelled before the run, the worker takes the queue over.
-        """
-        self._leading = True
-        try:
-            await asyncio.sleep(0)
-            while self._queue:
-                slices = self._take(loop)
-                if slices:
-                    await self._execute(loop, slices)
-        except Exception:  # a bug here must not leave requests waiting: the worker takes over
-            log.exception("batcher run in the caller failed; the worker takes over")
-        finally:
-            self._leading = False
-            if self._queue:
-                self._wake_worker()
 
     def _may_run_now(self, loop: asyncio.AbstractEventLoop, rows: int) -> bool:
         """Whether a request is run at once, in its caller, rather than queued for the worker.

@@ -514,17 +514,15 @@ def test_inline_runs_keep_the_queues_checks_and_reports() -> None:
     assert len(waits) == 3 and all(w < 0.01 for w in waits)  # the expired request never left the queue
 
 
-def test_an_inline_batcher_runs_requests_in_their_callers_and_still_batches_them() -> None:
-    """On one core (inline), with nothing else ready on the loop a request runs at once in the task
-    that submitted it; with something ready it runs in that task one loop iteration later, and
-    requests that arrive together share one run, led by the first of them (no worker hand-off)."""
+def test_an_inline_batcher_runs_a_lone_request_in_its_caller_and_still_batches_the_rest() -> None:
+    """With nothing queued and nothing else ready on the loop, a request runs at once in the task
+    that submitted it (no hand-over to the worker); requests that arrive together still share runs,
+    and a request that waits for nothing but something else is ready on the loop is queued."""
     model = Model()
     running_in: list[asyncio.Task[object] | None] = []
-    events: list[str] = []
 
     def recording(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         running_in.append(asyncio.current_task())
-        events.append("run")
         return model(feeds)
 
     async def main() -> None:
@@ -532,37 +530,14 @@ def test_an_inline_batcher_runs_requests_in_their_callers_and_still_batches_them
         me = asyncio.current_task()
         alone, _ = await batcher.submit(rows(1))
         np.testing.assert_array_equal(alone, [[2, 2]])
-        assert running_in == [me] and events == ["run"]
-        asyncio.get_running_loop().call_soon(events.append, "other")  # something else is ready
-        await batcher.submit(rows(9))
-        assert running_in[1] is me and events[1:] == ["other", "run"]  # one iteration later
-        submitters = [asyncio.create_task(batcher.submit(rows(v))) for v in range(5)]
-        together = await asyncio.gather(*submitters)
+        assert running_in == [me]
+        together = await asyncio.gather(*(batcher.submit(rows(v)) for v in range(5)))
         assert [r[0].tolist() for r in together] == [[[2 * v, 2 * v]] for v in range(5)]
-        assert len(running_in) == 3 and running_in[2] is submitters[0]  # the first led one run
-        assert not batcher._workers  # no worker was ever needed
+        assert len(running_in) == 2 and running_in[1] is not me  # the worker ran them, together
+        asyncio.get_running_loop().call_soon(lambda: None)  # something else is ready: queue
+        await batcher.submit(rows(9))
+        assert len(running_in) == 3 and running_in[2] is not me
         await batcher.close()
 
     asyncio.run(main())
-    assert [len(run) for run in model.runs] == [1, 1, 5]
-
-
-def test_a_cancelled_leader_leaves_its_batch_to_the_worker() -> None:
-    model = Model()
-
-    async def main() -> list[np.ndarray]:
-        batcher = DynamicBatcher(model, BatchingOptions(max_batch_size=8, inline=True))
-        asyncio.get_running_loop().call_soon(lambda: None)  # so that the first request leads
-        leader = asyncio.create_task(batcher.submit(rows(1)))
-        follower = asyncio.create_task(batcher.submit(rows(2)))
-        await asyncio.sleep(0)  # both queued, the leader waits one iteration before its run
-        leader.cancel()
-        answer = await asyncio.wait_for(follower, 5)
-        with pytest.raises(asyncio.CancelledError):
-            await leader
-        await batcher.close()
-        return answer
-
-    doubled, _ = asyncio.run(main())
-    np.testing.assert_array_equal(doubled, [[4, 4]])
-    assert [run.tolist() for run in model.runs] == [[[2, 2]]]  # the cancelled request never ran
+    assert [len(run) for run in model.runs] == [1, 5, 1]
