@@ -31,11 +31,6 @@ import numpy as np
 from service.errors import BatchFailed, DeadlineExceeded, InvalidArgument, ModelNotReady, QueueFull
 
 log = logging.getLogger(__name__)
-#: Queued runs in a row that held a single request, after which an inline batcher runs lone
-#: requests at once even while the event loop has other work ready (see `_may_run_now`).
-ALONE_TO_RUN_NOW = 8
-#: Of those requests, one in PROBE_EVERY is queued all the same, to see whether company comes back.
-PROBE_EVERY = 16
 Feeds = dict[str, np.ndarray]
 RunFunction = Callable[[Feeds], Sequence[np.ndarray]]
 CheckFunction = Callable[[Feeds], None]
@@ -144,8 +139,6 @@ class DynamicBatcher:
         self._pool = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix="onnxruntime")
         self._workers: list[asyncio.Task[None]] = []
         self._workers_missing = True  # set again when a worker task ends
-        self._alone = 0  # queued runs in a row (up to ALONE_TO_RUN_NOW) that held one request
-        self._probe = 0  # counts requests run at once although the loop had work ready
         # requests with rows in a run right now, and in how many (with instances > 1, a request's
         # rows can be in two runs at once)
         self._running: Counter[_Request] = Counter()
@@ -231,14 +224,11 @@ class DynamicBatcher:
     def _may_run_now(self, loop: asyncio.AbstractEventLoop, rows: int) -> bool:
         """Whether a request is run at once, in its caller, rather than queued for the worker.
 
-        Only on an inline batcher (one core) with no delay, nothing queued or running and rows
-        that fit one run; and only where queueing would buy nothing: nothing else is ready to run
-        on the event loop (so no other request can join before the worker's turn), or the recent
-        queued requests ran alone anyway (gRPC hands over one call per loop iteration on one core,
-        so its requests rarely find company; HTTP's often do). One such request in
-        `PROBE_EVERY` is still queued, to notice when company comes back. The worker's turn costs
-        a loop iteration and a task switch: about 60 us of a lenet5 request over gRPC on one core.
-        asyncio keeps what is ready in its `_ready` queue (not public API); on a loop without it,
+        Only where it would have run alone and whole anyway: an inline batcher (one core) with no
+        delay, nothing queued or running, rows that fit one run, and nothing else ready to run on
+        the event loop, so no other request could join before the worker's turn. The worker's turn
+        costs a loop iteration and a task switch: about 60 us of a lenet5 request served over gRPC
+        on one core. asyncio keeps what is ready in its `_ready` queue (not public API); on a loop without it,
         every request is queued.
         """
         options = self.options
@@ -247,14 +237,7 @@ class DynamicBatcher:
         if 0 < options.max_batch_size < rows:
             return False
         ready = getattr(loop, "_ready", None)
-        if ready is None:
-            return False
-        if not ready:
-            return True
-        if self._alone < ALONE_TO_RUN_NOW:
-            return False
-        self._probe = (self._probe + 1) % PROBE_EVERY
-        return self._probe != 0
+        return ready is not None and not ready
 
     def _run_now(
         self,
@@ -392,7 +375,6 @@ class DynamicBatcher:
                     f"the model answered outputs of shapes {shapes} for a batch of {rows} rows"
                 )
         self._on_run(RunReport(rows, len(slices), seconds))
-        self._alone = min(self._alone + 1, ALONE_TO_RUN_NOW) if len(slices) == 1 else 0
         _deliver(slices, outputs, seconds, whole)
         return None
 
