@@ -35,7 +35,7 @@ _ID_PREFIX = secrets.token_hex(8)
 _id_counter = itertools.count()
 
 
-@dataclass
+@dataclass(slots=True)
 class CallInfo:
     request_id: str
     method: str

@@ -170,18 +170,17 @@ def _wrap_unary(
         except DecodeError:
             raise InvalidArgument(f"the request is not a valid {method} message") from None
 
+    async def work(request: Any, context: grpc.aio.ServicerContext, metadata: Any) -> Any:
+        access.check(metadata)
+        return await behavior(parsed(request), context)
+
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
         metadata = context.invocation_metadata()
         request_id = new_request_id(metadata_value(metadata, REQUEST_ID_KEY))
         trailing = ((REQUEST_ID_KEY, request_id),)
         context.set_trailing_metadata(trailing)
-
-        async def work() -> Any:
-            access.check(metadata)
-            return await behavior(parsed(request), context)
-
         with CallObserver(CallInfo(request_id=request_id, method=method), full_method, quiet) as observer:
-            outcome = await observe(observer, work(), context)
+            outcome = await observe(observer, work(request, context, metadata), context)
             if isinstance(outcome, Failure):
                 await context.abort(outcome.status.code, outcome.message, trailing_metadata=trailing)
             return outcome
