@@ -228,8 +228,8 @@ class DynamicBatcher:
         delay, nothing queued or running, rows that fit one run, and nothing else ready to run on
         the event loop, so no other request could join before the worker's turn. The worker's turn
         costs a loop iteration and a task switch: about 60 us of a lenet5 request served over gRPC
-        on one core. asyncio keeps what is ready in its `_ready` queue (not public API); on a loop without it,
-        every request is queued.
+        on one core. asyncio keeps what is ready in its `_ready` queue (not public API); on a loop
+        without it, every request is queued.
         """
         options = self.options
         if not options.inline or self._queue or self._running or options.max_queue_delay > 0:
