@@ -316,6 +316,7 @@ def run(
         vocabulary=build_vocabulary(train.captions),
         max_length=longest,
         max_repeats=repeats,
+        instance_norm=True,
         mean=pixels.mean(dim=(0, 2, 3)).tolist(),
         std=pixels.std(dim=(0, 2, 3)).tolist(),
     )

@@ -258,6 +258,7 @@ def run(
         max_length=longest,
         max_repeats=repeats,
         objects_head=hp.objects_weight > 0,
+        instance_norm=True,
         mean=pixels.mean(dim=(0, 2, 3)).tolist(),
         std=pixels.std(dim=(0, 2, 3)).tolist(),
     )

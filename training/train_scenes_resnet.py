@@ -122,6 +122,7 @@ def run(
         num_classes=len(CLASS_LABELS),
         mean=pixels.mean(dim=(0, 2, 3)).tolist(),
         std=pixels.std(dim=(0, 2, 3)).tolist(),
+        instance_norm=True,
     )
     model = ResNet(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+import dataclasses
 import itertools
 
 import numpy as np
@@ -24,7 +25,7 @@ from training.data.scenes import (
     parse_caption,
     render,
 )
-from training.data.styles import HUES, SHIFTED_STYLE, TRAINING_STYLE, VALUES, Style
+from training.data.styles import CLASSIFICATION_STYLE, HUES, SHIFTED_STYLE, TRAINING_STYLE, VALUES, Style
 
 
 def test_same_seed_same_scenes_other_seed_other_scenes() -> None:
@@ -128,6 +129,22 @@ def test_every_object_shows_its_colour_size_and_place_in_any_style(split: str) -
     assert max(small) < min(large)  # the size words never overlap
 
 
+@pytest.mark.parametrize("background", CLASSIFICATION_STYLE.backgrounds)
+def test_every_training_background_keeps_objects_true_and_visible(background: str) -> None:
+    ranges = dataclasses.replace(CLASSIFICATION_STYLE, backgrounds=(background,))
+    rng = np.random.default_rng(11)
+    obj = SceneObject("small", "red", "circle")
+    for colour in COLOURS:
+        layout = SceneLayout("horizontal", (dataclasses.replace(obj, colour=colour),) * 3)
+        for _ in range(4):
+            drawing = render(layout, rng, ranges)
+            for box in drawing.boxes:
+                core, ring = _core_and_ring(drawing.image, box)
+                assert _hue_share(core, colour) >= 0.6, f"a {colour} object that does not look it"
+                if len(ring):
+                    assert np.linalg.norm(core.mean(axis=0) - np.median(ring, axis=0)) > 40
+
+
 def test_objects_stay_inside_their_boxes() -> None:
     style = Style(
         background="white",
@@ -176,6 +193,8 @@ def test_the_colours_drawing_programs_name_are_shades_scenes_draw(name: str) -> 
 def test_style_shift_uses_no_style_that_training_uses() -> None:
     assert min(TRAINING_STYLE.canvas[0], SHIFTED_STYLE.canvas[0]) >= 64  # scenes are only scaled down
     assert not set(SHIFTED_STYLE.backgrounds) & set(TRAINING_STYLE.backgrounds)
+    assert not set(SHIFTED_STYLE.backgrounds) & set(CLASSIFICATION_STYLE.backgrounds)
+    assert dataclasses.replace(CLASSIFICATION_STYLE, backgrounds=TRAINING_STYLE.backgrounds) == TRAINING_STYLE
     for ranges in ("saturation", "canvas", "jpeg_quality"):
         (a_low, a_high), (b_low, b_high) = getattr(TRAINING_STYLE, ranges), getattr(SHIFTED_STYLE, ranges)
         assert a_high < b_low or b_high < a_low, f"{ranges} ranges overlap"

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from training.data.styles import (
+    CLASSIFICATION_STYLE,
     MAX_ROTATION,
     SHIFTED_STYLE,
     TRAINING_STYLE,
@@ -421,7 +422,8 @@ def load_classification_split(
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(CLASSIFICATION_SIZES)}")
     rng = np.random.default_rng([seed, 100 + list(CLASSIFICATION_SIZES).index(split)])
     n = CLASSIFICATION_SIZES[split] if count is None else count
-    pairs = [make_classification_scene(rng, split_style(split)) for _ in range(n)]
+    style = SHIFTED_STYLE if split == "style-shift" else CLASSIFICATION_STYLE
+    pairs = [make_classification_scene(rng, style) for _ in range(n)]
     images = np.stack([p[0] for p in pairs])
     labels = np.array([p[1] for p in pairs], dtype=np.int64)
     images.setflags(write=False)

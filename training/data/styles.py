@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import colorsys
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 #: Hue (degrees, may wrap below 0) and HSV value ranges of each colour name; the saturation range
 #: comes from the style. Each range holds the colour as drawing programs name it (red 0, yellow 60,
@@ -68,6 +68,13 @@ TRAINING_STYLE = StyleRanges(
     canvas=(64, 160),
     jpeg_quality=(55, 95),
     jpeg_probability=0.5,
+)
+#: scenes-resnet's training, validation and test scenes: the training styles and three more background
+#: families (coloured clouds, checks, clutter lines). With them its accuracy on the held-out styles
+#: rose from 97.9 % to 99.2 %; the captioners, given the same training time, learned more slowly on
+#: them and lost accuracy on every split, so they keep TRAINING_STYLE (docs/models.md).
+CLASSIFICATION_STYLE = replace(
+    TRAINING_STYLE, backgrounds=(*TRAINING_STYLE.backgrounds, "blobs", "checker", "lines")
 )
 #: Used for the style-shift split only: none of these backgrounds, shades, canvas sizes or JPEG
 #: qualities occurs in training.
@@ -210,6 +217,29 @@ def paint_background(style: Style, rng: np.random.Generator) -> np.ndarray:
                 image[y, x : x + length] -= rng.uniform(8, 20)
             else:
                 image[y : y + length, x] -= rng.uniform(8, 20)
+    elif family == "blobs":  # coloured low-frequency clouds
+        base = _plain_colour(rng)
+        cells = int(rng.integers(2, 7))
+        field = np.stack([_smooth_field(size, cells, rng) for _ in range(3)], axis=2)
+        image = base + field * rng.uniform(10, 30)
+    elif family == "checker":  # two plain colours in squares, axis-aligned
+        a = _plain_colour(rng)
+        mix = rng.uniform(0.2, 0.5)  # b: a mixed with another plain colour
+        b = a * (1 - mix) + _plain_colour(rng) * mix
+        cell = rng.uniform(5, 14) * size / 64  # px at 64x64
+        y, x = np.mgrid[0:size, 0:size] + rng.uniform(0, 2 * cell, (2, 1, 1))
+        t = ((np.floor(x / cell) + np.floor(y / cell)) % 2)[..., np.newaxis]
+        image = a * (1 - t) + b * t
+    elif family == "lines":  # clutter: straight lines in plain colours (never a named one), any direction
+        canvas = Image.fromarray(
+            np.broadcast_to(_plain_colour(rng), (size, size, 3)).round().astype(np.uint8)
+        )
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(int(rng.integers(4, 14))):
+            ends = [tuple(p) for p in rng.uniform(-0.2, 1.2, (2, 2)) * size]
+            colour = tuple(int(c) for c in _plain_colour(rng).round())
+            draw.line(ends, fill=colour, width=max(1, round(rng.uniform(0.5, 2.0) * size / 64)))
+        image = np.asarray(canvas, float)
     elif family == "radial":
         inner, outer = _plain_colour(rng), _plain_colour(rng)
         cy, cx = rng.uniform(0.2, 0.8, 2) * size

@@ -65,6 +65,7 @@ class BottomUpTopDownConfig:
     dropout: float = 0.3
     max_length: int = 24  # words, not counting <start> and <end>
     max_repeats: int | None = None  # the most times a caption may say one word; None: any number
+    instance_norm: bool = False  # IBN trunk stem and first block (see models/resnet.py InstanceBatchNorm)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
 
@@ -116,10 +117,12 @@ class Detector(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.stem = coordconv_stem(c.widths[0])
+        self.stem = coordconv_stem(c.widths[0], c.instance_norm)
         blocks, previous = [], c.widths[0]
         for i, width in enumerate(c.widths[1:]):
-            blocks.append(BasicBlock(previous, width, stride=2 if i == 0 else 1))
+            blocks.append(
+                BasicBlock(previous, width, stride=2 if i == 0 else 1, instance=c.instance_norm and i == 0)
+            )
             previous = width
         self.blocks = nn.Sequential(*blocks)
         self.centre = nn.Conv2d(previous, 1, 1)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.resnet import BasicBlock
+from training.models.resnet import BasicBlock, norm_layer
 
 PAD, START, END, UNKNOWN = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
@@ -40,6 +40,7 @@ class CaptionerConfig:
     max_length: int = 24  # words, not counting <start> and <end>
     max_repeats: int | None = None  # the most times a caption may say one word; None: any number
     objects_head: bool = False  # the auxiliary per-cell object head (training only)
+    instance_norm: bool = False  # IBN stem and first block (see models/resnet.py InstanceBatchNorm)
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
 
@@ -67,11 +68,11 @@ class CaptionerConfig:
         return self.hidden_dim
 
 
-def coordconv_stem(width: int) -> nn.Sequential:
+def coordconv_stem(width: int, instance_norm: bool = False) -> nn.Sequential:
     """The first layer of an encoder that sees RGB and the x, y coordinate channels: stride 2."""
     return nn.Sequential(
         nn.Conv2d(3 + 2, width, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(width),
+        norm_layer(width, instance_norm),
         nn.ReLU(inplace=True),
     )
 
@@ -89,10 +90,10 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = config
         c = config
-        self.stem = coordconv_stem(c.widths[0])
+        self.stem = coordconv_stem(c.widths[0], c.instance_norm)
         blocks, previous = [], c.widths[0]
         for width in c.widths[1:]:
-            blocks.append(BasicBlock(previous, width, stride=2))
+            blocks.append(BasicBlock(previous, width, stride=2, instance=c.instance_norm and not blocks))
             previous = width
         self.blocks = nn.Sequential(*blocks)
         self.position = nn.Parameter(torch.zeros(1, c.grid_size**2, c.feature_dim))

@@ -22,6 +22,7 @@ class ResNetConfig:
     blocks_per_stage: int = 1
     mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])  # per channel, pixels in [0, 1]
     std: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25])
+    instance_norm: bool = False  # IBN: half the channels of the stem and first block normalised per image
 
     def __post_init__(self) -> None:
         self.widths = tuple(self.widths)  # a checkpoint stores a list
@@ -30,13 +31,35 @@ class ResNetConfig:
         assert self.image_size % 2 ** len(self.widths) == 0, "the image size must halve at every stage"
 
 
-class BasicBlock(nn.Module):
-    """conv3-BN-ReLU-conv3-BN plus a shortcut (1x1 conv when the shape changes), then ReLU."""
+class InstanceBatchNorm(nn.Module):
+    """Half the channels normalised per image (instance norm), half over the batch (IBN-Net, Pan et
+    al., 2018): per-image statistics take out how a picture is drawn (background, shades, contrast),
+    which batch statistics learned on the training styles cannot, while the batch-normalised half
+    keeps what per-image normalisation would erase (whether a feature is there at all)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.half = channels // 2
+        self.instance = nn.InstanceNorm2d(self.half, affine=True)
+        self.batch = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.split([self.half, x.shape[1] - self.half], dim=1)
+        return torch.cat([self.instance(a.contiguous()), self.batch(b.contiguous())], dim=1)
+
+
+def norm_layer(channels: int, instance: bool) -> nn.Module:
+    return InstanceBatchNorm(channels) if instance else nn.BatchNorm2d(channels)
+
+
+class BasicBlock(nn.Module):
+    """conv3-BN-ReLU-conv3-BN plus a shortcut (1x1 conv when the shape changes), then ReLU;
+    `instance`: the first norm is half instance norm (see InstanceBatchNorm)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, instance: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = norm_layer(out_channels, instance)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.shortcut: nn.Module = nn.Identity()
@@ -61,7 +84,7 @@ class ResNet(nn.Module):
         c = config
         self.stem = nn.Sequential(
             nn.Conv2d(c.in_channels, c.widths[0], 3, stride=2, padding=1, bias=False),
-            nn.BatchNorm2d(c.widths[0]),
+            norm_layer(c.widths[0], c.instance_norm),
             nn.ReLU(inplace=True),
         )
         blocks: list[nn.Module] = []
@@ -69,7 +92,7 @@ class ResNet(nn.Module):
         for stage, width in enumerate(c.widths):
             for i in range(c.blocks_per_stage):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BasicBlock(previous, width, stride))
+                blocks.append(BasicBlock(previous, width, stride, c.instance_norm and not blocks))
                 previous = width
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(previous, c.num_classes)
