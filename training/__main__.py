@@ -77,7 +77,7 @@ DEFAULT_MODELS: list[DefaultModel] = [
     DefaultModel(name=train_classifier.MODEL_NAME, train=train_classifier.run),
     DefaultModel(name=train_scenes_resnet.MODEL_NAME, train=train_scenes_resnet.run),  # minutes
     DefaultModel(name=train_gan.MODEL_NAME, train=train_dcgan),  # a quarter of an hour
-    DefaultModel(name=train_captioner.MODEL_NAME, train=train_captioner.run),  # a quarter of an hour
+    DefaultModel(name=train_captioner.MODEL_NAME, train=train_captioner.run),  # 17 minutes
     DefaultModel(name=train_butd.MODEL_NAME, train=train_butd.run),
 ]
 

@@ -38,6 +38,13 @@ def test_same_seed_same_scenes_other_seed_other_scenes() -> None:
     assert not np.array_equal(a.images, c.images)
 
 
+def test_a_larger_split_begins_with_the_scenes_of_a_smaller_one() -> None:
+    """The captioner trains on more scenes than the standard split: those are its first ones."""
+    small, large = generate_split("train", 6), generate_split("train", 15, progress=True)
+    assert np.array_equal(large.images[:6], small.images) and large.captions[:6] == small.captions
+    assert len(large.images) == 15
+
+
 def test_splits_do_not_share_scenes() -> None:
     train, test = generate_split("train", 50), generate_split("test", 50)
     assert not any(np.array_equal(x, y) for x in train.images for y in test.images)

@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from training.data.styles import (
     CLASSIFICATION_STYLE,
@@ -364,12 +365,14 @@ class SceneSplit:
         )
 
 
-def generate_split(split: str, count: int, seed: int = 0) -> SceneSplit:
-    """`count` scenes of a split; the same seed, split and count always give the same scenes."""
+def generate_split(split: str, count: int, seed: int = 0, progress: bool = False) -> SceneSplit:
+    """`count` scenes of a split; the same seed, split and count always give the same scenes (and
+    the first n of a larger count are the n of a smaller one)."""
     if split not in _SPLIT_STREAMS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(_SPLIT_STREAMS)}")
     rng = np.random.default_rng([seed, _SPLIT_STREAMS[split]])
-    scenes = [make_scene(rng, split, style=split_style(split)) for _ in range(count)]
+    drawing = tqdm(range(count), desc=f"drawing {split} scenes", unit="scene", disable=not progress)
+    scenes = [make_scene(rng, split, style=split_style(split)) for _ in drawing]
     images = np.stack([s.image for s in scenes])
     images.setflags(write=False)
     return SceneSplit(
@@ -382,9 +385,11 @@ def generate_split(split: str, count: int, seed: int = 0) -> SceneSplit:
 
 
 @lru_cache(maxsize=8)
-def load_scene_split(split: str, seed: int = 0, count: int | None = None) -> SceneSplit:
+def load_scene_split(
+    split: str, seed: int = 0, count: int | None = None, progress: bool = False
+) -> SceneSplit:
     """A cached split at its standard size (SPLIT_SIZES) unless `count` says otherwise."""
-    return generate_split(split, SPLIT_SIZES[split] if count is None else count, seed)
+    return generate_split(split, SPLIT_SIZES[split] if count is None else count, seed, progress)
 
 
 # --- the classification task of scenes-resnet ---
