@@ -25,12 +25,13 @@ from tqdm import tqdm
 from training.arguments import add_training_arguments, run_arguments
 from training.augment import random_blur
 from training.caption_decoding import greedy_decode, words
-from training.data.scenes import TEST_SPLITS, SceneSplit, grammar_limits, load_scene_split
+from training.data.scenes import TEST_SPLITS, SceneSplit, grammar_limits
 from training.models.butd import ATTRIBUTES, STRIDE, BottomUpTopDown, BottomUpTopDownConfig, Detector
 from training.models.captioner import PAD
 from training.runs import CURVES_FILE, finish_run, start_run
 from training.train_captioner import (
     build_vocabulary,
+    caption_split,
     draw_caption_curves,
     evaluation_table,
     flat_metrics,
@@ -42,8 +43,6 @@ from training.train_captioner import (
 MODEL_NAME = "captioner-butd"
 DEFAULT_EPOCHS = 6  # of the decoder
 QUICK_EPOCHS = 2
-QUICK_SIZES = {"train": 600, "validation": 100, "test": 100, "compositional": 100, "style-shift": 100}
-DATA_SEED = 0
 VALIDATION_IMAGES = 500
 
 
@@ -313,11 +312,7 @@ def run(
     rng = np.random.default_rng(seed)
 
     def split(name: str) -> SceneSplit:
-        if quick:
-            return load_scene_split(name, DATA_SEED, QUICK_SIZES[name])
-        if name == "train":
-            return load_scene_split(name, DATA_SEED, hp.train_scenes, progress)
-        return load_scene_split(name, DATA_SEED)
+        return caption_split(name, quick, hp.train_scenes, progress)
 
     started = time.perf_counter()
     train, validation = split("train"), split("validation")

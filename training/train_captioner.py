@@ -68,6 +68,16 @@ class Hyperparameters:
     blur_sigma: tuple[float, float] = (0.3, 0.9)
 
 
+def caption_split(name: str, quick: bool, train_scenes: int, progress: bool) -> SceneSplit:
+    """A split of the captioning scenes, shared by both captioners: the small --quick sizes, else
+    `train_scenes` training scenes (drawn with a progress bar) and the standard evaluation splits."""
+    if quick:
+        return load_scene_split(name, DATA_SEED, QUICK_SIZES[name])
+    if name == "train":
+        return load_scene_split(name, DATA_SEED, train_scenes, progress)
+    return load_scene_split(name, DATA_SEED)
+
+
 def build_vocabulary(captions: tuple[tuple[str, ...], ...]) -> list[str]:
     """Special tokens, then every word of the training captions, sorted (stable across runs)."""
     found = sorted({word for refs in captions for caption in refs for word in tokenize(caption)})
@@ -253,11 +263,7 @@ def run(
     rng = np.random.default_rng(seed)
 
     def split(name: str) -> SceneSplit:
-        if quick:
-            return load_scene_split(name, DATA_SEED, QUICK_SIZES[name])
-        if name == "train":
-            return load_scene_split(name, DATA_SEED, hp.train_scenes, progress)
-        return load_scene_split(name, DATA_SEED)
+        return caption_split(name, quick, hp.train_scenes, progress)
 
     started = time.perf_counter()
     train = split("train")
